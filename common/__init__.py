@@ -1,0 +1,1 @@
+r"""Shared utilities: errors, configuration, metrics, checkpoints, run folders, seeding and devices."""

@@ -1,0 +1,58 @@
+r"""A run folder: resolved config (YAML), text log, tensorboardX scalars, checkpoints and results.json."""
+import json
+import logging
+import sys
+from pathlib import Path
+
+from common.config import dump_config
+
+
+class RunLogger:
+    r"""Owns one run folder. Each instance has its own `logging.Logger`, so several runs can live in one process."""
+
+    def __init__(self, logpath: str | Path, config: dict | None = None, tensorboard: bool = True, quiet: bool = False):
+        self.dir = Path(logpath)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            dump_config(config, self.dir / 'config.yaml')
+        self.log = logging.getLogger(f'cdtg.run.{self.dir.resolve()}')
+        self.log.setLevel(logging.INFO)
+        self.log.propagate = False
+        for handler in list(self.log.handlers):
+            self.log.removeHandler(handler)
+            handler.close()
+        file_handler = logging.FileHandler(self.dir / 'log.txt')
+        file_handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%Y-%m-%d %H:%M:%S'))
+        self.log.addHandler(file_handler)
+        if not quiet:
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(logging.Formatter('%(message)s'))
+            self.log.addHandler(console)
+        self._writer = None
+        self._tensorboard = tensorboard
+
+    def info(self, msg: str) -> None:
+        self.log.info(msg)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if not self._tensorboard:
+            return
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(str(self.dir / 'tb'))
+        self._writer.add_scalar(tag, value, step)
+
+    def write_json(self, name: str, data: dict) -> Path:
+        path = self.dir / name
+        tmp = path.with_suffix(path.suffix + '.tmp')
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+        return path
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        for handler in list(self.log.handlers):
+            self.log.removeHandler(handler)
+            handler.close()

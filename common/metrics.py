@@ -1,0 +1,75 @@
+r"""Class-wise accumulated IoU (mIoU), FB-IoU and Dice, as defined by HSNet/PATNet.
+
+Per episode we count background and foreground intersection and union over the pixels that are not ignored, and
+add them into per-class int64 buffers (no host synchronisation per episode; float32 buffers lose exactness after
+~2^24 pixels). At the end:
+  * class IoU_c   = ΣI_c / max(ΣU_c, 1) for the foreground, and mIoU = mean_c IoU_c  (classes that appeared);
+  * FB-IoU        = mean over {bg, fg} of (Σ_c I / Σ_c U)  (pooled over the classes that appeared);
+  * class Dice_c  = 2ΣI_c / (ΣI_c + ΣU_c) for the foreground (ΣI + ΣU = |pred| + |gt|), Dice = mean_c Dice_c.
+"""
+import torch
+
+IGNORE_INDEX = 255
+
+
+def intersection_union(pred: torch.Tensor, gt: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    r"""Per-episode areas. pred [B,H,W] in {0,1}; gt [B,H,W] in {0,1,ignore}. Returns inter, union [B,2] (bg, fg)."""
+    if pred.shape != gt.shape:
+        raise ValueError(f'prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape')
+    valid = gt != ignore_index
+    p_fg = (pred == 1) & valid
+    g_fg = (gt == 1) & valid
+    p_bg = valid & ~p_fg
+    g_bg = valid & ~g_fg
+    dims = tuple(range(1, pred.dim()))
+    inter = torch.stack([(p_bg & g_bg).sum(dims), (p_fg & g_fg).sum(dims)], dim=1)
+    union = torch.stack([(p_bg | g_bg).sum(dims), (p_fg | g_fg).sum(dims)], dim=1)
+    return inter, union
+
+
+class SegmentationMeter:
+    r"""Accumulates per-class intersection/union on the metric's device and reports mIoU, FB-IoU and Dice (%)."""
+
+    def __init__(self, class_names: list[str], device: torch.device | str = 'cpu', ignore_index: int = IGNORE_INDEX):
+        self.class_names = list(class_names)
+        self.ignore_index = ignore_index
+        n = len(self.class_names)
+        self.inter = torch.zeros(n, 2, dtype=torch.int64, device=device)
+        self.union = torch.zeros(n, 2, dtype=torch.int64, device=device)
+        self.count = torch.zeros(n, dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_n = 0
+
+    def update(self, pred: torch.Tensor, gt: torch.Tensor, class_id: torch.Tensor, loss: torch.Tensor | None = None):
+        inter, union = intersection_union(pred, gt.to(pred.device), self.ignore_index)
+        class_id = class_id.to(self.inter.device).long()
+        self.inter.index_add_(0, class_id, inter.to(self.inter.device))
+        self.union.index_add_(0, class_id, union.to(self.union.device))
+        self.count.index_add_(0, class_id, torch.ones_like(class_id))
+        if loss is not None:
+            self.loss_sum += loss.detach().to(self.loss_sum.device, torch.float64) * class_id.numel()
+            self.loss_n += class_id.numel()
+
+    def compute(self) -> dict:
+        r"""Read the buffers once (one host sync) and return the scores in percent."""
+        inter, union, count = self.inter.cpu().double(), self.union.cpu().double(), self.count.cpu()
+        seen = count > 0
+        if not bool(seen.any()):
+            raise ValueError('no episode was evaluated')
+        iou = inter[:, 1] / union[:, 1].clamp(min=1)
+        dice = 2 * inter[:, 1] / (inter[:, 1] + union[:, 1]).clamp(min=1)
+        pooled_i, pooled_u = inter[seen].sum(0), union[seen].sum(0)
+        fbiou = (pooled_i / pooled_u.clamp(min=1)).mean()
+        return {
+            'miou': float(iou[seen].mean() * 100),
+            'fbiou': float(fbiou * 100),
+            'dice': float(dice[seen].mean() * 100),
+            'per_class': {name: float(iou[c] * 100) for c, name in enumerate(self.class_names) if seen[c]},
+            'per_class_dice': {name: float(dice[c] * 100) for c, name in enumerate(self.class_names) if seen[c]},
+            'episodes_per_class': {name: int(count[c]) for c, name in enumerate(self.class_names) if seen[c]},
+            'loss': float(self.loss_sum / self.loss_n) if self.loss_n else None,
+        }
+
+
+def format_scores(scores: dict) -> str:
+    return f"mIoU: {scores['miou']:.2f}  FB-IoU: {scores['fbiou']:.2f}  Dice: {scores['dice']:.2f}"

@@ -1,0 +1,57 @@
+r"""Seeding, device choice and moving batches to a device."""
+import random
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+
+
+def seed_everything(seed: int) -> None:
+    r"""Seed Python, NumPy and torch (all devices) once. cuDNN flags are left alone (see `configure_backends`)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    r"""`auto` picks CUDA when available, else CPU; `cuda` without a GPU is a clear error."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'--device {name} was requested but no CUDA device is available; use --device cpu or auto')
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f'--device {name!r} is not a valid device (use auto, cpu, cuda or cuda:N)') from err
+
+
+def configure_backends(device: torch.device, deterministic: bool = False) -> None:
+    r"""Set cuDNN/TF32 flags once per run (never per epoch). Deterministic mode is an explicit opt-in."""
+    if device.type != 'cuda':
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    r"""Copy every tensor of an episode batch to `device` (non-blocking from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def rng_state() -> dict:
+    r"""Everything needed to continue a run's random streams exactly."""
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])

@@ -1,0 +1,104 @@
+r"""COCO-20i on COCO 2014 in the HSNet layout, with folds 0-3 and an all-80-classes mode.
+
+Fold f holds out the classes {f, f+4, ..., f+76} (HSNet). Image lists come either from HSNet's split pickles
+(`--split-file DIR` with `{trn,val}/fold{0..3}.pkl`, each a dict class -> ['train2014/COCO_train2014_....jpg', ...])
+or from the masks with the same rule as PASCAL (a pair is kept when the class covers >= 2048 pixels), trn from
+train2014 and val from val2014; derived lists are cached. Mask value = class index + 1; there is no ignore label.
+"""
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+from data.episodic import (EpisodicDataset, cache_file, open_image, open_label, read_json, require_dirs,
+                           write_json_atomic)
+from data.pascal import MIN_PIXELS, parse_fold, scan_masks
+
+CLASSES = ['person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light',
+           'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
+           'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie', 'suitcase', 'frisbee',
+           'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard',
+           'tennis racket', 'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple',
+           'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch',
+           'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse', 'remote', 'keyboard',
+           'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book', 'clock', 'vase', 'scissors',
+           'teddy bear', 'hair drier', 'toothbrush']
+LIST_VERSION = 1
+
+
+class COCO(EpisodicDataset):
+    r"""COCO-20i (optional source domain)."""
+    name = 'coco'
+    domain = 'source'
+    splits = ('trn', 'val')
+    options = ('fold', 'split_file')
+    nfolds = 4
+    layout = ('  COCO2014/train2014/COCO_train2014_000000000009.jpg ...\n'
+              '  COCO2014/val2014/COCO_val2014_000000000042.jpg ...\n'
+              '  COCO2014/annotations/train2014/COCO_train2014_000000000009.png ...   (HSNet masks: class index + 1)\n'
+              '  COCO2014/annotations/val2014/COCO_val2014_000000000042.png ...')
+
+    def __init__(self, datapath, split='trn', nshot=1, img_size=400, fold=None, split_file=None):
+        self.fold = parse_fold(fold, self.nfolds)
+        self.split_file = Path(split_file) if split_file else None
+        super().__init__(datapath, split=split, nshot=nshot, img_size=img_size)
+
+    @property
+    def root(self) -> Path:
+        return self.datapath / 'COCO2014'
+
+    @property
+    def subset(self) -> str:
+        return 'train2014' if self.split == 'trn' else 'val2014'
+
+    def fold_classes(self) -> list[int]:
+        if self.fold == 'all':
+            return list(range(len(CLASSES)))
+        held_out = [self.fold + self.nfolds * v for v in range(len(CLASSES) // self.nfolds)]
+        return held_out if self.split == 'val' else [c for c in range(len(CLASSES)) if c not in held_out]
+
+    def build_index(self):
+        require_dirs(self, self.root / self.subset, self.root / 'annotations' / self.subset)
+        keep = set(self.fold_classes())
+        items: list[list[str]] = [[] for _ in CLASSES]
+        for name, c in (self._split_file_pairs() if self.split_file else self._derived_pairs()):
+            if c in keep:
+                items[c].append(name)
+        return list(CLASSES), items
+
+    def _split_file_pairs(self) -> list[tuple[str, int]]:
+        folds = range(self.nfolds) if self.fold == 'all' else [self.fold]
+        pairs = []
+        for f in folds:
+            path = self.split_file / self.split / f'fold{f}.pkl'
+            if not path.is_file():
+                raise UserError(f'--split-file {self.split_file}: {path} is missing (expected HSNet split pickles '
+                                '{trn,val}/fold{0..3}.pkl)')
+            try:
+                with open(path, 'rb') as fh:
+                    table = pickle.load(fh)
+                pairs += [(str(n).rsplit('.', 1)[0], int(c)) for c, names in table.items() for n in names]
+            except Exception as err:  # noqa: BLE001 - any malformed pickle gets the same message
+                raise UserError(f'{path} is not an HSNet COCO split pickle (dict class -> image names): {err}') from err
+        return pairs
+
+    def _derived_pairs(self) -> list[tuple[str, int]]:
+        cache = cache_file(self, self.root, f'coco_lists_v{LIST_VERSION}_{self.subset}_min{MIN_PIXELS}.json')
+        if cache.is_file():
+            return [(n, c) for n, c in read_json(cache)]
+        mask_dir = self.root / 'annotations' / self.subset
+        names = sorted(p.stem for p in mask_dir.glob('*.png'))
+        if not names:
+            raise UserError(f'coco: no masks in {mask_dir}.\nExpected layout under --datapath {self.datapath}:\n'
+                            f'{self.layout}')
+        counts = scan_masks(mask_dir, names, len(CLASSES), f'indexing coco/{self.subset}')
+        pairs = [(f'{self.subset}/{n}', c) for n in names for c, px in enumerate(counts[n]) if px >= MIN_PIXELS]
+        write_json_atomic(cache, pairs)
+        return pairs
+
+    def read_image(self, key):
+        return open_image(self.root / f'{key}.jpg')
+
+    def read_mask(self, key, class_id):
+        return (open_label(self.root / 'annotations' / f'{key}.png') == class_id + 1).astype(np.uint8)

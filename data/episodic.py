@@ -1,0 +1,257 @@
+r"""Episodic few-shot dataset base class, episode samplers and the batch collation.
+
+An episode is (class, query, K supports). Evaluation episodes are pre-sampled in the main process from a seed, so
+they are identical for any number of workers and can be saved with the results; training episodes are drawn afresh
+each epoch from (seed, epoch), so a resumed run sees exactly the episodes it would have seen.
+"""
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+from common.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class Episode:
+    class_id: int
+    query: str
+    supports: tuple[str, ...]
+
+    def to_json(self, class_names: list[str]) -> dict:
+        return {'class': class_names[self.class_id], 'class_id': self.class_id, 'query': self.query,
+                'supports': list(self.supports)}
+
+
+class EpisodicDataset(Dataset):
+    r"""Base class of every benchmark.
+
+    A subclass sets `name`, `domain` ('source' may be trained on; 'target' may only be tested), `splits`,
+    `layout` (the expected folder tree, shown in errors), and implements
+      * `build_index()` -> (class names, item keys per class) for `self.split`;
+      * `read_image(key)` -> PIL RGB image;
+      * `read_mask(key, class_id)` -> uint8 array at the image's size: 1 = class, 0 = other, 255 = ignore.
+    Indexing the dataset with an `Episode` returns the episode dict (see `load_episode`).
+    """
+
+    name = ''
+    domain = 'source'
+    splits: tuple[str, ...] = ('test',)
+    options: tuple[str, ...] = ()
+    layout = ''
+
+    def __init__(self, datapath: str | Path, split: str = 'test', nshot: int = 1, img_size: int = 400):
+        if split not in self.splits:
+            raise UserError(f'benchmark {self.name!r} has no {split!r} split (available: {", ".join(self.splits)})')
+        if nshot < 1:
+            raise UserError(f'--nshot must be >= 1 (got {nshot})')
+        self.datapath = Path(datapath)
+        self.split = split
+        self.nshot = nshot
+        self.img_size = img_size
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.class_names, self.class_items = self.build_index()
+        self.class_items = [sorted(set(items)) for items in self.class_items]
+        if len(self.class_names) != len(self.class_items):
+            raise RuntimeError(f'{type(self).__name__}.build_index returned mismatching lists')
+        self.usable_classes = [c for c, items in enumerate(self.class_items) if len(items) >= 2]
+        unusable = [self.class_names[c] for c, items in enumerate(self.class_items) if 0 < len(items) < 2]
+        if unusable:
+            warnings.warn(f'{self.name}/{split}: classes with a single image cannot form an episode and are skipped: '
+                          f'{", ".join(unusable)}', stacklevel=2)
+        if not self.usable_classes:
+            raise UserError(f'{self.name}/{split} under {self.datapath} has no class with at least 2 images; '
+                            f'expected layout:\n{self.layout}')
+
+    # --- subclass API -------------------------------------------------------------------------------------------
+    def build_index(self) -> tuple[list[str], list[list[str]]]:
+        raise NotImplementedError
+
+    def read_image(self, key: str) -> Image.Image:
+        raise NotImplementedError
+
+    def read_mask(self, key: str, class_id: int) -> np.ndarray:
+        raise NotImplementedError
+
+    # --- episodes -----------------------------------------------------------------------------------------------
+    @property
+    def pairs(self) -> list[tuple[str, int]]:
+        r"""All (item, class) pairs of the usable classes: the training queries of one epoch."""
+        return [(key, c) for c in self.usable_classes for key in self.class_items[c]]
+
+    def sample_supports(self, rng: np.random.Generator, class_id: int, query: str) -> tuple[str, ...]:
+        r"""K supports of the class, never the query; distinct when the class has more than K other images."""
+        others = [key for key in self.class_items[class_id] if key != query]
+        replace = len(others) < self.nshot
+        picks = rng.choice(len(others), size=self.nshot, replace=replace)
+        return tuple(others[i] for i in picks)
+
+    def sample_episodes(self, n: int, seed: int) -> list['Episode']:
+        r"""Class-balanced evaluation episodes: episode i takes class i % (number of usable classes)."""
+        rng = np.random.default_rng(seed)
+        episodes = []
+        for i in range(n):
+            c = self.usable_classes[i % len(self.usable_classes)]
+            query = self.class_items[c][rng.integers(len(self.class_items[c]))]
+            episodes.append(Episode(c, query, self.sample_supports(rng, c, query)))
+        return episodes
+
+    def sample_training_episodes(self, n: int, seed: int, epoch: int) -> list['Episode']:
+        r"""Training episodes: queries drawn uniformly over all (image, class) pairs, fresh for every epoch."""
+        rng = np.random.default_rng([seed, epoch])
+        pairs = self.pairs
+        picks = rng.permutation(len(pairs)) if n <= len(pairs) else rng.integers(len(pairs), size=n)
+        episodes = []
+        for i in picks[:n]:
+            key, c = pairs[i]
+            episodes.append(Episode(c, key, self.sample_supports(rng, c, key)))
+        return episodes
+
+    # --- loading ------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return sum(len(items) for items in self.class_items)
+
+    def __getitem__(self, episode: Episode) -> dict:
+        return self.load_episode(episode)
+
+    def load_episode(self, episode: Episode) -> dict:
+        r"""query_img [3,S,S] float, query_mask [S,S] uint8 (0/1/255), support_imgs [K,3,S,S],
+        support_masks [K,S,S] uint8 (0/1), class_id, query_name, support_names."""
+        q_img, q_mask = self.load_pair(episode.query, episode.class_id)
+        shots = [self.load_pair(key, episode.class_id) for key in episode.supports]
+        s_masks = torch.stack([m for _, m in shots])
+        s_masks[s_masks == IGNORE] = 0
+        return {'query_img': q_img, 'query_mask': q_mask,
+                'support_imgs': torch.stack([img for img, _ in shots]), 'support_masks': s_masks,
+                'class_id': torch.tensor(episode.class_id), 'query_name': episode.query,
+                'support_names': list(episode.supports)}
+
+    def load_pair(self, key: str, class_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.read_image(key)
+        mask = self.read_mask(key, class_id)
+        if mask.shape[:2] != (image.height, image.width):
+            raise UserError(f'{self.name}: mask of {key!r} is {mask.shape[1]}x{mask.shape[0]} but its image is '
+                            f'{image.width}x{image.height}')
+        return self.transform_image(image), self.transform_mask(mask)
+
+    def transform_image(self, image: Image.Image) -> torch.Tensor:
+        r"""Resize to SxS (bilinear, aspect ignored, as torchvision's Resize on PIL), ToTensor, ImageNet norm."""
+        s = self.img_size
+        image = image.resize((s, s), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+
+    def transform_mask(self, mask: np.ndarray) -> torch.Tensor:
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
+        return F.interpolate(m, (self.img_size, self.img_size), mode='nearest')[0, 0].to(torch.uint8)
+
+    def describe(self) -> str:
+        counts = ', '.join(f'{self.class_names[c]}: {len(self.class_items[c])}' for c in self.usable_classes)
+        return f'{self.name}/{self.split}: {len(self.usable_classes)} classes ({counts})'
+
+
+def open_image(path: Path) -> Image.Image:
+    r"""Open an image as RGB, turning a missing or corrupt file into a `UserError` naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except FileNotFoundError as err:
+        raise UserError(f'image file {path} does not exist') from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UserError(f'image file {path} is unreadable or corrupt ({err})') from err
+
+
+def open_label(path: Path) -> np.ndarray:
+    r"""Read a label/mask image as a 2D uint8 array (palette indices are kept, RGB/RGBA is converted to gray)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ('L', 'P', '1'):
+                img = img.convert('L')
+            arr = np.array(img)
+    except FileNotFoundError as err:
+        raise UserError(f'mask file {path} does not exist') from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UserError(f'mask file {path} is unreadable or corrupt ({err})') from err
+    return arr.astype(np.uint8) if arr.dtype != np.uint8 else arr
+
+
+def require_dirs(dataset: EpisodicDataset, *dirs: Path) -> None:
+    r"""Fail with the expected layout when a required folder is missing."""
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f'{dataset.name}: folder {d} does not exist.\nExpected layout under --datapath '
+                            f'{dataset.datapath}:\n{dataset.layout}')
+
+
+def cache_file(dataset: EpisodicDataset, anchor: Path, name: str) -> Path:
+    r"""Where to cache derived lists: next to the data when writable, else in ~/.cache/cdtg."""
+    if anchor.is_dir() and _writable(anchor):
+        return anchor / '.cdtg_cache' / name
+    import hashlib
+    tag = hashlib.sha1(str(anchor.resolve()).encode()).hexdigest()[:12]
+    return Path.home() / '.cache' / 'cdtg' / f'{dataset.name}-{tag}' / name
+
+
+def _writable(path: Path) -> bool:
+    import os
+    return os.access(path, os.W_OK)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{np.random.randint(1 << 30)}.tmp')
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+class FixedEpisodes(Sampler):
+    r"""Yields a pre-sampled episode list in order (evaluation)."""
+
+    def __init__(self, episodes: list[Episode]):
+        self.episodes = list(episodes)
+
+    def __iter__(self):
+        return iter(self.episodes)
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+
+class TrainingEpisodes(Sampler):
+    r"""Draws `n` fresh training episodes per epoch from (seed, epoch), in the main process."""
+
+    def __init__(self, dataset: EpisodicDataset, n: int, seed: int):
+        self.dataset, self.n, self.seed, self.epoch = dataset, n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.dataset.sample_training_episodes(self.n, self.seed, self.epoch))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def collate_episodes(batch: list[dict]) -> dict:
+    r"""Stack tensors; keep names as per-episode lists."""
+    out = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out

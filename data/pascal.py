@@ -1,0 +1,132 @@
+r"""PASCAL VOC 2012 + SBD (PASCAL-5i) in the HSNet layout, with folds 0-3 and an all-20-classes mode.
+
+Image lists. Either HSNet's split files (`--split-file DIR` with `{trn,val}/fold{0..3}.txt`, lines `<id>__<CC>`,
+CC 1-based) for exact comparability, or lists derived from the masks by this deterministic rule:
+  * val images = `VOC2012/ImageSets/Segmentation/val.txt`; trn images = every other mask in SegmentationClassAug;
+  * an (image, class) pair is kept when the class covers at least 2*32*32 = 2048 pixels of the mask (PFENet's
+    filter; it drops pairs whose object is mostly a few boundary pixels).
+The derived lists are cached (next to the data when writable) keyed by the rule. Masks: foreground = class + 1,
+255 = ignore (kept in query masks so the metric skips those pixels; 0 in support masks).
+"""
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from common.errors import UserError
+from data.episodic import (EpisodicDataset, cache_file, open_image, open_label, read_json, require_dirs,
+                           write_json_atomic)
+
+CLASSES = ['aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow', 'diningtable',
+           'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor']
+MIN_PIXELS = 2 * 32 * 32
+LIST_VERSION = 1
+
+
+def parse_fold(fold, nfolds: int = 4):
+    r"""'0'..'3' -> int; None, 'all' or '4' (PATNet's name for it) -> 'all'."""
+    if fold is None or str(fold).lower() in ('all', str(nfolds)):
+        return 'all'
+    try:
+        f = int(fold)
+    except ValueError:
+        f = -1
+    if not 0 <= f < nfolds:
+        raise UserError(f'--fold must be 0-{nfolds - 1} or "all" (got {fold!r})')
+    return f
+
+
+def scan_masks(mask_dir: Path, names: list[str], nclass: int, desc: str) -> dict[str, list[int]]:
+    r"""name -> pixel count of each class 1..nclass (one pass over the masks)."""
+    counts = {}
+    for name in tqdm(names, desc=desc, leave=False, mininterval=2):
+        label = open_label(mask_dir / f'{name}.png')
+        counts[name] = np.bincount(label.ravel(), minlength=256)[1:nclass + 1].tolist()
+    return counts
+
+
+class PASCAL(EpisodicDataset):
+    r"""PASCAL-5i. Fold f tests classes 5f..5f+4 and trains on the others; fold 'all' uses all 20 for both."""
+    name = 'pascal'
+    domain = 'source'
+    splits = ('trn', 'val')
+    options = ('fold', 'split_file')
+    nfolds = 4
+    layout = ('  VOC2012/JPEGImages/2007_000032.jpg ...\n'
+              '  VOC2012/SegmentationClassAug/2007_000032.png ...   (SBD-augmented masks, 255 = ignore)\n'
+              '  VOC2012/ImageSets/Segmentation/val.txt            (from the VOC2012 tar; or pass --split-file)')
+
+    def __init__(self, datapath, split='trn', nshot=1, img_size=400, fold=None, split_file=None):
+        self.fold = parse_fold(fold, self.nfolds)
+        self.split_file = Path(split_file) if split_file else None
+        super().__init__(datapath, split=split, nshot=nshot, img_size=img_size)
+
+    @property
+    def root(self) -> Path:
+        return self.datapath / 'VOC2012'
+
+    def fold_classes(self) -> list[int]:
+        n = len(CLASSES)
+        if self.fold == 'all':
+            return list(range(n))
+        held_out = list(range(self.fold * n // self.nfolds, (self.fold + 1) * n // self.nfolds))
+        return held_out if self.split == 'val' else [c for c in range(n) if c not in held_out]
+
+    def build_index(self):
+        require_dirs(self, self.root / 'JPEGImages', self.root / 'SegmentationClassAug')
+        pairs = self._split_file_pairs() if self.split_file else self._derived_pairs()
+        keep = set(self.fold_classes())
+        items: list[list[str]] = [[] for _ in CLASSES]
+        for name, c in pairs:
+            if c in keep:
+                items[c].append(name)
+        return list(CLASSES), items
+
+    def _split_file_pairs(self) -> list[tuple[str, int]]:
+        folds = range(self.nfolds) if self.fold == 'all' or self.split == 'trn' else [self.fold]
+        pairs = []
+        for f in folds:
+            path = self.split_file / self.split / f'fold{f}.txt'
+            if not path.is_file():
+                raise UserError(f'--split-file {self.split_file}: {path} is missing (expected HSNet split files '
+                                f'{{trn,val}}/fold{{0..3}}.txt with lines "<image id>__<class 1-20>")')
+            for line_no, line in enumerate(path.read_text().splitlines(), 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    name, cls = line.rsplit('__', 1)
+                    c = int(cls) - 1
+                    assert 0 <= c < len(CLASSES)
+                except (ValueError, AssertionError):
+                    raise UserError(f'{path}:{line_no}: expected "<image id>__<class 1-20>", got {line!r}') from None
+                pairs.append((name, c))
+        return pairs
+
+    def _derived_pairs(self) -> list[tuple[str, int]]:
+        val_list = self.root / 'ImageSets' / 'Segmentation' / 'val.txt'
+        if not val_list.is_file():
+            raise UserError(f'pascal: {val_list} is missing. It ships with VOCtrainval_11-May-2012.tar and defines '
+                            'the val images; alternatively pass --split-file with HSNet split files.\n'
+                            f'Expected layout under --datapath {self.datapath}:\n{self.layout}')
+        cache = cache_file(self, self.root, f'pascal_lists_v{LIST_VERSION}_{self.split}_min{MIN_PIXELS}.json')
+        if cache.is_file():
+            return [(n, c) for n, c in read_json(cache)]
+        val = {line.strip() for line in val_list.read_text().splitlines() if line.strip()}
+        masks = sorted(p.stem for p in (self.root / 'SegmentationClassAug').glob('*.png'))
+        names = [n for n in masks if (n in val) == (self.split == 'val')]
+        if not names:
+            raise UserError(f'pascal: no {self.split} masks found in {self.root / "SegmentationClassAug"}')
+        counts = scan_masks(self.root / 'SegmentationClassAug', names, len(CLASSES), f'indexing pascal/{self.split}')
+        pairs = [(n, c) for n in names for c, px in enumerate(counts[n]) if px >= MIN_PIXELS]
+        write_json_atomic(cache, pairs)
+        return pairs
+
+    def read_image(self, key):
+        return open_image(self.root / 'JPEGImages' / f'{key}.jpg')
+
+    def read_mask(self, key, class_id):
+        label = open_label(self.root / 'SegmentationClassAug' / f'{key}.png')
+        mask = (label == class_id + 1).astype(np.uint8)
+        mask[label == 255] = 255
+        return mask

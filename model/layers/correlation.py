@@ -1,0 +1,39 @@
+r"""Multi-layer cosine correlation (HSNet's hypercorrelation), one batched matmul per backbone stage."""
+import torch
+
+
+def _normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same epsilon placement as HSNet: x / (||x||_2 + eps), so empty (masked-out) support pixels give 0.
+    return x / (x.norm(dim=1, keepdim=True) + eps)
+
+
+def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
+                           stage_ids: list[int], eps: float = 1e-5) -> list[torch.Tensor]:
+    r"""All-pairs cosine similarity between query and support pixels, clamped at 0, stacked per stage.
+
+    Args:
+        query_feats: per tap [Nq,C_l,hq_l,wq_l].
+        support_feats: per tap [Nq*K,C_l,hs_l,ws_l]; support n*K+k is matched with query n. With K > 1 the query
+            features are used once for all K supports (no copy of the query taps).
+        stage_ids: the stage of each tap (e.g. 2,2,2,2,3,...,4 for ResNet-50). Taps of one stage share shape.
+    Returns:
+        One tensor per stage, deepest stage first: [Nq*K, L_stage, hq, wq, hs, ws].
+    """
+    nq, ns = query_feats[0].shape[0], support_feats[0].shape[0]
+    if ns % nq:
+        raise ValueError(f'{ns} support maps cannot be split evenly over {nq} queries')
+    k = ns // nq
+    out = []
+    for stage in sorted(set(stage_ids), reverse=True):
+        taps = [i for i, s in enumerate(stage_ids) if s == stage]
+        q = torch.stack([query_feats[i] for i in taps], dim=1)         # [Nq,L,C,hq,wq]
+        s = torch.stack([support_feats[i] for i in taps], dim=1)       # [Nq*K,L,C,hs,ws]
+        _, nl, c, hq, wq = q.shape
+        hs, ws = s.shape[-2:]
+        q = _normalise(q.reshape(nq * nl, c, hq * wq), eps)                         # [Nq*L,C,HWq]
+        s = _normalise(s.reshape(nq, k, nl, c, hs * ws), eps)                      # [Nq,K,L,C,HWs]
+        s = s.permute(0, 2, 3, 1, 4).reshape(nq * nl, c, k * hs * ws)              # [Nq*L,C,K*HWs]
+        corr = torch.bmm(q.transpose(1, 2), s).clamp_(min=0)                       # [Nq*L,HWq,K*HWs]
+        corr = corr.view(nq, nl, hq, wq, k, hs, ws).permute(0, 4, 1, 2, 3, 5, 6)  # [Nq,K,L,hq,wq,hs,ws]
+        out.append(corr.reshape(nq * k, nl, hq, wq, hs, ws))
+    return out

@@ -1,0 +1,32 @@
+r"""Mask resizing, masked feature maps and masked average pooling (MAP)."""
+import torch
+import torch.nn.functional as F
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    r"""[N,H,W] binary mask -> [N,1,h,w] float, bilinear with aligned corners (as HSNet's `mask_feature`)."""
+    mask = mask.unsqueeze(1).to(torch.float32)
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask, size, mode='bilinear', align_corners=True)
+
+
+def mask_features(feats: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+    r"""Multiply every feature map [N,C,h,w] by the mask resized to its size (one resize per distinct size)."""
+    cache: dict[tuple[int, int], torch.Tensor] = {}
+    out = []
+    for feat in feats:
+        size = tuple(feat.shape[-2:])
+        if size not in cache:
+            cache[size] = resize_mask(mask, size).to(feat.dtype)
+        out.append(feat * cache[size])
+    return out
+
+
+def masked_average_pooling(feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    r"""MAP(F, m) = Σ_xy F·m / (Σ_xy m + eps).  feat [N,C,h,w]; mask [N,1,h,w] already at the feature size or
+    [N,H,W] at image size (then resized bilinearly). Returns [N,C]."""
+    if mask.dim() == 3:
+        mask = resize_mask(mask, tuple(feat.shape[-2:]))
+    mask = mask.to(feat.dtype)
+    return (feat * mask).sum(dim=(2, 3)) / (mask.sum(dim=(2, 3)) + eps)

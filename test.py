@@ -1,0 +1,93 @@
+r"""Evaluate a checkpoint on a benchmark with a fixed, seeded episode list.
+
+    python test.py --load logs/hsnet/best.pt --benchmark isic --datapath DATA --nshot 1
+
+Prints `mIoU: xx.xx  FB-IoU: xx.xx  Dice: xx.xx` and writes results.json (scores, per-class IoU, seed and the
+episode list) into --logpath.
+"""
+import argparse
+import time
+from pathlib import Path
+
+from common.config import parse_with_config
+from common.engine import evaluate
+from common.factory import load_model
+from common.errors import UserError, run_cli
+from common.logger import RunLogger
+from common.metrics import format_scores
+from common.utils import configure_backends, resolve_device, seed_everything
+from common.vis import save_episode_figure
+from data import FixedEpisodes, add_dataset_args, build_dataset, build_loader, dataset_class, dataset_options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='Test a trained few-shot segmenter on a benchmark.')
+    p.add_argument('--config', type=str, default=None, help='YAML file whose keys set the defaults of these flags')
+    p.add_argument('--load', type=str, required=False, default=None, help='checkpoint (best.pt / last.pt)')
+    p.add_argument('--benchmark', type=str, default='synthetic-med')
+    p.add_argument('--datapath', type=str, default='datasets')
+    add_dataset_args(p)
+    p.add_argument('--nshot', type=int, default=1)
+    p.add_argument('--episodes', type=int, default=600, help='number of pre-sampled test episodes')
+    p.add_argument('--seed', type=int, default=0, help='seeds the episode list (saved with the results)')
+    p.add_argument('--img-size', type=int, default=None, help='default: the training image size')
+    p.add_argument('--bsz', type=int, default=1, help='episodes per forward pass')
+    p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--logpath', type=str, default=None,
+                   help='output folder (default: <checkpoint folder>/test-<benchmark>-<K>shot-seed<seed>)')
+    p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
+    p.add_argument('--vis', type=int, default=0, help='draw the first N episodes into predictions.png')
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parse_with_config(build_parser(), argv)
+    if not args.load:
+        raise UserError('--load CHECKPOINT is required (a best.pt or last.pt written by train.py)')
+    for key in ('nshot', 'episodes', 'bsz'):
+        if getattr(args, key) < 1:
+            raise UserError(f'--{key} must be >= 1')
+    device = resolve_device(args.device)
+    configure_backends(device)
+    model, ckpt = load_model(args.load, device)
+    train_config = ckpt['config']
+    img_size = args.img_size or train_config['img_size']
+    cls = dataset_class(args.benchmark)
+    split = 'test' if 'test' in cls.splits else 'val'
+    dataset = build_dataset(args.benchmark, args.datapath, split, args.nshot, img_size, **dataset_options(args))
+
+    seed_everything(args.seed)
+    episodes = dataset.sample_episodes(args.episodes, args.seed)
+    loader = build_loader(dataset, FixedEpisodes(episodes), args.bsz, args.workers, device.type == 'cuda')
+    logpath = Path(args.logpath or Path(args.load).parent / f'test-{args.benchmark}-{args.nshot}shot-seed{args.seed}')
+    log = RunLogger(logpath, vars(args), tensorboard=False)
+    try:
+        log.info(f'{train_config["method"]} ({train_config["backbone"]}) from {args.load} on {dataset.describe()}, '
+                 f'{args.nshot}-shot, {len(episodes)} episodes, seed {args.seed}, {img_size}x{img_size}')
+        start = time.perf_counter()
+        scores, kept = evaluate(model, loader, device, dataset.class_names, desc='test', keep_predictions=args.vis)
+        results = {
+            'miou': scores['miou'], 'fbiou': scores['fbiou'], 'dice': scores['dice'],
+            'per_class': scores['per_class'], 'per_class_dice': scores['per_class_dice'],
+            'episodes_per_class': scores['episodes_per_class'],
+            'nshot': args.nshot, 'seed': args.seed, 'benchmark': args.benchmark, 'split': split,
+            'img_size': img_size, 'checkpoint': str(args.load), 'method': train_config['method'],
+            'backbone': train_config['backbone'], 'trained_on': train_config['benchmark'],
+            'seconds': time.perf_counter() - start,
+            'episodes': [e.to_json(dataset.class_names) for e in episodes],
+        }
+        log.write_json('results.json', results)
+        if kept:
+            fig = save_episode_figure(kept, dataset.class_names, logpath / 'predictions.png',
+                                      title=f'{train_config["method"]} on {args.benchmark}, {args.nshot}-shot')
+            log.info(f'figure: {fig}')
+        log.info('per class IoU: ' + ', '.join(f'{k} {v:.2f}' for k, v in scores['per_class'].items()))
+        log.info(f'results: {logpath / "results.json"}')
+        log.info(format_scores(scores))
+    finally:
+        log.close()
+    return results
+
+
+if __name__ == '__main__':
+    run_cli(main)
