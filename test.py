@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='output folder (default: <checkpoint folder>/test-<benchmark>-<K>shot-seed<seed>)')
     p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
     p.add_argument('--vis', type=int, default=0, help='draw the first N episodes into predictions.png')
+    p.add_argument('--finetune-steps', type=int, default=None,
+                   help='test-time fine-tuning steps per episode, for methods that support it (reset every episode)')
+    p.add_argument('--finetune-lr', type=float, default=None, help='learning rate of test-time fine-tuning')
     return p
 
 
@@ -50,6 +53,7 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     configure_backends(device)
     model, ckpt = load_model(args.load, device)
+    model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
     train_config = ckpt['config']
     img_size = args.img_size or train_config['img_size']
     cls = dataset_class(args.benchmark)

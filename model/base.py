@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import UserError
 from model.backbone import Backbone
 
 IGNORE_INDEX = 255
@@ -53,10 +54,23 @@ class FewShotSegmenter(nn.Module):
     shots (HSNet vote by default) into a binary mask [B,H,W].
     """
 
+    #: Names of the test-time settings (e.g. fine-tuning steps) a method accepts through `set_test_time`.
+    test_time_options: tuple[str, ...] = ()
+
     def __init__(self, backbone: Backbone):
         super().__init__()
         self.backbone = backbone
         self.hooks = Hooks()
+
+    def set_test_time(self, **options) -> None:
+        r"""Apply test-time settings (None = leave the default). A setting the method does not support is an error."""
+        for name, value in options.items():
+            if value is None:
+                continue
+            if name not in self.test_time_options:
+                raise UserError(f'--{name.replace("_", "-")} is not supported by {type(self).__name__} '
+                                f'(supported: {", ".join(self.test_time_options) or "none"})')
+            setattr(self, name, value)
 
     def attach(self, hooks: Hooks) -> 'FewShotSegmenter':
         self.hooks = hooks

@@ -1,0 +1,1 @@
+r"""CD-TG text side: class descriptions (Text Generation Unit), CLIP text encoding and the semantic-guided plug-in."""
