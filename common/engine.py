@@ -39,7 +39,8 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
     start, n = time.perf_counter(), 0
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True):
         batch = to_device(batch, device)
-        logits = model(batch['query_img'], batch['support_imgs'], batch['support_masks'], batch['class_id'])
+        logits = model.episode_logits(batch['query_img'], batch['support_imgs'], batch['support_masks'],
+                                      batch['class_id'])
         pred = model.aggregate(logits)
         meter.update(pred, batch['query_mask'], batch['class_id'], model.loss(logits, batch['query_mask']))
         n += pred.shape[0]

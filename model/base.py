@@ -110,11 +110,18 @@ class FewShotSegmenter(nn.Module):
         target = query_mask.long().unsqueeze(1).expand(b, k, *query_mask.shape[1:])
         return F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1), ignore_index=IGNORE_INDEX)
 
+    def episode_logits(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
+                       class_id: torch.Tensor) -> torch.Tensor:
+        r"""Test-time per-shot logits [B,K,2,H,W]. Methods with test-time adaptation override this: adapt on the
+        episode's supports (under `torch.enable_grad()`), predict, and restore their weights before returning, so
+        that no state carries over to the next episode."""
+        return self(query_img, support_imgs, support_masks, class_id)
+
     @torch.no_grad()
     def predict(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
                 class_id: torch.Tensor) -> torch.Tensor:
         r"""Binary query mask [B,H,W] (int64) from K shots."""
-        return self.aggregate(self(query_img, support_imgs, support_masks, class_id))
+        return self.aggregate(self.episode_logits(query_img, support_imgs, support_masks, class_id))
 
     @staticmethod
     def aggregate(logits: torch.Tensor) -> torch.Tensor:
