@@ -2,9 +2,9 @@ r"""Multi-layer cosine correlation (HSNet's hypercorrelation), one batched matmu
 import torch
 
 
-def _normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+def _normalise(x: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
     # Same epsilon placement as HSNet: x / (||x||_2 + eps), so empty (masked-out) support pixels give 0.
-    return x / (x.norm(dim=1, keepdim=True) + eps)
+    return x / (x.norm(dim=dim, keepdim=True) + eps)
 
 
 def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
@@ -30,8 +30,8 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
         s = torch.stack([support_feats[i] for i in taps], dim=1)       # [Nq*K,L,C,hs,ws]
         _, nl, c, hq, wq = q.shape
         hs, ws = s.shape[-2:]
-        q = _normalise(q.reshape(nq * nl, c, hq * wq), eps)                         # [Nq*L,C,HWq]
-        s = _normalise(s.reshape(nq, k, nl, c, hs * ws), eps)                      # [Nq,K,L,C,HWs]
+        q = _normalise(q.reshape(nq * nl, c, hq * wq), 1, eps)                      # [Nq*L,C,HWq]
+        s = _normalise(s.reshape(nq, k, nl, c, hs * ws), 3, eps)                   # [Nq,K,L,C,HWs]
         s = s.permute(0, 2, 3, 1, 4).reshape(nq * nl, c, k * hs * ws)              # [Nq*L,C,K*HWs]
         corr = torch.bmm(q.transpose(1, 2), s).clamp_(min=0)                       # [Nq*L,HWq,K*HWs]
         corr = corr.view(nq, nl, hq, wq, k, hs, ws).permute(0, 4, 1, 2, 3, 5, 6)  # [Nq,K,L,hq,wq,hs,ws]

@@ -1,0 +1,125 @@
+r"""Shared layers against float64 explicit formulas: center-pivot 4D conv, correlation, masked pooling."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.layers import (CenterPivotConv4d, HPNLearner, mask_features, masked_average_pooling,
+                          multilayer_correlation, resize_mask)
+
+
+def naive_cp_conv4d(layer: CenterPivotConv4d, x: torch.Tensor) -> torch.Tensor:
+    r"""A full 4D convolution with the center-pivot kernel W_a ⊗ δ_b + δ_a ⊗ W_b, padding k//2, stride (1,1,s,s)."""
+    w_a, w_b = layer.conv_query.weight.double(), layer.conv_support.weight.double()
+    oc, ic, k, _ = w_a.shape
+    c = k // 2
+    kernel = torch.zeros(oc, ic, k, k, k, k, dtype=torch.float64)
+    kernel[:, :, :, :, c, c] += w_a
+    kernel[:, :, c, c, :, :] += w_b
+    bias = layer.conv_query.bias.double() + layer.conv_support.bias.double()
+    s = layer.stride
+    bsz, _, ha, wa, hb, wb = x.shape
+    xp = F.pad(x.double(), (c, c, c, c, c, c, c, c))
+    ohb, owb = (hb - 1) // s + 1, (wb - 1) // s + 1
+    out = bias.view(1, oc, 1, 1, 1, 1).expand(bsz, oc, ha, wa, ohb, owb).clone()
+    for a1 in range(k):
+        for a2 in range(k):
+            for b1 in range(k):
+                for b2 in range(k):
+                    w = kernel[:, :, a1, a2, b1, b2]
+                    if not w.any():
+                        continue
+                    patch = xp[:, :, a1:a1 + ha, a2:a2 + wa, b1:b1 + s * (ohb - 1) + 1:s, b2:b2 + s * (owb - 1) + 1:s]
+                    out += torch.einsum('oi,nixyzw->noxyzw', w, patch)
+    return out
+
+
+@pytest.mark.parametrize('kernel,stride', [(3, 1), (3, 2), (5, 4)])
+def test_center_pivot_conv4d_equals_naive_4d_conv_on_several_sizes_in_a_row(kernel, stride):
+    torch.manual_seed(0)
+    layer = CenterPivotConv4d(2, 3, kernel, stride).double()
+    # the same instance on changing sizes: the reference cached its pruning index from the first call
+    for shape in [(4, 4, 4, 4), (3, 5, 7, 6), (6, 4, 13, 13), (2, 3, 8, 8), (5, 5, 25, 25)]:
+        x = torch.randn(2, 2, *shape, dtype=torch.float64)
+        expected = naive_cp_conv4d(layer, x)
+        out = layer(x)
+        assert out.shape == expected.shape
+        assert torch.allclose(out, expected, atol=1e-10), shape
+
+
+def test_conv4d_rejects_even_kernels():
+    with pytest.raises(ValueError):
+        CenterPivotConv4d(1, 1, 4)
+
+
+def _reference_correlation(q, s, eps=1e-5):
+    r"""Float64 cosine similarity per (query pixel, support pixel) with HSNet's epsilon placement, clamped at 0."""
+    q, s = q.double(), s.double()
+    out = torch.zeros(q.shape[-2], q.shape[-1], s.shape[-2], s.shape[-1], dtype=torch.float64)
+    qn = q.norm(dim=0) + eps
+    sn = s.norm(dim=0) + eps
+    for i in range(q.shape[-2]):
+        for j in range(q.shape[-1]):
+            dots = (q[:, i, j, None, None] * s).sum(0)
+            out[i, j] = (dots / (qn[i, j] * sn)).clamp(min=0)
+    return out
+
+
+def test_multilayer_correlation_matches_float64_formula_with_shared_query():
+    torch.manual_seed(0)
+    stage_ids = [2, 2, 3, 4]
+    shapes = {2: (6, 7, 7), 3: (5, 4, 4), 4: (3, 2, 3)}
+    b, k = 2, 3
+    q = [torch.randn(b, *shapes[s]) for s in stage_ids]
+    s = [torch.randn(b * k, *shapes[st]) for st in stage_ids]
+    s[0][1, :, :2] = 0                                  # masked-out support pixels -> zero correlation
+    corrs = multilayer_correlation(q, s, stage_ids)
+    assert [c.shape[1] for c in corrs] == [1, 1, 2]     # deepest stage first
+    by_stage = {4: corrs[0], 3: corrs[1], 2: corrs[2]}
+    for tap, stage in enumerate(stage_ids):
+        layer = [i for i, st in enumerate(stage_ids) if st == stage].index(tap)
+        for n in range(b):
+            for shot in range(k):
+                ref = _reference_correlation(q[tap][n], s[tap][n * k + shot])
+                got = by_stage[stage][n * k + shot, layer].double()
+                assert torch.allclose(got, ref, atol=1e-6), (tap, n, shot)
+    assert (by_stage[2][1, 0, :, :, :2] == 0).all()
+
+
+def test_correlation_rejects_uneven_support_count():
+    with pytest.raises(ValueError):
+        multilayer_correlation([torch.randn(2, 3, 4, 4)], [torch.randn(3, 3, 4, 4)], [2])
+
+
+def test_masked_average_pooling_matches_explicit_sum():
+    torch.manual_seed(0)
+    feat = torch.randn(3, 5, 6, 7, dtype=torch.float64)
+    mask = (torch.rand(3, 24, 28) > 0.5).double()
+    small = F.interpolate(mask[:, None], (6, 7), mode='bilinear', align_corners=True)[:, 0]
+    expected = torch.stack([
+        torch.stack([(feat[n, c] * small[n]).sum() / (small[n].sum() + 1e-5) for c in range(5)]) for n in range(3)])
+    assert torch.allclose(masked_average_pooling(feat, mask), expected.to(torch.float64), atol=1e-6)
+    # an all-zero mask gives a zero prototype, not NaN
+    assert masked_average_pooling(feat, torch.zeros(3, 24, 28)).abs().max() == 0
+
+
+def test_resize_mask_and_mask_features():
+    mask = torch.zeros(1, 9, 9)
+    mask[0, 4, 4] = 1
+    small = resize_mask(mask, (5, 5))
+    assert small.shape == (1, 1, 5, 5) and small[0, 0, 2, 2] == 1     # align_corners keeps the centre pixel
+    assert resize_mask(mask, (9, 9)) is not None and torch.equal(resize_mask(mask, (9, 9))[0, 0], mask[0])
+    feats = [torch.ones(1, 2, 5, 5), torch.ones(1, 3, 5, 5), torch.ones(1, 2, 3, 3)]
+    out = mask_features(feats, mask)
+    assert torch.equal(out[0][0, 0], small[0, 0]) and torch.equal(out[1][0, 2], small[0, 0])
+    assert out[2].shape == (1, 2, 3, 3)
+
+
+@pytest.mark.parametrize('size', [64, 96, 100, 130])
+def test_learner_handles_any_input_size(size):
+    torch.manual_seed(0)
+    learner = HPNLearner([3, 6, 4])
+    h2, h3, h4 = (-(-size // 8), -(-size // 16), -(-size // 32))
+    corrs = [torch.rand(1, 3, h4, h4, h4, h4), torch.rand(1, 6, h3, h3, h3, h3), torch.rand(1, 4, h2, h2, h2, h2)]
+    out = learner(corrs)
+    assert out.shape == (1, 2, 2 * h2, 2 * h2)
+    assert torch.isfinite(out).all()
