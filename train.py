@@ -69,8 +69,9 @@ def _resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             raise UserError('--resume needs the --logpath of the run to continue')
         ckpt = load_checkpoint(logpath / 'last.pt')
         config = dict(ckpt['config'])
-        for key in RESUMABLE:
-            config[key] = getattr(args, key)
+        for key in RESUMABLE:               # taken from the command line only where given there
+            if getattr(args, key) != parser.get_default(key) or key not in config:
+                config[key] = getattr(args, key)
         config['logpath'] = str(logpath)
         ignored = [k for k, v in vars(args).items()
                    if k not in RESUMABLE and k != 'logpath' and v != parser.get_default(k) and v != config.get(k)]

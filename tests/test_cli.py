@@ -1,0 +1,122 @@
+r"""train.py / test.py end to end: checkpoints, resume, results, errors, K-shot query sharing, learning."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import test as test_cli
+import train as train_cli
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.errors import UserError
+from conftest import TINY_TRAIN
+
+ROOT = Path(__file__).resolve().parents[1]
+LINE = re.compile(r'^mIoU: \d+\.\d\d  FB-IoU: \d+\.\d\d  Dice: \d+\.\d\d$', re.M)
+
+
+def run_script(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_checkpoint_contents(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert ckpt['method'] == 'hsnet' and ckpt['backbone'] == 'resnet50'
+    for key in ('model', 'optimizer', 'rng', 'epoch', 'config', 'best'):
+        assert key in ckpt
+    assert ckpt['config']['img_size'] == 64 and ckpt['config']['benchmark'] == 'synthetic'
+    assert not list(tiny_checkpoint.parent.glob('*.tmp'))
+    assert (tiny_checkpoint.parent / 'config.yaml').is_file() and (tiny_checkpoint.parent / 'log.txt').is_file()
+
+
+def test_test_cli_results_and_determinism(tiny_checkpoint, datapath, tmp_path, capsys):
+    common = ['--load', str(tiny_checkpoint), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
+              '--episodes', '8', '--seed', '5', '--bsz', '3']
+    r0 = test_cli.main(common + ['--workers', '0', '--logpath', str(tmp_path / 'w0'), '--vis', '2'])
+    out = capsys.readouterr().out
+    assert LINE.search(out)
+    saved = json.loads((tmp_path / 'w0' / 'results.json').read_text())
+    for key in ('miou', 'fbiou', 'dice', 'per_class', 'nshot', 'seed', 'episodes'):
+        assert key in saved
+    assert saved['nshot'] == 1 and saved['seed'] == 5 and len(saved['episodes']) == 8
+    assert set(saved['per_class']) == {'skin lesion', 'cell nucleus', 'cell cytoplasm', 'lung'}
+    assert saved['episodes'][0].keys() == {'class', 'class_id', 'query', 'supports'}
+    assert f"mIoU: {saved['miou']:.2f}" in out
+    assert (tmp_path / 'w0' / 'predictions.png').stat().st_size > 1000
+    r2 = test_cli.main(common + ['--workers', '2', '--logpath', str(tmp_path / 'w2')])
+    assert r2['episodes'] == r0['episodes'] and r2['miou'] == r0['miou'] and r2['per_class'] == r0['per_class']
+
+
+def test_five_shot_runs_the_backbone_once_per_query(tiny_checkpoint, datapath, tmp_path, monkeypatch):
+    from model.backbone import Backbone
+    sizes = []
+    original = Backbone.forward
+
+    def counting(self, img):
+        sizes.append(img.shape[0])
+        return original(self, img)
+    monkeypatch.setattr(Backbone, 'forward', counting)
+    res = test_cli.main(['--load', str(tiny_checkpoint), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
+                         '--nshot', '5', '--episodes', '4', '--bsz', '2', '--workers', '0',
+                         '--logpath', str(tmp_path / 'k5')])
+    assert res['nshot'] == 5 and all(len(e['supports']) == 5 for e in res['episodes'])
+    # 4 episodes in batches of 2: two backbone passes of 2 queries + 2*5 supports; no per-shot query passes
+    assert sizes == [12, 12]
+
+
+def test_resume_continues_exactly(datapath, tmp_path):
+    base = TINY_TRAIN + ['--datapath', str(datapath), '--episodes-per-epoch', '4']
+    straight = tmp_path / 'straight'
+    train_cli.main([a if a != '1' or i == 0 else a for i, a in enumerate(base)] + ['--logpath', str(straight)]
+                   + ['--epochs', '2'])
+    split = tmp_path / 'split'
+    train_cli.main(base + ['--logpath', str(split), '--epochs', '1'])
+    with pytest.raises(UserError, match='already holds a run'):
+        train_cli.main(base + ['--logpath', str(split), '--epochs', '1'])
+    with pytest.raises(UserError, match='--lr'):
+        train_cli.main(['--resume', '--logpath', str(split), '--epochs', '2', '--lr', '0.5'])
+    train_cli.main(['--resume', '--logpath', str(split), '--epochs', '2'])
+    a, b = load_checkpoint(straight / 'last.pt'), load_checkpoint(split / 'last.pt')
+    assert a['epoch'] == b['epoch'] == 1
+    for key, value in a['model'].items():
+        assert torch.equal(value, b['model'][key]), key
+    sa, sb = a['optimizer']['state'], b['optimizer']['state']
+    assert all(torch.equal(sa[i]['exp_avg'], sb[i]['exp_avg']) for i in sa)
+
+
+def test_checkpoint_errors(tmp_path, datapath):
+    args = ['--benchmark', 'synthetic-med', '--datapath', str(datapath), '--episodes', '2', '--workers', '0']
+    with pytest.raises(UserError, match='does not exist'):
+        test_cli.main(['--load', str(tmp_path / 'missing.pt')] + args)
+    torch.save({'state_dict': {}}, tmp_path / 'foreign.pt')
+    with pytest.raises(UserError, match='not a CD-TG checkpoint'):
+        test_cli.main(['--load', str(tmp_path / 'foreign.pt')] + args)
+    (tmp_path / 'text.pt').write_text('hello')
+    with pytest.raises(UserError, match='not a readable PyTorch checkpoint'):
+        test_cli.main(['--load', str(tmp_path / 'text.pt')] + args)
+    save_checkpoint({'model': {'learner.bogus': torch.zeros(1)}, 'config': {'method': 'hsnet', 'backbone': 'resnet50',
+                     'img_size': 64, 'benchmark': 'synthetic'}}, tmp_path / 'damaged.pt')
+    with pytest.raises(UserError, match='does not fit method hsnet'):
+        test_cli.main(['--load', str(tmp_path / 'damaged.pt')] + args)
+
+
+def test_target_data_never_trains(datapath, tmp_path):
+    with pytest.raises(UserError, match='target-domain'):
+        train_cli.main(TINY_TRAIN + ['--datapath', str(datapath), '--logpath', str(tmp_path / 'a'),
+                                     '--benchmark', 'synthetic-med'])
+    with pytest.raises(UserError, match='model selection'):
+        train_cli.main(TINY_TRAIN + ['--datapath', str(datapath), '--logpath', str(tmp_path / 'b'),
+                                     '--val-benchmark', 'synthetic-med'])
+
+
+def test_missing_dataset_exits_cleanly():
+    proc = run_script('train.py', '--benchmark', 'pascal', '--datapath', '/nonexistent', '--backbone-weights', 'none',
+                      timeout=120)
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr
+    assert 'VOC2012/JPEGImages' in proc.stderr and 'SegmentationClassAug' in proc.stderr
+    proc = run_script('test.py', '--load', '/nonexistent/best.pt', timeout=120)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr and '/nonexistent/best.pt' in proc.stderr
