@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.config import parse_with_config
 from common.engine import evaluate
+from common.volumetric import evaluate_volumetric
 from common.factory import load_model
 from common.errors import UserError, run_cli
 from common.logger import RunLogger
@@ -28,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--datapath', type=str, default='datasets')
     add_dataset_args(p)
     p.add_argument('--nshot', type=int, default=1)
-    p.add_argument('--episodes', type=int, default=600, help='number of pre-sampled test episodes')
+    p.add_argument('--protocol', type=str, default='2d', choices=('2d', 'volumetric'),
+                   help='2d: pre-sampled 2D episodes (every benchmark); volumetric: the SSL-ALPNet/Q-Net 5-fold '
+                        'protocol with 3D Dice per organ (chaos; see common/volumetric.py)')
+    p.add_argument('--episodes', type=int, default=600, help='number of pre-sampled test episodes (2d protocol)')
     p.add_argument('--seed', type=int, default=0, help='seeds the episode list (saved with the results)')
     p.add_argument('--img-size', type=int, default=None, help='default: the training image size')
     p.add_argument('--bsz', type=int, default=1, help='episodes per forward pass')
@@ -58,18 +62,31 @@ def main(argv=None) -> dict:
     img_size = args.img_size or train_config['img_size']
     cls = dataset_class(args.benchmark)
     split = 'test' if 'test' in cls.splits else 'val'
+    volumetric = args.protocol == 'volumetric'
+    if volumetric and 'volumetric' not in getattr(cls, 'protocols', ('2d',)):
+        raise UserError(f'--protocol volumetric applies to volumetric benchmarks (chaos), not {args.benchmark!r}')
+    if volumetric and args.vis:
+        raise UserError('--vis draws 2D episodes; it does not apply to --protocol volumetric')
     dataset = build_dataset(args.benchmark, args.datapath, split, args.nshot, img_size, **dataset_options(args))
 
     seed_everything(args.seed)
-    episodes = dataset.sample_episodes(args.episodes, args.seed)
-    loader = build_loader(dataset, FixedEpisodes(episodes), args.bsz, args.workers, device.type == 'cuda')
-    logpath = Path(args.logpath or Path(args.load).parent / f'test-{args.benchmark}-{args.nshot}shot-seed{args.seed}')
+    episodes = [] if volumetric else dataset.sample_episodes(args.episodes, args.seed)
+    loader = None if volumetric else build_loader(dataset, FixedEpisodes(episodes), args.bsz, args.workers,
+                                                  device.type == 'cuda')
+    tag = '-volumetric' if volumetric else ''
+    logpath = Path(args.logpath or
+                   Path(args.load).parent / f'test-{args.benchmark}{tag}-{args.nshot}shot-seed{args.seed}')
     log = RunLogger(logpath, vars(args), tensorboard=False)
     try:
+        unit = 'volumetric protocol (5 folds)' if volumetric else f'{len(episodes)} episodes'
         log.info(f'{train_config["method"]} ({train_config["backbone"]}) from {args.load} on {dataset.describe()}, '
-                 f'{args.nshot}-shot, {len(episodes)} episodes, seed {args.seed}, {img_size}x{img_size}')
+                 f'{args.nshot}-shot, {unit}, seed {args.seed}, {img_size}x{img_size}')
         start = time.perf_counter()
-        scores, kept = evaluate(model, loader, device, dataset.class_names, desc='test', keep_predictions=args.vis)
+        if volumetric:
+            scores, tasks = evaluate_volumetric(model, dataset, device, args.nshot, args.bsz, desc='test')
+            kept = []
+        else:
+            scores, kept = evaluate(model, loader, device, dataset.class_names, desc='test', keep_predictions=args.vis)
         results = {
             'miou': scores['miou'], 'fbiou': scores['fbiou'], 'dice': scores['dice'],
             'per_class': scores['per_class'], 'per_class_dice': scores['per_class_dice'],
@@ -78,14 +95,22 @@ def main(argv=None) -> dict:
             'img_size': img_size, 'checkpoint': str(args.load), 'method': train_config['method'],
             'backbone': train_config['backbone'], 'trained_on': train_config['benchmark'],
             'seconds': time.perf_counter() - start,
-            'episodes': [e.to_json(dataset.class_names) for e in episodes],
+            'episodes': tasks if volumetric else [e.to_json(dataset.class_names) for e in episodes],
+            'protocol': args.protocol,
+            'dataset_options': {k: v for k, v in dataset_options(args).items() if v is not None},
         }
+        if volumetric:
+            results.update(tasks=tasks, per_fold=scores['per_fold'])
+        if getattr(dataset, 'skipped', None):
+            results['skipped_items'] = dataset.skipped
         log.write_json('results.json', results)
         if kept:
             fig = save_episode_figure(kept, dataset.class_names, logpath / 'predictions.png',
                                       title=f'{train_config["method"]} on {args.benchmark}, {args.nshot}-shot')
             log.info(f'figure: {fig}')
         log.info('per class IoU: ' + ', '.join(f'{k} {v:.2f}' for k, v in scores['per_class'].items()))
+        if volumetric:
+            log.info('per organ 3D Dice: ' + ', '.join(f'{k} {v:.2f}' for k, v in scores['per_class_dice'].items()))
         log.info(f'results: {logpath / "results.json"}')
         log.info(format_scores(scores))
     finally:

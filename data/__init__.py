@@ -5,16 +5,28 @@ Adding a benchmark = one file in data/ plus one line in DATASETS.
 from torch.utils.data import DataLoader, Sampler
 
 from common.errors import UserError
+from data.chaos import Chaos
 from data.coco import COCO
+from data.deepglobe import Deepglobe
 from data.episodic import Episode, EpisodicDataset, FixedEpisodes, TrainingEpisodes, collate_episodes
+from data.fss import FSS1000
+from data.isic import ISIC
+from data.lung import Lung
 from data.pascal import PASCAL
 from data.synthetic import Synthetic, SyntheticMed
+from data.wbc import WBC
 
 DATASETS: dict[str, type[EpisodicDataset]] = {
     'pascal': PASCAL,
     'coco': COCO,
     'synthetic': Synthetic,
     'synthetic-med': SyntheticMed,
+    'isic': ISIC,
+    'lung': Lung,
+    'wbc': WBC,
+    'chaos': Chaos,
+    'fss': FSS1000,
+    'deepglobe': Deepglobe,
 }
 
 
@@ -31,11 +43,24 @@ def add_dataset_args(parser) -> None:
                         help='pascal/coco: 0-3 (5-class / 20-class folds) or "all" (every class; default)')
     parser.add_argument('--split-file', type=str, default=None,
                         help='pascal/coco: folder with HSNet split files ({trn,val}/fold{0..3}.txt or .pkl) to use '
-                             'instead of the lists derived from the masks')
+                             'instead of the lists derived from the masks; fss: folder with HSNet\'s '
+                             '{trn,val,test}.txt class lists (default: a derived 520/240/240 class split)')
+    parser.add_argument('--isic-classes', type=str, default=None,
+                        help='isic: class CSV "ID,Class" (default ISIC2018/class_id.csv), or the diagnoses of the '
+                             'class folders 1,2,3 in order, e.g. "nevus,melanoma,seborrheic keratosis"')
+    parser.add_argument('--wbc-subset', type=str, default=None, help='wbc: 1, 2 or all (default: all, pooled)')
+    parser.add_argument('--chaos-cache', type=str, default=None,
+                        help='chaos: prepared cache folder (default <datapath>/CHAOS/prepared_T2SPIR, written by '
+                             'scripts/prepare_chaos.py)')
+    parser.add_argument('--skip-bad', action='store_true', default=None,
+                        help='isic/lung/wbc/chaos/fss/deepglobe: leave out items whose files are missing, truncated '
+                             'or unreadable (with a warning that counts them) instead of stopping')
 
 
 def dataset_options(args) -> dict:
-    return {'fold': args.fold, 'split_file': args.split_file}
+    # getattr: configurations saved before a flag existed (resumed runs) simply lack it
+    return {'fold': args.fold, 'split_file': args.split_file,
+            **{k: getattr(args, k, None) for k in ('isic_classes', 'wbc_subset', 'chaos_cache', 'skip_bad')}}
 
 
 def build_dataset(name: str, datapath: str, split: str, nshot: int, img_size: int, **options) -> EpisodicDataset:

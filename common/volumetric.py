@@ -1,0 +1,173 @@
+r"""The volumetric few-shot protocol of SSL-ALPNet / ADNet / Q-Net for CHAOS-MRI (`test.py --protocol volumetric`).
+
+For volumes sorted by patient id:
+  * 5 folds {0-4}, {4-8}, {8-12}, {12-16}, {16-19, 0} (consecutive folds share a volume). A fold lists its volumes
+    in index order, so fold 4 is [0, 16, 17, 18, 19]; the volume at position 2 (`SUPPORT_POSITION`) is the support
+    (volume 2, 6, 10, 14, 17), the other four are queries. With N != 20 volumes fold f takes the 5 volumes from
+    floor(f N / 5) on (wrapping), which is the same rule; identical folds are evaluated once; N < 2 is an error;
+  * each organ is a separate binary task. Only the query slices that contain the organ are evaluated (the ground
+    truth selects them; this is part of the protocol). They are split into 3 chunks at
+    `linspace(0, C_q, 4).astype(int)`;
+  * 1-shot: chunk j uses the support's organ slice at relative position 1/6, 1/2, 5/6 of its organ slices
+    (index int(p * C_s), Q-Net's `get_support_index(3, C_s)`);
+  * K-shot (our definition; the papers only run 1-shot): the support's organ range is cut into 3K equal parts and
+    chunk j uses the centres of parts jK .. jK+K-1, i.e. K slices at relative positions (j + (k + 1/2) / K) / 3,
+    k < K: chunk j's third of the support organ, spread evenly. This is `get_support_index(3K, C_s)` grouped by
+    chunk, so K = 1 is exactly the 1-shot rule. With few support organ slices positions can repeat;
+  * score: 3D Dice 2TP / (2TP + FP + FN) over the evaluated slices of one query volume, at the prepared grid of
+    the volume (the binary prediction is resized back from --img-size with nearest neighbour); averaged over the
+    query volumes of a fold, then over the folds, per organ; the reported Dice is the mean over organs. mIoU is the
+    same average of the per-volume 3D IoU; FB-IoU pools background and foreground I/U over all evaluated slices.
+"""
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.errors import UserError
+from common.utils import to_device
+
+N_FOLDS = 5
+FOLD_SIZE = 5
+SUPPORT_POSITION = 2
+N_PART = 3
+
+
+def volumetric_folds(n_volumes: int) -> list[list[int]]:
+    r"""Fold members (indices into the sorted volumes), each in index order; the standard folds for 20 volumes."""
+    if n_volumes < 2:
+        raise UserError(f'the volumetric protocol needs at least 2 prepared volumes (got {n_volumes}); CHAOS T2-SPIR '
+                        'has 20')
+    folds = []
+    for f in range(N_FOLDS):
+        start = f * n_volumes // N_FOLDS
+        members = sorted({(start + j) % n_volumes for j in range(min(FOLD_SIZE, n_volumes))})
+        if members not in folds:
+            folds.append(members)
+    return folds
+
+
+def support_position(fold: list[int]) -> int:
+    r"""Position of the support volume within a fold (2, or the last one for folds of fewer than 3 volumes)."""
+    return min(SUPPORT_POSITION, len(fold) - 1)
+
+
+def support_slice_indices(n_organ_slices: int, nshot: int, n_part: int = N_PART) -> list[list[int]]:
+    r"""For each chunk, the K indices into the support's organ slices (Q-Net get_support_index(n_part*K, C))."""
+    n = n_part * nshot
+    if n == 1:
+        pcts = [0.5]
+    else:
+        half_part = 1 / (n * 2)
+        part_interval = (1.0 - 1.0 / n) / (n - 1)
+        pcts = [half_part + part_interval * i for i in range(n)]
+    idx = (np.array(pcts) * n_organ_slices).astype('int')
+    return [idx[j * nshot:(j + 1) * nshot].tolist() for j in range(n_part)]
+
+
+def chunk_bounds(n_query_slices: int, n_part: int = N_PART) -> list[int]:
+    r"""Chunk j of the query's organ slices is [bounds[j], bounds[j+1]) (Q-Net: linspace(0, C, n+1).astype(int))."""
+    return np.linspace(0, n_query_slices, n_part + 1).astype('int').tolist()
+
+
+def _stack_supports(dataset, pid: str, slices: list[int], class_id: int):
+    shots = [dataset.load_slice(pid, z, class_id) for z in slices]
+    return torch.stack([s[0] for s in shots]), torch.stack([s[1] for s in shots])
+
+
+@torch.no_grad()
+def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: int = 1,
+                        desc: str = 'volumetric') -> tuple[dict, list[dict]]:
+    r"""Run the protocol on a dataset exposing `volumes`, `organ_slices(pid, c)`, `load_slice(pid, z, c)` and
+    `class_names`. Returns (scores, tasks): scores in percent with the keys of `SegmentationMeter.compute` plus
+    'per_fold'; one task per (fold, organ, query volume). Query slices are batched `bsz` at a time across chunks and
+    query volumes; each batch element carries its own chunk's supports."""
+    model.eval()
+    volumes = dataset.volumes
+    folds = volumetric_folds(len(volumes))
+    names = list(dataset.class_names)
+    tasks: list[dict] = []
+    fb_inter = torch.zeros(2, dtype=torch.int64)
+    fb_union = torch.zeros(2, dtype=torch.int64)
+    start, n_slices = time.perf_counter(), 0
+    progress = tqdm(total=len(folds) * len(names), desc=desc, leave=False, mininterval=2, dynamic_ncols=True)
+    for f, fold in enumerate(folds):
+        pos = support_position(fold)
+        support = volumes[fold[pos]]
+        queries = [volumes[i] for k, i in enumerate(fold) if k != pos]
+        for c, organ in enumerate(names):
+            progress.update(1)
+            s_slices = dataset.organ_slices(support, c)
+            chunks = ([[s_slices[i] for i in idx] for idx in support_slice_indices(len(s_slices), nshot)]
+                      if s_slices else None)
+            supports = [_stack_supports(dataset, support, zs, c) for zs in chunks] if chunks else None
+            work = []                                        # (task, chunk j, query slice z)
+            for query in queries:
+                q_slices = dataset.organ_slices(query, c)
+                task = {'fold': f, 'fold_volumes': [volumes[i] for i in fold], 'organ': organ, 'class_id': c,
+                        'support': support, 'query': query, 'query_slices': q_slices}
+                tasks.append(task)
+                if not s_slices or not q_slices:
+                    task['skipped'] = (f'the support volume {support} has no {organ}' if not s_slices
+                                       else f'the query volume {query} has no {organ}')
+                    continue
+                bounds = chunk_bounds(len(q_slices))
+                task.update(support_slices=chunks, chunks=[q_slices[bounds[j]:bounds[j + 1]] for j in range(N_PART)],
+                            tp=0, fp=0, fn=0)
+                work.extend((task, j, z) for j in range(N_PART) for z in task['chunks'][j])
+            for b in range(0, len(work), bsz):
+                items = work[b:b + bsz]
+                loaded = [dataset.load_slice(task['query'], z, c) for task, _, z in items]
+                batch = to_device({
+                    'query_img': torch.stack([x[0] for x in loaded]),
+                    'support_imgs': torch.stack([supports[j][0] for _, j, _ in items]),
+                    'support_masks': torch.stack([supports[j][1] for _, j, _ in items]),
+                    'class_id': torch.full((len(items),), c, dtype=torch.long)}, device)
+                logits = model(batch['query_img'], batch['support_imgs'], batch['support_masks'], batch['class_id'])
+                pred = model.aggregate(logits).cpu()                           # [n,S,S]
+                for (task, _, _), (_, _, gt), p in zip(items, loaded, pred):
+                    # prediction back to the prepared grid of the volume: [S,S] -> [H,W]
+                    p = F.interpolate(p[None, None].float(), gt.shape, mode='nearest')[0, 0].bool()
+                    g = torch.from_numpy(gt).bool()
+                    tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
+                    tn = g.numel() - tp - fp - fn
+                    task['tp'], task['fp'], task['fn'] = task['tp'] + tp, task['fp'] + fp, task['fn'] + fn
+                    fb_inter += torch.tensor([tn, tp])
+                    fb_union += torch.tensor([tn + fp + fn, tp + fp + fn])
+                n_slices += len(items)
+            for task in tasks:
+                if 'tp' in task and 'dice' not in task:
+                    tp, fp, fn = task['tp'], task['fp'], task['fn']
+                    task['dice'] = 100.0 * 2 * tp / (2 * tp + fp + fn)   # > 0: the query slices hold the organ
+                    task['iou'] = 100.0 * tp / (tp + fp + fn)
+    progress.close()
+    scores = summarise(tasks, names, len(folds))
+    pooled = fb_inter.double() / fb_union.double().clamp(min=1)
+    scores['fbiou'] = float(pooled.mean() * 100)
+    scores['seconds_per_slice'] = (time.perf_counter() - start) / max(n_slices, 1)
+    return scores, tasks
+
+
+def summarise(tasks: list[dict], class_names: list[str], n_folds: int) -> dict:
+    r"""Per organ: mean over folds of the mean over that fold's query volumes; overall: mean over organs."""
+    per_fold: dict[str, dict[str, float]] = {}
+    dice, iou, counts = {}, {}, {}
+    for organ in class_names:
+        fold_dice, fold_iou, n = [], [], 0
+        for f in range(n_folds):
+            done = [t for t in tasks if t['organ'] == organ and t['fold'] == f and 'dice' in t]
+            if not done:
+                continue
+            fold_dice.append(float(np.mean([t['dice'] for t in done])))
+            fold_iou.append(float(np.mean([t['iou'] for t in done])))
+            per_fold.setdefault(str(f), {})[organ] = fold_dice[-1]
+            n += len(done)
+        if fold_dice:
+            dice[organ], iou[organ], counts[organ] = float(np.mean(fold_dice)), float(np.mean(fold_iou)), n
+    if not dice:
+        raise UserError('the volumetric protocol evaluated nothing: no organ appears in both a support and a query '
+                        'volume')
+    return {'miou': float(np.mean(list(iou.values()))), 'dice': float(np.mean(list(dice.values()))),
+            'per_class': iou, 'per_class_dice': dice, 'episodes_per_class': counts, 'per_fold': per_fold}

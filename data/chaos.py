@@ -1,0 +1,504 @@
+r"""CHAOS MR T2-SPIR (20 labelled abdominal volumes): DICOM preparation and the `chaos` benchmark.
+
+Raw layout (Zenodo record 3431873, `CHAOS_Train_Sets.zip`): `CHAOS/Train_Sets/MR/<pid>/T2SPIR/DICOM_anon/*.dcm`
+with one label PNG per slice in `.../T2SPIR/Ground/<same stem>.png`. `scripts/prepare_chaos.py` (`prepare()`)
+  1. reads every slice with pydicom (modality LUT applied: RescaleSlope/Intercept) and sorts them by
+     ImagePositionPatient projected on the slice normal (row x column direction cosines), falling back to
+     InstanceNumber, then to the file name (with a warning);
+  2. pairs each slice with `Ground/<its own stem>.png` (never by position), and maps the gray ranges to organ ids:
+     0 background, 55-70 liver (1), 110-135 right kidney (2), 175-200 left kidney (3), 240-255 spleen (4); any
+     other value is an error naming the file;
+  3. clips intensities above the volume's 99.5th percentile and rescales the volume to [0, 1] ((x - min) /
+     (p99.5 - min)), stored as float32. No resampling and no cropping: slices keep their DICOM grid, because every
+     slice is resized to --img-size for the network anyway and the 3D Dice is computed on this grid. (SSL-ALPNet /
+     Q-Net additionally resample to 1.25x1.25x7.70 mm and crop to 256x256, which changes the slice count; numbers
+     are therefore close to, not identical with, theirs);
+  4. writes `image_<pid>.npy`, `label_<pid>.npy` (D x H x W, slices in position order) and `manifest.json` (order
+     method, spacing, clip value, per-organ slice indices) into `<datapath>/CHAOS/prepared_T2SPIR/` (or --out).
+The loader reads only that cache. Networks see a slice as round(255 x value) replicated to RGB with ImageNet
+normalisation, like every other target. Two protocols: the default 2D episodes (4 organ classes, query and
+support are organ-containing slices of *different* patients, 600 class-balanced episodes) and the volumetric
+SSL-ALPNet / Q-Net protocol in `common/volumetric.py` (`test.py --protocol volumetric`), the primary CHAOS metric.
+"""
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from common.errors import UserError
+from data.checks import CheckedDataset, DataReport, layout_error, list_files
+from data.episodic import write_json_atomic
+
+ORGANS = ['liver', 'right kidney', 'left kidney', 'spleen']
+GRAY_RANGES = [(55, 70), (110, 135), (175, 200), (240, 255)]
+INVALID = 255
+LABEL_LUT = np.full(256, INVALID, np.uint8)
+LABEL_LUT[0] = 0
+for _organ_id, (_lo, _hi) in enumerate(GRAY_RANGES, 1):
+    LABEL_LUT[_lo:_hi + 1] = _organ_id
+PREP_FORMAT = 'cdtg-chaos-t2spir'
+PREP_VERSION = 1
+CLIP_PERCENTILE = 99.5
+CACHE_NAME = 'prepared_T2SPIR'
+MANIFEST = 'manifest.json'
+RAW_ROOTS = ('CHAOS/Train_Sets/MR', 'Train_Sets/MR', 'CHAOS_Train_Sets/Train_Sets/MR', 'CHAOS/MR', 'MR')
+RAW_LAYOUT = ('  CHAOS/Train_Sets/MR/   (as CHAOS_Train_Sets.zip unpacks; Train_Sets/MR/ directly under --datapath '
+              'also works)\n'
+              '    1/T2SPIR/DICOM_anon/IMG-0002-00001.dcm ...\n'
+              '    1/T2SPIR/Ground/IMG-0002-00001.png ...   (same stems; liver ~63, kidneys ~126/~189, spleen ~252)\n'
+              '    2/ 3/ 5/ ... 39/   (20 patients)')
+
+
+def default_cache_dir(datapath: Path | str) -> Path:
+    return Path(datapath) / 'CHAOS' / CACHE_NAME
+
+
+def prepare_command(datapath: Path | str, out: Path | None = None) -> str:
+    cmd = f'python scripts/prepare_chaos.py --datapath {datapath}'
+    return cmd + (f' --out {out}' if out is not None and Path(out) != default_cache_dir(datapath) else '')
+
+
+def find_raw_root(datapath: Path) -> Path | None:
+    r"""The folder holding the patient folders, or None."""
+    for rel in RAW_ROOTS:
+        if (datapath / rel).is_dir():
+            return datapath / rel
+    if datapath.is_dir() and any((p / 'T2SPIR').is_dir() for p in datapath.iterdir() if p.is_dir()):
+        return datapath      # --datapath points at Train_Sets/MR itself
+    return None
+
+
+def patient_dirs(raw_root: Path) -> list[Path]:
+    r"""Patient folders (numeric names, or any folder holding T2SPIR/) sorted by numeric id, the order the
+    volumetric folds refer to. Other folders (e.g. `__MACOSX`) are ignored."""
+    dirs = [p for p in raw_root.iterdir() if p.is_dir() and not p.name.startswith(('.', '__'))
+            and (p.name.isdigit() or (p / 'T2SPIR').is_dir())]
+    return sorted(dirs, key=lambda p: pid_order(p.name))
+
+
+def pid_order(pid: str):
+    return (0, int(pid), '') if pid.isdigit() else (1, 0, pid)
+
+
+# --- DICOM series ------------------------------------------------------------------------------------------------
+def _read_dicom(path: Path):
+    import pydicom
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as err:  # any pydicom/numpy failure on this file is a damaged or foreign file
+        hint = ''
+        if 'handler' in str(err).lower() or 'decode' in str(err).lower():
+            hint = ' (compressed pixel data: install a decoder, e.g. `pip install pylibjpeg pylibjpeg-libjpeg`)'
+        raise UserError(f'{path} is not a readable DICOM slice ({type(err).__name__}: {err}){hint}') from err
+    if pixels.ndim != 2:
+        raise UserError(f'{path}: expected a single-frame 2D slice, got pixel data of shape {pixels.shape}')
+    slope = float(ds.get('RescaleSlope', 1) or 1)
+    intercept = float(ds.get('RescaleIntercept', 0) or 0)
+    return ds, pixels.astype(np.float32) * slope + intercept
+
+
+def slice_position(ds, normal: np.ndarray | None) -> float | None:
+    r"""ImagePositionPatient projected on the slice normal (None when the tags are missing or malformed)."""
+    ipp = ds.get('ImagePositionPatient')
+    if normal is None or ipp is None or len(ipp) != 3:
+        return None
+    return float(np.dot(normal, np.asarray([float(v) for v in ipp])))
+
+
+def slice_normal(ds) -> np.ndarray | None:
+    iop = ds.get('ImageOrientationPatient')
+    if iop is None or len(iop) != 6:
+        return None
+    row, col = np.asarray([float(v) for v in iop[:3]]), np.asarray([float(v) for v in iop[3:]])
+    normal = np.cross(row, col)
+    norm = np.linalg.norm(normal)
+    return normal / norm if norm > 0 else None
+
+
+def order_slices(headers: list) -> tuple[list[int], str]:
+    r"""Indices of `headers` (pydicom datasets) in slice order and the method used: 'position', 'instance', 'file'.
+
+    Position: ascending ImagePositionPatient . normal (normal from the first slice's ImageOrientationPatient);
+    used when every slice has one and no two coincide. Else ascending InstanceNumber when complete and unique.
+    Else the file-name order the caller passed in.
+    """
+    normal = slice_normal(headers[0]) if headers else None
+    positions = [slice_position(ds, normal) for ds in headers]
+    if all(p is not None for p in positions) and len(set(np.round(positions, 4))) == len(positions):
+        return sorted(range(len(headers)), key=lambda i: positions[i]), 'position'
+    numbers = [ds.get('InstanceNumber') for ds in headers]
+    if all(n is not None and str(n).strip() != '' for n in numbers):
+        numbers = [int(n) for n in numbers]
+        if len(set(numbers)) == len(numbers):
+            return sorted(range(len(headers)), key=lambda i: numbers[i]), 'instance'
+    return list(range(len(headers))), 'file'
+
+
+def label_value_problem(arr: np.ndarray) -> str | None:
+    r"""Describe the gray values of a Ground PNG that are neither 0 nor inside an organ range (None if all fit)."""
+    ids = LABEL_LUT[arr]
+    if not (ids == INVALID).any():
+        return None
+    bad, counts = np.unique(arr[ids == INVALID], return_counts=True)
+    shown = ', '.join(f'{v} ({n} px)' for v, n in zip(bad[:8], counts[:8])) + (' ...' if len(bad) > 8 else '')
+    ranges = ', '.join(f'{o} {lo}-{hi}' for o, (lo, hi) in zip(ORGANS, GRAY_RANGES))
+    return f'gray values outside 0 and the organ ranges ({ranges}): {shown}'
+
+
+def labels_from_png(path: Path) -> np.ndarray:
+    r"""A Ground PNG mapped to organ ids 0-4; a value outside 0 and the four gray ranges is a UserError."""
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img if img.mode in ('L', 'P') else img.convert('L')).astype(np.uint8, copy=False)
+    except FileNotFoundError as err:
+        raise UserError(f'label {path} does not exist') from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise UserError(f'label {path} is unreadable or corrupt ({err})') from err
+    problem = label_value_problem(arr)
+    if problem:
+        raise LabelValueError(f'label {path} has {problem}', problem)
+    return LABEL_LUT[arr]
+
+
+class LabelValueError(UserError):
+    r"""A Ground PNG with values outside the organ ranges; `.detail` is the value description."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
+@dataclass
+class PatientVolume:
+    r"""One prepared series: float32 intensities and uint8 organ ids, [D,H,W] in slice order."""
+    pid: str
+    image: np.ndarray
+    label: np.ndarray
+    stems: list[str]
+    order: str
+    spacing: list[float] = field(default_factory=list)
+
+
+def load_patient(pdir: Path, report: DataReport) -> PatientVolume | None:
+    r"""Read one patient's T2-SPIR series and labels; problems go to `report` (key = pid). None if unusable."""
+    pid = pdir.name
+    dcm_dir, gnd_dir = pdir / 'T2SPIR' / 'DICOM_anon', pdir / 'T2SPIR' / 'Ground'
+    for d in (dcm_dir, gnd_dir):
+        if not d.is_dir():
+            report.add('missing', d, 'folder does not exist', pid)
+            return None
+    files = [p for p in sorted(dcm_dir.iterdir()) if p.is_file() and not p.name.startswith('.')
+             and p.suffix.lower() in ('.dcm', '')]
+    labels = {p.stem: p for p in list_files(gnd_dir, ('.png',))}
+    if not files:
+        report.add('missing', dcm_dir / '*.dcm', 'no DICOM slice', pid)
+        return None
+    headers, pixels, label_arrays, stems = [], [], [], []
+    ok = True
+    for path in files:
+        report.files_checked += 1
+        try:
+            ds, px = _read_dicom(path)
+        except UserError as err:
+            report.add('unreadable', path, str(err).replace(f'{path} ', '', 1), pid)
+            ok = False
+            continue
+        lpath = labels.get(path.stem)
+        if lpath is None:
+            report.add('image_without_mask', path, f'label {gnd_dir / (path.stem + ".png")} does not exist', pid)
+            ok = False
+            continue
+        report.files_checked += 1
+        try:
+            ids = labels_from_png(lpath)
+        except LabelValueError as err:
+            report.add('unexpected_values', lpath, err.detail, pid)
+            ok = False
+            continue
+        except UserError as err:
+            report.add('unreadable', lpath, str(err).replace(f'label {lpath} ', '', 1), pid)
+            ok = False
+            continue
+        if ids.shape != px.shape:
+            report.add('size_mismatch', lpath, f'label is {ids.shape[1]}x{ids.shape[0]} but slice {path.name} is '
+                                               f'{px.shape[1]}x{px.shape[0]}', pid)
+            ok = False
+            continue
+        headers.append(ds)
+        pixels.append(px)
+        label_arrays.append(ids)
+        stems.append(path.stem)
+    for stem in sorted(set(labels) - {p.stem for p in files}):
+        report.add('mask_without_image', labels[stem], 'no DICOM slice with this stem; not used', hard=False)
+    if not ok:
+        return None
+    shapes = {p.shape for p in pixels}
+    if len(shapes) > 1:
+        report.add('size_mismatch', dcm_dir, f'slices of one series differ in size: {sorted(shapes)}', pid)
+        return None
+    order, method = order_slices(headers)
+    if method != 'position':
+        report.warnings.append(f'patient {pid}: slices sorted by '
+                               f'{"InstanceNumber" if method == "instance" else "file name"} (ImagePositionPatient / '
+                               'ImageOrientationPatient missing or not unique)')
+    spacing = []
+    try:
+        row_col = [float(v) for v in headers[0].get('PixelSpacing', [])]
+        normal = slice_normal(headers[0])
+        pos = sorted(slice_position(h, normal) for h in headers) if method == 'position' else []
+        dz = float(np.median(np.diff(pos))) if len(pos) > 1 else float(headers[0].get('SliceThickness', 0) or 0)
+        spacing = [dz] + row_col if len(row_col) == 2 else []
+    except (TypeError, ValueError):
+        spacing = []
+    return PatientVolume(pid, np.stack([pixels[i] for i in order]), np.stack([label_arrays[i] for i in order]),
+                         [stems[i] for i in order], method, spacing)
+
+
+def scan_raw(raw_root: Path, report: DataReport, on_volume=None) -> None:
+    r"""Read every patient under `raw_root` into `report` (class items: organ slices 'pid/zzz'); each usable volume
+    is handed to `on_volume` and then released, so only one volume is in memory at a time."""
+    for pdir in patient_dirs(raw_root):
+        vol = load_patient(pdir, report)
+        if vol is None:
+            continue
+        for c in range(1, len(ORGANS) + 1):
+            report.class_items[c - 1].extend(f'{vol.pid}/{z:03d}' for z in np.flatnonzero((vol.label == c).any((1, 2))))
+        if on_volume is not None:
+            on_volume(vol)
+
+
+def normalise_volume(image: np.ndarray) -> tuple[np.ndarray, float, float]:
+    r"""Clip above the 99.5th percentile, then (x - min) / (clip - min) -> float32 in [0, 1]. Returns (volume, min,
+    clip value)."""
+    clip = float(np.percentile(image, CLIP_PERCENTILE))
+    image = np.minimum(image.astype(np.float64), clip)
+    lo = float(image.min())
+    out = (image - lo) / (clip - lo) if clip > lo else np.zeros_like(image)
+    return out.astype(np.float32), lo, clip
+
+
+def prepare(datapath: Path | str, out: Path | str | None = None, skip_bad: bool = False,
+            overwrite: bool = False) -> Path:
+    r"""Build the prepared cache from the raw DICOM layout; returns the cache folder."""
+    datapath = Path(datapath)
+    raw_root = find_raw_root(datapath)
+    if raw_root is None:
+        raise UserError(f'chaos: no raw CHAOS MR folder under {datapath} (looked for '
+                        f'{", ".join(str(datapath / r) for r in RAW_ROOTS)}).\nExpected layout under --datapath:\n'
+                        f'{RAW_LAYOUT}')
+    out = Path(out) if out else default_cache_dir(datapath)
+    if (out / MANIFEST).is_file() and not overwrite:
+        raise UserError(f'{out} already holds a prepared CHAOS cache; pass --overwrite to rebuild it')
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix='.chaos-prepare-', dir=out.parent))
+    except OSError as err:
+        raise UserError(f'cannot write the CHAOS cache to {out} ({err}); pass a writable --out') from err
+    entries = []
+
+    def write(vol: PatientVolume) -> None:
+        image, lo, clip = normalise_volume(vol.image)
+        np.save(tmp / f'image_{vol.pid}.npy', image)
+        np.save(tmp / f'label_{vol.pid}.npy', vol.label)
+        entries.append({
+            'pid': vol.pid, 'image': f'image_{vol.pid}.npy', 'label': f'label_{vol.pid}.npy',
+            'shape': list(vol.label.shape), 'order': vol.order, 'slices': vol.stems,
+            'spacing_zyx_mm': vol.spacing, 'intensity_min': lo, 'clip_value': clip,
+            'organ_slices': {name: np.flatnonzero((vol.label == c).any((1, 2))).tolist()
+                             for c, name in enumerate(ORGANS, 1)},
+        })
+
+    try:
+        report = DataReport('chaos', raw_root, True)
+        report.class_names, report.class_items = list(ORGANS), [[] for _ in ORGANS]
+        scan_raw(raw_root, report, on_volume=write)
+        for message in report.warnings:
+            warnings.warn(f'chaos: {message}', stacklevel=2)
+        if report.hard:
+            if not skip_bad:
+                raise UserError(report.error_message(RAW_LAYOUT, f'python scripts/check_data.py --benchmark chaos '
+                                                                 f'--datapath {datapath}'))
+            warnings.warn(f'chaos: --skip-bad left out patients '
+                          f'{", ".join(sorted(report.bad_keys(), key=pid_order))} ({report.summary(hard=True)})',
+                          stacklevel=2)
+        if not entries:
+            raise UserError(f'chaos: no usable patient under {raw_root}.\nExpected layout:\n{RAW_LAYOUT}')
+        write_json_atomic(tmp / MANIFEST, {
+            'format': PREP_FORMAT, 'version': PREP_VERSION, 'created': time.strftime('%Y-%m-%d %H:%M:%S'),
+            'raw_root': str(raw_root.resolve()), 'classes': ORGANS,
+            'label_ranges': {name: list(r) for name, r in zip(ORGANS, GRAY_RANGES)},
+            'preprocessing': f'slices sorted by position; intensities clipped above the {CLIP_PERCENTILE}th '
+                             'percentile per volume and rescaled to [0, 1]; no resampling, no cropping',
+            'skipped': sorted(report.bad_keys(), key=pid_order), 'volumes': entries})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    except OSError as err:
+        raise UserError(f'cannot write the CHAOS cache to {out} ({err}); pass a writable --out') from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- the benchmark ------------------------------------------------------------------------------------------------
+class Chaos(CheckedDataset):
+    r"""CHAOS T2-SPIR organs from the prepared cache; 2D episodes, and the volumetric protocol's accessors."""
+    name = 'chaos'
+    domain = 'target'
+    splits = ('test',)
+    options = ('chaos_cache', 'skip_bad')
+    protocols = ('2d', 'volumetric')
+    layout = (f'{RAW_LAYOUT}\n  CHAOS/{CACHE_NAME}/manifest.json, image_<pid>.npy, label_<pid>.npy   (written by '
+              '`python scripts/prepare_chaos.py --datapath DIR`)')
+
+    def configure(self, chaos_cache: str | None = None) -> None:
+        self.cache_dir = Path(chaos_cache).expanduser() if chaos_cache else default_cache_dir(self.datapath)
+
+    def rebuild_command(self) -> str:
+        return prepare_command(self.datapath, self.cache_dir) + ' --overwrite'
+
+    def repair_hint(self) -> str:
+        return f'rebuild the cache with `{self.rebuild_command()}`'
+
+    def read_manifest(self) -> dict:
+        path = self.cache_dir / MANIFEST
+        if not path.is_file():
+            raw = find_raw_root(self.datapath)
+            if raw is None:
+                raise layout_error(self, self.datapath / RAW_ROOTS[0], also='Train_Sets/MR/ and a prepared cache')
+            raise UserError(f'chaos: the prepared cache {path} does not exist. Prepare it once from the DICOM files '
+                            f'in {raw} with:\n  {prepare_command(self.datapath, self.cache_dir)}')
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f'chaos: {path} is unreadable ({err}); rebuild it with '
+                            f'`{self.rebuild_command()}`') from err
+        if manifest.get('format') != PREP_FORMAT or manifest.get('version') != PREP_VERSION:
+            raise UserError(f'chaos: {path} was written by another version of the preparation (format '
+                            f'{manifest.get("format")!r} v{manifest.get("version")}, expected {PREP_FORMAT!r} '
+                            f'v{PREP_VERSION}); rebuild it with `{self.rebuild_command()}`')
+        return manifest
+
+    def scan(self, full: bool) -> DataReport:
+        raw = find_raw_root(self.datapath)
+        if full and raw is not None and not (self.cache_dir / MANIFEST).is_file():
+            # The checker on raw data that is not prepared yet: report on the raw files, and the missing cache.
+            report = DataReport(self.name, raw, True)
+            report.class_names, report.class_items = list(ORGANS), [[] for _ in ORGANS]
+            scan_raw(raw, report)
+            report.add('missing', self.cache_dir / MANIFEST, 'the prepared cache does not exist yet; build it with '
+                       f'`{prepare_command(self.datapath, self.cache_dir)}`')
+            return report
+        manifest = self.read_manifest()
+        report = DataReport(self.name, self.cache_dir, full)
+        report.class_names, report.class_items = list(ORGANS), [[] for _ in ORGANS]
+        self._volumes: dict[str, dict] = {}
+        for entry in manifest['volumes']:
+            pid, ok = entry['pid'], True
+            for role in ('image', 'label'):
+                path = self.cache_dir / entry[role]
+                report.files_checked += 1
+                try:
+                    arr = np.load(path, mmap_mode='r')
+                    if list(arr.shape) != entry['shape']:
+                        raise ValueError(f'shape {list(arr.shape)} but the manifest says {entry["shape"]}')
+                    if full:
+                        values = np.asarray(arr)
+                        if role == 'label' and values.max(initial=0) > len(ORGANS):
+                            raise ValueError(f'organ ids up to {values.max()} (expected 0-{len(ORGANS)})')
+                        if role == 'image' and not (np.isfinite(values).all() and values.min() >= 0
+                                                    and values.max() <= 1):
+                            raise ValueError('intensities outside [0, 1] or not finite')
+                except FileNotFoundError:
+                    report.add('missing', path, 'listed in the manifest', pid)
+                    ok = False
+                except (OSError, ValueError) as err:
+                    report.add('unreadable', path, str(err), pid)
+                    ok = False
+            if not ok:
+                continue
+            self._volumes[pid] = entry
+            for c, name in enumerate(ORGANS):
+                report.class_items[c].extend(f'{pid}/{z:03d}' for z in entry['organ_slices'][name])
+        report.notes.append(f'{len(manifest["volumes"])} prepared volumes from {manifest.get("raw_root")} '
+                            f'({manifest.get("created")}); {manifest.get("preprocessing")}')
+        if manifest.get('skipped'):
+            report.warnings.append(f'patients left out at preparation (--skip-bad): {", ".join(manifest["skipped"])}')
+        if full:
+            if raw is not None:
+                raw_report = DataReport(self.name, raw, True)
+                raw_report.class_names, raw_report.class_items = list(ORGANS), [[] for _ in ORGANS]
+                scan_raw(raw, raw_report)
+                report.files_checked += raw_report.files_checked
+                report.notes.append(f'raw DICOM layout {raw} re-read: {len(raw_report.problems)} problems')
+                for p in raw_report.problems:
+                    report.add(p.kind, p.path, p.detail, None, p.hard)
+                report.warnings.extend(raw_report.warnings)
+        bad = report.bad_keys()
+        for c, name in enumerate(ORGANS):
+            patients = {k.split('/')[0] for k in report.class_items[c] if k.split('/')[0] not in bad}
+            report.notes.append(f'{name}: {len(report.class_items[c])} slices in {len(patients)} volumes')
+            if 0 < len(patients) < 2:
+                report.warnings.append(f'{name} appears in a single patient: 2D episodes need a support from another '
+                                       'patient, so the class is left out')
+                report.class_items[c] = []
+        return report
+
+    # --- slices ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def split_key(key: str) -> tuple[str, int]:
+        pid, z = key.rsplit('/', 1)
+        return pid, int(z)
+
+    def _array(self, pid: str, role: str) -> np.ndarray:
+        path = self.cache_dir / self._volumes[pid][role]
+        try:
+            return np.load(path, mmap_mode='r')
+        except (OSError, ValueError) as err:
+            raise UserError(f'chaos: cannot read {path} ({err}); rebuild the cache with '
+                            f'`{self.rebuild_command()}`') from err
+
+    def slice_image(self, pid: str, z: int) -> Image.Image:
+        r"""Slice z as an 8-bit RGB image: round(255 x normalised intensity), replicated to 3 channels."""
+        values = np.asarray(self._array(pid, 'image')[z], dtype=np.float32)
+        gray = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(gray).convert('RGB')         # uint8 2D -> mode L
+
+    def slice_label(self, pid: str, z: int) -> np.ndarray:
+        return np.asarray(self._array(pid, 'label')[z], dtype=np.uint8)
+
+    def read_image(self, key):
+        return self.slice_image(*self.split_key(key))
+
+    def read_mask(self, key, class_id):
+        return (self.slice_label(*self.split_key(key)) == class_id + 1).astype(np.uint8)
+
+    def sample_supports(self, rng, class_id, query):
+        r"""K supports of the class from patients other than the query's (distinct when enough exist)."""
+        patient = self.split_key(query)[0]
+        others = [k for k in self.class_items[class_id] if self.split_key(k)[0] != patient]
+        picks = rng.choice(len(others), size=self.nshot, replace=len(others) < self.nshot)
+        return tuple(others[i] for i in picks)
+
+    # --- volumetric protocol ------------------------------------------------------------------------------------
+    @property
+    def volumes(self) -> list[str]:
+        r"""Patient ids of the usable prepared volumes, sorted numerically (the order the folds index)."""
+        return sorted(self._volumes, key=pid_order)
+
+    def organ_slices(self, pid: str, class_id: int) -> list[int]:
+        r"""Slice indices (position order) of volume `pid` that contain organ `class_id` (0-based)."""
+        return list(self._volumes[pid]['organ_slices'][ORGANS[class_id]])
+
+    def load_slice(self, pid: str, z: int, class_id: int):
+        r"""(image [3,S,S] normalised, binary mask [S,S] uint8, binary mask at the prepared grid [H,W] uint8)."""
+        native = (self.slice_label(pid, z) == class_id + 1).astype(np.uint8)
+        return self.transform_image(self.slice_image(pid, z)), self.transform_mask(native), native

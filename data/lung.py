@@ -1,0 +1,80 @@
+r"""Chest X-ray lungs (Montgomery + Shenzhen, Kaggle "chest-xray-masks-and-labels"): one class, 704 masked images.
+
+Pairs come from `masks/`, never from the image folder: a mask `CHNCXR_0001_0_mask.png` (Shenzhen) or
+`MCUCXR_0001_0.png` (Montgomery, same name as its image) belongs to `CXR_png/<name without a trailing _mask>.png`.
+PATNet instead drops the last 9 characters of every mask name, which breaks every Montgomery mask. Images without a
+mask (96 Shenzhen images on the real data) are listed by the checker and not used. Masks are 0/255, binarised at
+>= 128; the grayscale radiographs are replicated to RGB.
+"""
+from pathlib import Path
+
+import numpy as np
+
+from data.checks import CheckedDataset, DataReport, check_pair, first_existing, layout_error, list_files, open_mask, \
+    open_rgb
+
+CLASSES = ['lung']
+ROOTS = ('LungSegmentation', 'Lung Segmentation')
+IMG_DIR, MASK_DIR = 'CXR_png', 'masks'
+
+
+def image_stem(mask_stem: str) -> str:
+    r"""'CHNCXR_0001_0_mask' -> 'CHNCXR_0001_0'; 'MCUCXR_0001_0' -> 'MCUCXR_0001_0'."""
+    return mask_stem[:-len('_mask')] if mask_stem.endswith('_mask') else mask_stem
+
+
+class Lung(CheckedDataset):
+    r"""Chest X-ray lung segmentation: the 704 (radiograph, both-lungs mask) pairs listed by `masks/`."""
+    name = 'lung'
+    domain = 'target'
+    splits = ('test',)
+    options = ('skip_bad',)
+    layout = ('  LungSegmentation/   (or "Lung Segmentation/" as Kaggle ships it, or --datapath pointing at it)\n'
+              '    CXR_png/CHNCXR_0001_0.png ... MCUCXR_0001_0.png ...   (800 radiographs)\n'
+              '    masks/CHNCXR_0001_0_mask.png ... MCUCXR_0001_0.png ...  (704 masks, 0/255)')
+
+    def find_root(self) -> Path:
+        candidates = [self.datapath / r for r in ROOTS] + [self.datapath]
+        root = first_existing(candidates, (IMG_DIR, MASK_DIR))
+        if root is None:
+            raise layout_error(self, self.datapath / ROOTS[0] / MASK_DIR,
+                               also=f'"{ROOTS[1]}/{MASK_DIR}" and {MASK_DIR}/ directly under --datapath')
+        for sub in (IMG_DIR, MASK_DIR):
+            if not (root / sub).is_dir():
+                raise layout_error(self, root / sub)
+        return root
+
+    def scan(self, full: bool) -> DataReport:
+        root = self.find_root()
+        report = DataReport(self.name, root, full)
+        img_dir, mask_dir = root / IMG_DIR, root / MASK_DIR
+        images = {p.stem: p for p in list_files(img_dir, ('.png',))}
+        mask_files = list_files(mask_dir, ('.png',))
+        if not mask_files:
+            raise layout_error(self, mask_dir / '*.png', what='mask files')
+        self._paths: dict[str, tuple[Path, Path]] = {}
+        items = []
+        for mask in mask_files:
+            key = image_stem(mask.stem)
+            if key in self._paths:
+                report.add('other', mask, f'a second mask for {key}.png (the other is {self._paths[key][1].name})',
+                           key)
+                continue
+            image = images.get(key)
+            if image is None:
+                report.add('mask_without_image', mask, f'image {img_dir / (key + ".png")} does not exist', key)
+                continue
+            check_pair(report, key, image, mask, full, allowed=(0, 255))
+            self._paths[key] = (image, mask)
+            items.append(key)
+        unmasked = sorted(set(images) - {image_stem(m.stem) for m in mask_files})
+        for key in unmasked:
+            report.add('image_without_mask', images[key], 'no mask in masks/; not used', hard=False)
+        report.class_names, report.class_items = list(CLASSES), [items]
+        return report
+
+    def read_image(self, key):
+        return open_rgb(self._paths[key][0])
+
+    def read_mask(self, key, class_id):
+        return (open_mask(self._paths[key][1]) >= 128).astype(np.uint8)
