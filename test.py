@@ -12,7 +12,7 @@ from pathlib import Path
 from common.config import parse_with_config
 from common.engine import evaluate
 from common.volumetric import evaluate_volumetric
-from common.factory import load_model
+from common.factory import load_model, plugin_record
 from common.errors import UserError, run_cli
 from common.logger import RunLogger
 from common.metrics import format_scores
@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--finetune-steps', type=int, default=None,
                    help='test-time fine-tuning steps per episode, for methods that support it (reset every episode)')
     p.add_argument('--finetune-lr', type=float, default=None, help='learning rate of test-time fine-tuning')
+    g = p.add_argument_group('CD-TG plug-in (rebuilt from the checkpoint)')
+    g.add_argument('--cdtg', action='store_true', help='assert that the checkpoint carries the CD-TG plug-in')
+    g.add_argument('--alpha', type=float, default=None,
+                   help='override the image weight of a fixed-fusion plug-in (alpha sweeps without retraining)')
+    g.add_argument('--clip-weights', type=str, default=None,
+                   help='where the CLIP weights are on this machine (must be the weights used in training)')
+    g.add_argument('--text-cache', type=str, default=None, help='folder of the frozen text-embedding cache')
     return p
 
 
@@ -56,7 +63,9 @@ def main(argv=None) -> dict:
             raise UserError(f'--{key} must be >= 1')
     device = resolve_device(args.device)
     configure_backends(device)
-    model, ckpt = load_model(args.load, device)
+    model, ckpt = load_model(args.load, device, expect_cdtg=True if args.cdtg else None,
+                             overrides={'alpha': args.alpha, 'clip_weights': args.clip_weights,
+                                        'text_cache': args.text_cache})
     model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
     train_config = ckpt['config']
     img_size = args.img_size or train_config['img_size']
@@ -68,6 +77,7 @@ def main(argv=None) -> dict:
     if volumetric and args.vis:
         raise UserError('--vis draws 2D episodes; it does not apply to --protocol volumetric')
     dataset = build_dataset(args.benchmark, args.datapath, split, args.nshot, img_size, **dataset_options(args))
+    model.hooks.bind(dataset.name, dataset.class_names)
 
     seed_everything(args.seed)
     episodes = [] if volumetric else dataset.sample_episodes(args.episodes, args.seed)
@@ -96,7 +106,7 @@ def main(argv=None) -> dict:
             'backbone': train_config['backbone'], 'trained_on': train_config['benchmark'],
             'seconds': time.perf_counter() - start,
             'episodes': tasks if volumetric else [e.to_json(dataset.class_names) for e in episodes],
-            'protocol': args.protocol,
+            'protocol': args.protocol, 'plugin': plugin_record(model),
             'dataset_options': {k: v for k, v in dataset_options(args).items() if v is not None},
         }
         if volumetric:

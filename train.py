@@ -12,7 +12,7 @@ import torch
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import parse_with_config
 from common.engine import evaluate, train_epoch
-from common.factory import build_model
+from common.factory import build_model, plugin_record
 from common.errors import UserError, run_cli
 from common.logger import RunLogger
 from common.metrics import format_scores
@@ -20,6 +20,7 @@ from common.utils import configure_backends, resolve_device, rng_state, seed_eve
 from data import (FixedEpisodes, TrainingEpisodes, add_dataset_args, build_dataset, build_loader, dataset_class,
                   dataset_options)
 from model import BACKBONES, METHODS
+from text import add_cdtg_args
 
 # Flags that may change when a run is resumed; every other value comes from the checkpoint.
 RESUMABLE = ('epochs', 'workers', 'device', 'log_every', 'resume', 'config')
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--resume', action='store_true', help='continue the run in --logpath from its last.pt')
     p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
     p.add_argument('--log-every', type=int, default=50, help='training steps between loss scalars')
+    add_cdtg_args(p)
     return p
 
 
@@ -132,8 +134,12 @@ def main(argv=None) -> dict:
         set_rng_state(ckpt['rng'])
 
     log = RunLogger(config['logpath'], config)
-    log.info(f'training {config["method"]} ({sum(p.numel() for p in model.trainable_parameters()):,} learnable '
-             f'parameters) on {train_set.describe()}')
+    plugin = plugin_record(model)
+    log.info(f'training {config["method"]}{" + CD-TG" if plugin else ""} '
+             f'({sum(p.numel() for p in model.trainable_parameters()):,} learnable parameters) on '
+             f'{train_set.describe()}')
+    if plugin:
+        log.info(f'CD-TG plug-in: {plugin["config"]}, text encoder {plugin["text_encoder"]}')
     log.info(f'model selection on {val_set.describe()}')
     if ckpt is None and config['bn_calibration'] > 0:
         log.info(f'backbone BatchNorm statistics re-estimated on {config["bn_calibration"]} source training images')
@@ -148,15 +154,18 @@ def main(argv=None) -> dict:
 
     def on_step(step: int, loss: torch.Tensor) -> None:
         if step % config['log_every'] == 0:
-            log.scalar('train/loss_step', float(loss), epoch * steps_per_epoch + step)   # host sync, every N steps
+            # the only host sync of the training loop, every --log-every steps
+            log.scalar('train/loss_step', float(loss.detach()), epoch * steps_per_epoch + step)
 
     history = []
     try:
         for epoch in range(start_epoch, config['epochs']):
             sampler.set_epoch(epoch)
             t0 = time.perf_counter()
+            model.hooks.bind(train_set.name, train_set.class_names)
             trn = train_epoch(model, train_loader, optimizer, device, train_set.class_names,
                               desc=f'epoch {epoch} train', on_step=on_step)
+            model.hooks.bind(val_set.name, val_set.class_names)
             val, _ = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val')
             improved = val['miou'] > best['miou']
             if improved:
@@ -170,7 +179,7 @@ def main(argv=None) -> dict:
             history.append({'epoch': epoch, 'train': trn, 'val': val})
             state = {'model': model.state_dict(), 'method': config['method'], 'backbone': config['backbone'],
                      'config': config, 'epoch': epoch, 'optimizer': optimizer.state_dict(), 'rng': rng_state(),
-                     'best': best, 'val': val, 'class_names': train_set.class_names}
+                     'best': best, 'val': val, 'class_names': train_set.class_names, 'plugin': plugin}
             if improved:
                 save_checkpoint(state, Path(config['logpath']) / 'best.pt')
             save_checkpoint(state, Path(config['logpath']) / 'last.pt')

@@ -3,9 +3,11 @@ from common.errors import UserError
 from model.backbone import BACKBONES, Backbone
 from model.base import EpisodeContext, FewShotSegmenter, Hooks
 from model.hsnet import HSNet
+from model.patnet import PATNet
 
 METHODS: dict[str, type[FewShotSegmenter]] = {
     'hsnet': HSNet,
+    'patnet': PATNet,
 }
 
 

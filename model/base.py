@@ -32,6 +32,9 @@ class Hooks(nn.Module):
     prototypes also call `prototypes` on their foreground/background prototypes before using them.
     """
 
+    def bind(self, benchmark: str, class_names: list[str]) -> None:
+        r"""Called before running episodes of `benchmark`, whose `class_id`s index `class_names`."""
+
     def query_features(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> list[torch.Tensor]:
         r"""feats: per tap [B,C_l,h_l,w_l] (query encoded once for all K shots)."""
         return feats
@@ -56,6 +59,9 @@ class FewShotSegmenter(nn.Module):
 
     #: Names of the test-time settings (e.g. fine-tuning steps) a method accepts through `set_test_time`.
     test_time_options: tuple[str, ...] = ()
+    #: Where a plug-in acts: 'features' (the hooks' query/support features feed the matching directly) or
+    #: 'prototypes' (the method pools foreground/background prototypes and passes them through `Hooks.prototypes`).
+    plugin_point: str = 'features'
 
     def __init__(self, backbone: Backbone):
         super().__init__()
@@ -78,8 +84,13 @@ class FewShotSegmenter(nn.Module):
 
     @property
     def feature_channels(self) -> list[int]:
-        r"""Width of each feature level the hooks see (a plug-in sizes its projections from this)."""
+        r"""Width of each feature tap the hooks see (a plug-in sizes its projections from this)."""
         return list(self.backbone.channels)
+
+    @property
+    def feature_levels(self) -> list[int]:
+        r"""Level id of each feature tap (taps of one level share a plug-in's per-level modules)."""
+        return list(self.backbone.stage_ids)
 
     def extract(self, query_img: torch.Tensor, support_imgs: torch.Tensor):
         r"""One backbone pass over the B queries and B*K supports. Returns (query taps [B], support taps [B*K])."""

@@ -1,11 +1,14 @@
 r"""Shared fixtures: generated synthetic benchmarks and one tiny trained checkpoint per test session."""
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Frozen CLIP text embeddings are cached per session, never in the user's ~/.cache.
+os.environ.setdefault('CDTG_CACHE', tempfile.mkdtemp(prefix='cdtg-test-cache-'))
 
 TINY_TRAIN = ['--method', 'hsnet', '--benchmark', 'synthetic', '--backbone', 'resnet50', '--backbone-weights', 'none',
               '--img-size', '64', '--bsz', '4', '--epochs', '1', '--episodes-per-epoch', '8', '--val-episodes', '4',

@@ -83,7 +83,8 @@ def _write_voc(root, labels: dict[str, np.ndarray], val: list[str]):
     (voc / 'ImageSets' / 'Segmentation').mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, label in labels.items():
-        Image.fromarray(rng.integers(0, 255, (*label.shape, 3), dtype=np.uint8)).save(voc / 'JPEGImages' / f'{name}.jpg')
+        pixels = rng.integers(0, 255, (*label.shape, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(voc / 'JPEGImages' / f'{name}.jpg')
         Image.fromarray(label).save(voc / 'SegmentationClassAug' / f'{name}.png')
     (voc / 'ImageSets' / 'Segmentation' / 'val.txt').write_text('\n'.join(val) + '\n')
 
@@ -185,7 +186,8 @@ def test_corrupt_files_name_the_file(voc):
 def test_coco_layout_and_folds(tmp_path):
     base = tmp_path / 'COCO2014'
     rng = np.random.default_rng(0)
-    for subset, specs in (('train2014', {1: [0, 4], 2: [0], 3: [4], 4: [1, 5], 5: [1]}), ('val2014', {9: [0], 10: [0]})):
+    layout = (('train2014', {1: [0, 4], 2: [0], 3: [4], 4: [1, 5], 5: [1]}), ('val2014', {9: [0], 10: [0]}))
+    for subset, specs in layout:
         (base / subset).mkdir(parents=True)
         (base / 'annotations' / subset).mkdir(parents=True)
         for i, classes in specs.items():

@@ -1,0 +1,253 @@
+r"""PATNet: Pyramid-Anchor Transformation on HSNet for cross-domain few-shot segmentation (Lei et al., ECCV 2022)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.errors import UserError
+from model.backbone import Backbone
+from model.base import EpisodeContext, FewShotSegmenter
+from model.layers import (HPNLearner, anchor_factor, dense_transform_matrix, masked_average_pooling,
+                          multilayer_correlation, normalize_rows, rank2_coefficients, resize_mask)
+
+TRANSFORMS = ('rank2', 'pinv')
+# The reference pools prototypes as Σ F·m / (Σ m + 1e-6) (sum-based since its 2023 commit).
+PROTOTYPE_EPS = 1e-6
+
+
+class PATNet(FewShotSegmenter):
+    r"""HSNet with a Pyramid-Anchor Transformation Module (PATM) in front of the hypercorrelation.
+
+    Per backbone tap l: FP = MAP(F_s, m), BP = MAP(F_s, 1-m) on the unmasked support map (then the plug-in hook may
+    fuse them), Ĉ = row-normalised [BP; FP] (2 x C_l), R̂ = the row-normalised 2 x C_l anchors of the tap's stage,
+    P = pinv(Ĉ) R̂, and both the query map and the masked support map are mixed as Pᵀ f. The query is transformed
+    with each shot's P (query side [B*K]; the backbone still encodes it once). Then multilayer cosine correlation and
+    the HPN learner exactly as HSNet.
+
+    Args:
+        backbone: the frozen feature extractor.
+        transform: 'rank2' (default) computes the same maps in closed form: Pᵀ f = R̂ᵀ (G⁺ Ĉ f) with the 2x2 Gram
+            G = Ĉ Ĉᵀ pseudo-inverted in float64, and the correlation runs on the 2-channel maps Lᵀ G⁺ Ĉ f with
+            L Lᵀ = R̂ R̂ᵀ (cosines are unchanged, see `model.layers.anchor`). 'pinv' is the reference formulation
+            (SVD pseudo-inverse, dense C x C channel mix) for parity checks and benchmarks.
+        finetune_steps, finetune_lr: test-time fine-tuning of the anchors per episode (TFI), see `episode_logits`.
+
+    Trainable: the learner and the three 2 x C anchors (2.581 M parameters with ResNet-50).
+    """
+
+    test_time_options = ('finetune_steps', 'finetune_lr')
+    plugin_point = 'prototypes'       # the CD-TG plug-in fuses text-guided FP/BP before the transform
+
+    def __init__(self, backbone: Backbone, transform: str = 'rank2', finetune_steps: int = 0,
+                 finetune_lr: float = 1e-3):
+        super().__init__(backbone)
+        if transform not in TRANSFORMS:
+            raise UserError(f'unknown PATNet transform {transform!r}; choose one of {", ".join(TRANSFORMS)}')
+        self.transform = transform
+        self.learner = HPNLearner(backbone.stage_sizes)
+        # One anchor matrix per backbone stage, shallowest first (ResNet-50: 2x512, 2x1024, 2x2048). The reference
+        # builds them as nn.Linear(C, 2) and uses only the weight; its bias never enters the graph, so it is omitted.
+        self.stages = sorted(set(backbone.stage_ids))
+        width = dict(zip(backbone.stage_ids, backbone.channels))
+        self.anchors = nn.ParameterList()
+        for stage in self.stages:
+            weight = torch.empty(2, width[stage])
+            nn.init.kaiming_normal_(weight, a=0, mode='fan_in', nonlinearity='linear')
+            self.anchors.append(nn.Parameter(weight))
+        # Which anchor serves each tap. (The reference's VGG branch assigns taps 0-3 / 4-9 / 10-12 as for ResNet-50,
+        # which leaves its third VGG anchor unused; here every stage has its own anchor for every backbone.)
+        self.tap_anchor = [self.stages.index(s) for s in backbone.stage_ids]
+        # Taps per stage; the taps of one stage share width and size, so they are pooled and transformed together.
+        self.stage_taps = [[i for i, a in enumerate(self.tap_anchor) if a == si] for si in range(len(self.stages))]
+        self.set_test_time(finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+
+    def set_test_time(self, **options) -> None:
+        steps, lr = options.get('finetune_steps'), options.get('finetune_lr')
+        if steps is not None and (int(steps) != steps or steps < 0):
+            raise UserError(f'--finetune-steps must be an integer >= 0, got {steps}')
+        if lr is not None and not lr > 0:
+            raise UserError(f'--finetune-lr must be > 0, got {lr}')
+        super().set_test_time(**options)
+
+    # --- forward ------------------------------------------------------------------------------------------------
+    def match(self, query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
+              ctx: EpisodeContext) -> torch.Tensor:
+        fg, bg = self.prototypes(support_feats, ctx)
+        return self.match_prototypes(query_feats, support_feats, fg, bg, ctx)
+
+    def prototypes(self, support_feats: list[torch.Tensor],
+                   ctx: EpisodeContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        r"""Per tap FP = MAP(F_s, m), BP = MAP(F_s, 1-m) [B*K,C_l] on the unmasked support taps, passed through
+        the plug-in's `prototypes` hook (CD-TG fuses its text-guided prototypes there)."""
+        masks = self._support_masks(support_feats, ctx)
+        fg, bg = [None] * len(support_feats), [None] * len(support_feats)
+        for taps in self.stage_taps:
+            # One pooling call per stage (fewer, larger ops): [B*K,L*C,h,w] -> [B*K,L,C]
+            feat = torch.cat([support_feats[i] for i in taps], dim=1)
+            mask = masks[tuple(feat.shape[-2:])]
+            stage_fg = masked_average_pooling(feat, mask, eps=PROTOTYPE_EPS).unflatten(1, (len(taps), -1))
+            stage_bg = masked_average_pooling(feat, 1 - mask, eps=PROTOTYPE_EPS).unflatten(1, (len(taps), -1))
+            for j, i in enumerate(taps):
+                fg[i], bg[i] = stage_fg[:, j], stage_bg[:, j]
+        return self.hooks.prototypes(fg, bg, support_feats, ctx)
+
+    def match_prototypes(self, query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
+                         fg: list[torch.Tensor], bg: list[torch.Tensor], ctx: EpisodeContext) -> torch.Tensor:
+        r"""PATM with the given prototypes, then correlation and learner -> per-shot logits [B*K,2,h,w]."""
+        query_maps, support_maps = self.transform_maps(query_feats, support_feats, fg, bg, ctx)
+        corrs = multilayer_correlation(query_maps, support_maps, self.backbone.stage_ids)
+        return self.learner(corrs)
+
+    def transform_maps(self, query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
+                       fg: list[torch.Tensor], bg: list[torch.Tensor],
+                       ctx: EpisodeContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        r"""PATM on the query taps [B] (per shot -> [B*K]) and the masked support taps [B*K].
+
+        'pinv' returns the reference's C_l-channel maps Pᵀ f; 'rank2' returns 2-channel maps Lᵀ G⁺ Ĉ f, which are
+        not the same tensors but have exactly the same cosine correlations (all the model uses them for).
+        """
+        if self.transform == 'rank2':
+            return self._rank2_maps(query_feats, support_feats, fg, bg, ctx)
+        return self._dense_maps(query_feats, support_feats, fg, bg, ctx)
+
+    def _support_masks(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> dict:
+        r"""The support masks resized once per distinct tap size: {(h, w): [B*K,1,h,w]}."""
+        masks = {}
+        for feat in feats:
+            size = tuple(feat.shape[-2:])
+            if size not in masks:
+                masks[size] = resize_mask(ctx.support_masks, size).to(feat.dtype)
+        return masks
+
+    def _rank2_maps(self, query_feats, support_feats, fg, bg, ctx):
+        r"""2-channel maps z = Lᵀ G⁺ Ĉ f whose cosine correlations equal those of the reference's Pᵀ f."""
+        nq, k = query_feats[0].shape[0], ctx.nshot
+        masks = self._support_masks(support_feats, ctx)
+        query_maps, support_maps = [None] * len(query_feats), [None] * len(query_feats)
+        for si, taps in enumerate(self.stage_taps):
+            nl = len(taps)
+            stack = torch.stack([torch.stack([bg[i], fg[i]], dim=1) for i in taps], dim=1)   # [B*K,L,2,C]
+            factor = anchor_factor(self.anchors[si])                                       # L [2,2] float64
+            proj = (factor.transpose(0, 1) @ rank2_coefficients(stack)).to(query_feats[taps[0]].dtype)
+            c = proj.shape[-1]                                                              # Lᵀ G⁺ Ĉ [B*K,L,2,C]
+            # The stage's taps in one batched matmul each for query and support (fewer, larger ops).
+            q = torch.stack([query_feats[i] for i in taps], dim=1)                          # [Nq,L,C,hq,wq]
+            s = torch.stack([support_feats[i] for i in taps], dim=1)                        # [B*K,L,C,hs,ws]
+            hq, wq = q.shape[-2:]
+            hs, ws = s.shape[-2:]
+            # Query n is mixed by each of its K shots: [Nq,L,K*2,C] x [Nq,L,C,hq*wq] -> [Nq,L,K*2,hq*wq]
+            proj_q = proj.view(nq, k, nl, 2, c).transpose(1, 2).reshape(nq, nl, k * 2, c)
+            zq = (proj_q @ q.flatten(3)).view(nq, nl, k, 2, hq, wq).transpose(1, 2).reshape(nq * k, nl, 2, hq, wq)
+            # The transform is per-pixel linear, so masking the 2-channel result equals masking f first.
+            zs = (proj @ s.flatten(3)).view(-1, nl, 2, hs, ws) * masks[(hs, ws)].unsqueeze(1)   # [B*K,L,2,hs,ws]
+            for j, i in enumerate(taps):
+                query_maps[i], support_maps[i] = zq[:, j], zs[:, j]
+        return query_maps, support_maps
+
+    def _dense_maps(self, query_feats, support_feats, fg, bg, ctx):
+        r"""The reference: P = pinv(Ĉ) R̂ (C x C), query and masked support mixed as Pᵀ f."""
+        nq, k = query_feats[0].shape[0], ctx.nshot
+        masks = self._support_masks(support_feats, ctx)
+        query_maps, support_maps = [], []
+        for i, (q, s) in enumerate(zip(query_feats, support_feats)):
+            stack = torch.stack([bg[i], fg[i]], dim=1)                                # [B*K,2,C]
+            pt = dense_transform_matrix(stack, self.anchors[self.tap_anchor[i]]).transpose(1, 2)   # Pᵀ [B*K,C,C]
+            c, hq, wq = q.shape[1:]
+            # [Nq,K,C,C] x [Nq,1,C,hq*wq] -> [Nq,K,C,hq*wq] -> [Nq*K,C,hq,wq]
+            zq = torch.matmul(pt.view(nq, k, c, c), q.flatten(2).unsqueeze(1))
+            query_maps.append(zq.view(nq * k, c, hq, wq))
+            masked = s * masks[tuple(s.shape[-2:])]
+            support_maps.append(torch.bmm(pt, masked.flatten(2)).view_as(s))
+        return query_maps, support_maps
+
+    def transform_vectors(self, x: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, tap: int) -> torch.Tensor:
+        r"""PATM applied to vectors: Pᵀ x for x [N,C_l] with the P built from fg/bg [N,C_l] for tap `tap`, as
+        C_l-channel vectors (both transforms; differentiable in the anchors)."""
+        stack = torch.stack([bg, fg], dim=1)                                          # [N,2,C]
+        anchor = self.anchors[self.tap_anchor[tap]]
+        if self.transform == 'rank2':
+            coef = rank2_coefficients(stack) @ x.to(torch.float64).unsqueeze(-1)       # G⁺ Ĉ x [N,2,1]
+            return (coef.transpose(1, 2) @ normalize_rows(anchor.to(torch.float64))).squeeze(1).to(x.dtype)
+        return (x.unsqueeze(1) @ dense_transform_matrix(stack, anchor)).squeeze(1)     # (xᵀ P)ᵀ = Pᵀ x
+
+    # --- test-time fine-tuning (TFI) ------------------------------------------------------------------------------
+    def tfi_loss(self, query_feats: list[torch.Tensor], fg: list[torch.Tensor], bg: list[torch.Tensor],
+                 query_pred: torch.Tensor, nshot: int) -> torch.Tensor:
+        r"""PATNet's task-adaptive fine-tuning loss on the shallowest stage's taps (layer2 for ResNets).
+
+        For each shot k and tap l of that stage:
+            q = PATM_k(MAP(F_q, ŷ)),  s = PATM_k(FP_k),
+            loss += KL(softmax(s) ‖ softmax(q)) = Σ_c softmax(s)_c (log softmax(s)_c - log softmax(q)_c),
+        summed over taps and averaged over shots. ŷ is the model's own (voted, binary) query prediction
+        query_pred [Nq,H,W], resized bilinearly like the support masks; FP_k the support prototype the model uses
+        (after the plug-in hook). PATM_k(x) = Pᵀ_k x is linear per pixel, so MAP(PATM(F), m) = PATM(MAP(F, m)): the
+        transform is applied to the pooled vectors, which equals transforming the maps before pooling (the paper's
+        order, and the one that gives the loss a path to the anchors) at a fraction of the cost.
+        """
+        total = 0
+        for tap, stage in enumerate(self.tap_anchor):
+            if stage != 0:
+                continue
+            feat = query_feats[tap]
+            pooled = masked_average_pooling(feat, resize_mask(query_pred, tuple(feat.shape[-2:])).to(feat.dtype),
+                                            eps=PROTOTYPE_EPS)                         # [Nq,C]
+            pooled = pooled.repeat_interleave(nshot, dim=0)                             # [Nq*K,C]: n*K+k
+            q = self.transform_vectors(pooled, fg[tap], bg[tap], tap)
+            s = self.transform_vectors(fg[tap], fg[tap], bg[tap], tap)
+            # F.kl_div(log q, p) = Σ p (log p - log q), as the reference's `finetune_reference` (reduction 'sum').
+            total = total + F.kl_div(q.log_softmax(dim=-1), s.softmax(dim=-1), reduction='sum')
+        return total / nshot
+
+    def episode_logits(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
+                       class_id: torch.Tensor) -> torch.Tensor:
+        r"""Per-shot logits [B,K,2,H,W]; with `finetune_steps` > 0 each episode first fine-tunes the anchors.
+
+        Per episode (episodes of a batch are adapted one by one, since the anchors are shared): encode the query and
+        the supports once; then `finetune_steps` times: predict with the current anchors (no gradient), take one
+        Adam step (lr `finetune_lr`, fresh optimizer) on the anchors only for `tfi_loss`; predict with the adapted
+        anchors; finally restore the anchors bit for bit (and their .grad), so no state carries over. Only the
+        anchor of the shallowest stage receives a gradient from the layer2 loss, so only it moves.
+        """
+        if self.finetune_steps <= 0:
+            return super().episode_logits(query_img, support_imgs, support_masks, class_id)
+        # Gradients are needed even when the caller runs under no_grad (common.engine.evaluate) or inference_mode.
+        with torch.inference_mode(False):
+            return torch.cat([self._finetuned_logits(query_img[i:i + 1], support_imgs[i:i + 1],
+                                                     support_masks[i:i + 1], class_id[i:i + 1])
+                              for i in range(query_img.shape[0])])
+
+    def _finetuned_logits(self, query_img, support_imgs, support_masks, class_id) -> torch.Tensor:
+        k = support_imgs.shape[1]
+        size = query_img.shape[-2:]
+        ctx = EpisodeContext(class_id=class_id, nshot=k, support_masks=support_masks.flatten(0, 1).float())
+        with torch.no_grad():
+            # Same steps as FewShotSegmenter.forward; the taps and prototypes do not depend on the anchors.
+            query_feats, support_feats = self.extract(query_img, support_imgs)
+            query_feats = self.hooks.query_features(query_feats, ctx)
+            support_feats = self.hooks.support_features(support_feats, ctx)
+            fg, bg = self.prototypes(support_feats, ctx)
+
+        def logits() -> torch.Tensor:
+            with torch.no_grad():
+                out = self.match_prototypes(query_feats, support_feats, fg, bg, ctx)   # [K,2,h,w]
+                out = F.interpolate(out, size, mode='bilinear', align_corners=True)
+            return out.view(1, k, *out.shape[1:])
+
+        anchors = list(self.anchors)
+        saved = [p.detach().clone() for p in anchors]
+        saved_grads = [p.grad for p in anchors]
+        optimizer = torch.optim.Adam(anchors, lr=self.finetune_lr)
+        try:
+            for _ in range(int(self.finetune_steps)):
+                pred = self.aggregate(logits())                                        # [1,H,W] current prediction
+                with torch.enable_grad():
+                    loss = self.tfi_loss(query_feats, fg, bg, pred, k)
+                    grads = torch.autograd.grad(loss, anchors, allow_unused=True)
+                for p, g in zip(anchors, grads):
+                    p.grad = g
+                optimizer.step()
+            return logits()
+        finally:
+            with torch.no_grad():
+                for p, value, grad in zip(anchors, saved, saved_grads):
+                    p.copy_(value)
+                    p.grad = grad

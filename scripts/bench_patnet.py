@@ -1,0 +1,154 @@
+r"""PATNet forward time: exact rank-2 closed form vs the reference pseudo-inverse transform, side by side.
+
+    python scripts/bench_patnet.py                       # ResNet-50, 400x400, 1-shot, batch 1, all CPU cores
+    python scripts/bench_patnet.py --shots 5 --device cuda
+
+Both variants share one set of (random, no download) weights and the same inputs. Timings alternate between the
+variants repetition by repetition (so load from other processes hits both alike); the median is reported. Prints
+both timings, the maximum absolute difference of the logits, and last a line `speed-up: X.XX` (pinv / rank2).
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from common.errors import UserError, run_cli  # noqa: E402
+from common.utils import resolve_device  # noqa: E402
+from model import BACKBONES, EpisodeContext, build_method  # noqa: E402
+from model.layers import multilayer_correlation  # noqa: E402
+
+PARTS = ('backbone', 'prototypes', 'transform', 'correlation', 'learner')
+
+
+def episode(img_size: int, shots: int, batch: int, seed: int, device: torch.device):
+    r"""Random images and elliptic support masks of varied size and position (one fixed episode per run)."""
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, 3, img_size, img_size, generator=gen)
+    support = torch.randn(batch, shots, 3, img_size, img_size, generator=gen)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, img_size), torch.linspace(0, 1, img_size), indexing='ij')
+    centre = 0.3 + 0.4 * torch.rand(batch, shots, 2, generator=gen)
+    radius = 0.15 + 0.2 * torch.rand(batch, shots, 2, generator=gen)
+    masks = (((yy - centre[..., 0, None, None]) / radius[..., 0, None, None]) ** 2
+             + ((xx - centre[..., 1, None, None]) / radius[..., 1, None, None]) ** 2 <= 1).float()
+    class_id = torch.zeros(batch, dtype=torch.long)
+    return query.to(device), support.to(device), masks.to(device), class_id.to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed_parts(model, inputs, device: torch.device) -> dict:
+    r"""One forward split into its parts (the same calls as `FewShotSegmenter.forward` + `PATNet.match`), timed."""
+    query, support, masks, class_id = inputs
+    times, marks = {}, [time.perf_counter()]
+
+    def mark(name):
+        sync(device)
+        marks.append(time.perf_counter())
+        times[name] = marks[-1] - marks[-2]
+    sync(device)
+    marks[0] = time.perf_counter()
+    ctx = EpisodeContext(class_id=class_id, nshot=support.shape[1], support_masks=masks.flatten(0, 1))
+    query_feats, support_feats = model.extract(query, support)
+    mark('backbone')
+    fg, bg = model.prototypes(support_feats, ctx)
+    mark('prototypes')
+    query_maps, support_maps = model.transform_maps(query_feats, support_feats, fg, bg, ctx)
+    mark('transform')
+    corrs = multilayer_correlation(query_maps, support_maps, model.backbone.stage_ids)
+    mark('correlation')
+    model.learner(corrs)
+    mark('learner')
+    return times
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--backbone', default='resnet50', choices=BACKBONES)
+    p.add_argument('--backbone-weights', default='none',
+                   help='none (random; default, no download) | imagenet | PATH to a .pth file')
+    p.add_argument('--img-size', type=int, default=400)
+    p.add_argument('--shots', type=int, default=1)
+    p.add_argument('--batch', type=int, default=1)
+    p.add_argument('--reps', type=int, default=5, help='timed forwards per variant')
+    p.add_argument('--warmup', type=int, default=1, help='untimed forwards per variant first')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores available)')
+    p.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
+    p.add_argument('--tf32', action='store_true', help='allow TF32 on CUDA (off by default: parity is checked)')
+    p.add_argument('--breakdown', action='store_true',
+                   help='also time backbone / prototypes / transform / correlation / learner separately')
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    for key in ('img_size', 'shots', 'batch', 'reps'):
+        if getattr(args, key) < 1:
+            raise UserError(f'--{key.replace("_", "-")} must be >= 1')
+    if args.img_size < 32:
+        raise UserError('--img-size must be >= 32 (the deepest taps are 1/32 of the input)')
+    if args.warmup < 0:
+        raise UserError('--warmup must be >= 0')
+    if args.threads is not None and args.threads < 1:
+        raise UserError('--threads must be >= 1 (leave it out to use all cores)')
+    device = resolve_device(args.device)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cudnn.benchmark = True
+
+    torch.manual_seed(args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')       # the random-backbone warning: known, this is a timing run
+        rank2 = build_method('patnet', args.backbone, args.backbone_weights)
+    pinv = copy.deepcopy(rank2)
+    pinv.transform = 'pinv'
+    models = {'pinv': pinv.to(device).eval(), 'rank2': rank2.to(device).eval()}
+    inputs = episode(args.img_size, args.shots, args.batch, args.seed, device)
+
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {threads} threads'
+    print(f'PATNet {args.backbone}, {args.img_size}x{args.img_size}, {args.shots}-shot, batch {args.batch}, '
+          f'{where}, {args.warmup} warm-up + {args.reps} timed forwards per variant')
+    outputs, times, cpu = {}, {name: [] for name in models}, {name: [] for name in models}
+    with torch.no_grad():
+        for name, model in models.items():
+            for _ in range(args.warmup):
+                outputs[name] = model(*inputs)
+        for _ in range(args.reps):
+            for name, model in models.items():
+                sync(device)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                outputs[name] = model(*inputs)
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        parts = {name: [timed_parts(model, inputs, device) for _ in range(args.reps if args.breakdown else 0)]
+                 for name, model in models.items()}
+    diff = (outputs['pinv'] - outputs['rank2']).abs().max().item()
+    scale = outputs['pinv'].abs().max().item()
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name in models:
+        print(f'{name:6s} forward: median {med[name] * 1e3:8.1f} ms  (min {min(times[name]) * 1e3:.1f}, '
+              f'max {max(times[name]) * 1e3:.1f}; process CPU time median {statistics.median(cpu[name]) * 1e3:.1f} ms)')
+    if args.breakdown:
+        for name in models:
+            print(f'{name:6s} parts (median ms): ' + ', '.join(
+                f'{part} {statistics.median(t[part] for t in parts[name]) * 1e3:.1f}' for part in PARTS))
+    print(f'max |logits(pinv) - logits(rank2)|: {diff:.3e}  (max |logits| {scale:.3e})')
+    speedup = med['pinv'] / med['rank2']
+    print(f'speed-up: {speedup:.2f}')
+    return {'times': times, 'median': med, 'cpu_times': cpu, 'parts': parts, 'max_abs_diff': diff,
+            'speedup': speedup}
+
+
+if __name__ == '__main__':
+    run_cli(main)

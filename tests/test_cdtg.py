@@ -1,0 +1,307 @@
+r"""The CD-TG plug-in: closed-form attention, fusion maths, identity at alpha = 1, augmentation, text cache, LoRA,
+end-to-end runs and checkpoint/plug-in consistency."""
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import test as test_cli
+import train as train_cli
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.errors import UserError
+from common.factory import build_model, load_model
+from conftest import TINY_TRAIN
+from model.base import EpisodeContext
+from model.layers import masked_average_pooling, resize_mask
+from text.encoder import EmbeddingCache, TextBank, text_key
+from text.plugin import CDTG, CDTGConfig, MedicalStyle, TextAlign
+
+ROOT = Path(__file__).resolve().parents[1]
+CDTG_FLAGS = ['--cdtg', '--clip', 'ViT-B-32', '--clip-weights', 'none']
+
+
+def cdtg_config(**kw):
+    base = dict(method='hsnet', backbone='resnet50', cdtg=True, clip='ViT-B-32', clip_weights='none',
+                cdtg_attn='paper', alpha=0.7, fusion='fixed', no_style_aug=False, text_lora=0, seed=0)
+    base.update(kw)
+    return base
+
+
+def test_closed_form_attention_equals_multihead_attention_with_repeated_keys():
+    torch.manual_seed(0)
+    c, d, n, h, w = 16, 12, 2, 3, 5
+    align = TextAlign(d, c, 'paper').double()
+    mha = nn.MultiheadAttention(c, 8).double()                   # sequence-first, as the reference
+    with torch.no_grad():
+        mha.in_proj_weight[2 * c:] = align.value.weight          # W_q, W_k stay random: they cannot matter
+        mha.in_proj_bias[2 * c:] = align.value.bias
+        mha.out_proj.weight.copy_(align.out.weight)
+        mha.out_proj.bias.copy_(align.out.bias)
+    feat = torch.randn(n, c, h, w, dtype=torch.float64)
+    text = torch.randn(n, d, dtype=torch.float64)
+    # reference AttentionModule: text = MLP(text) repeated at every pixel; LN(MHA(pixels, text, text) + pixels)
+    pixels = feat.flatten(2).permute(2, 0, 1)                                   # [hw,N,C]
+    t = align.mlp(align.proj(text)).unsqueeze(0).expand(h * w, -1, -1)          # [hw,N,C]
+    ref = align.norm(mha(pixels, t, t)[0] + pixels).permute(1, 2, 0).reshape(n, c, h, w)
+    out = align(feat, text[:, None])
+    assert torch.allclose(out, ref, atol=1e-10)
+
+
+def test_attribute_attention_uses_every_sentence_and_respects_the_mask():
+    torch.manual_seed(0)
+    align = TextAlign(8, 16, 'attributes').eval()
+    feat = torch.randn(2, 16, 3, 3)
+    text = torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    out = align(feat, text, mask)
+    changed = text.clone()
+    changed[0, 3] = 100                                          # a padded sentence: no effect
+    assert torch.allclose(align(feat, changed, mask), out)
+    changed[0, 1] = 100                                          # a real sentence: changes episode 0 only
+    moved = align(feat, changed, mask)
+    assert not torch.allclose(moved[0], out[0]) and torch.allclose(moved[1], out[1])
+    # non-degenerate: pixels attend differently (output is not LN(F + one shared vector))
+    diff = moved[0] - out[0]
+    assert diff.flatten(1).std(dim=1).mean() > 1e-3
+
+
+class _Bound(CDTG):
+    r"""CDTG with a fixed random text table instead of CLIP (maths tests only)."""
+
+    def __init__(self, channels, levels, point, cfg, n_classes=3, t=1, d=512):
+        super().__init__(channels, levels, point, cfg)
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer('text_table', torch.randn(n_classes + 1, t, d, generator=g), persistent=False)
+        self.register_buffer('text_mask', torch.ones(n_classes + 1, t, dtype=torch.bool), persistent=False)
+        self.benchmark, self.class_names = 'fake', [f'c{i}' for i in range(n_classes)]
+
+
+def test_prototype_fusion_maths_float64():
+    torch.manual_seed(0)
+    cfg = CDTGConfig(clip_weights='none', alpha=0.7, style_aug=False)
+    plugin = _Bound([8, 8, 16], [2, 2, 3], 'prototypes', cfg).double().eval()
+    b, k = 2, 2
+    feats = [torch.randn(b * k, 8, 6, 6, dtype=torch.float64), torch.randn(b * k, 8, 6, 6, dtype=torch.float64),
+             torch.randn(b * k, 16, 3, 3, dtype=torch.float64)]
+    masks = (torch.rand(b * k, 24, 24) > 0.5).double()
+    ctx = EpisodeContext(class_id=torch.tensor([2, 0]), nshot=k, support_masks=masks)
+    fg = [torch.randn(b * k, f.shape[1], dtype=torch.float64) for f in feats]
+    bg = [torch.randn(b * k, f.shape[1], dtype=torch.float64) for f in feats]
+    new_fg, new_bg = plugin.prototypes(fg, bg, feats, ctx)
+    for i, f in enumerate(feats):
+        level = plugin.tap_level[i]
+        align = plugin.align[level]
+        cls_text = plugin.text_table[[2, 2, 0, 0]]                # supports follow their episode's class
+        bg_text = plugin.text_table[[3, 3, 3, 3]]                 # last row = background
+        m = resize_mask(masks, f.shape[-2:])
+        fp_t = masked_average_pooling(align(f, cls_text), m)
+        bp_t = masked_average_pooling(align(f, bg_text), 1 - m)
+        assert torch.allclose(new_fg[i], 0.7 * fg[i] + 0.3 * fp_t, atol=1e-12)
+        assert torch.allclose(new_bg[i], 0.7 * bg[i] + 0.3 * bp_t, atol=1e-12)
+    assert plugin.tap_level == [0, 0, 1] and len(plugin.align) == 2
+
+
+def test_learned_fusion_gate():
+    cfg = CDTGConfig(clip_weights='none', alpha=0.7, fusion='learned', style_aug=False)
+    plugin = _Bound([8], [2], 'prototypes', cfg)
+    assert torch.allclose(plugin.image_weight(0), torch.tensor(0.7))
+    feats = [torch.randn(2, 8, 4, 4)]
+    ctx = EpisodeContext(torch.tensor([0, 1]), 1, (torch.rand(2, 16, 16) > 0.5).float())
+    fg, bg = plugin.prototypes([torch.randn(2, 8)], [torch.randn(2, 8)], feats, ctx)
+    (fg[0].sum() + bg[0].sum()).backward()
+    assert plugin.alpha_logit.grad is not None and plugin.alpha_logit.grad.abs().sum() > 0
+    with pytest.raises(UserError):
+        CDTGConfig(alpha=1.0, fusion='learned').validate()
+    with pytest.raises(UserError):
+        CDTGConfig(alpha=1.5).validate()
+
+
+def test_medical_style_augmentation():
+    torch.manual_seed(0)
+    aug = MedicalStyle(0.3)
+    feat = torch.randn(2, 4, 6, 6) * 3 + 1
+    aug.eval()
+    assert aug([feat])[0] is feat                                 # inactive outside training
+    aug.train()
+    for kind in MedicalStyle.KINDS:
+        style = aug.style(feat, kind)
+        out = aug.adain(feat, style)
+        # AdaIN: the output carries the style's per-channel mean and (unbiased) std
+        assert torch.allclose(out.mean((2, 3)), style.mean((2, 3)), atol=1e-4)
+        assert torch.allclose(out.std((2, 3)), style.std((2, 3)), rtol=1e-3, atol=1e-4)
+    assert torch.equal(aug.style(feat, 'contrast'), torch.relu(1.3 * feat))
+    low = aug.style(feat, 'low_contrast')
+    assert torch.allclose(low - low.mean((2, 3), keepdim=True), 0.3 * (feat - feat.mean((2, 3), keepdim=True)),
+                          atol=1e-5)
+    assert not torch.equal(aug.style(feat, 'boundary'), aug.style(feat, 'boundary'))   # fresh random kernel
+
+
+@pytest.mark.parametrize('model', ['ViT-B-32', 'RN50'])
+def test_trimmed_text_encoding_equals_open_clip(model):
+    from text.encoder import ClipTextEncoder
+    enc = ClipTextEncoder(model, 'none')
+    tokens = enc.tokenize(['A photo of a lung.', 'A photo of a nevus, a benign mole with a regular pigment network.'])
+    with torch.no_grad():
+        full = torch.nn.functional.normalize(enc.clip.encode_text(tokens), dim=-1)
+        assert torch.allclose(enc(tokens), full, atol=1e-5)
+        assert enc(tokens).shape == (2, enc.dim) and enc.dim == (1024 if model == 'RN50' else 512)
+
+
+def test_embedding_cache_hit_miss_and_invalidation(tmp_path):
+    bank = TextBank('ViT-B-32', 'none', tmp_path)
+    a = bank.embed(['A photo of a lung.', 'A photo of a liver.'])
+    assert bank.encoded == 2 and a.shape == (2, 512)
+    assert torch.allclose(a.norm(dim=1), torch.ones(2), atol=1e-5)
+    again = TextBank('ViT-B-32', 'none', tmp_path)                # a new run: everything from disk
+    assert torch.equal(again.embed(['A photo of a liver.', 'A photo of a lung.']), a.flip(0))
+    assert again.encoded == 0 and again._encoder is None          # CLIP never built
+    changed = again.embed(['A photo of a lung.', 'A photo of a dark liver.'])       # one description edited
+    assert again.encoded == 1 and torch.equal(changed[0], a[0]) and not torch.allclose(changed[1], a[1])
+    other = EmbeddingCache(tmp_path, 'ViT-B-32-openai')          # another encoder identity shares nothing
+    assert other.lookup(['A photo of a lung.'])[1] == ['A photo of a lung.']
+    assert text_key('x') != text_key('x ')
+
+
+def test_alpha_one_is_an_exact_identity_for_hsnet(datapath):
+    torch.manual_seed(0)
+    plain = build_model({'method': 'hsnet', 'backbone': 'resnet50'}, 'none').eval()
+    guided = build_model(cdtg_config(alpha=1.0), None).eval()
+    guided.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        guided.hooks.gate.fill_(0.8)                              # an open gate: only alpha keeps it exact
+    from data import build_dataset
+    ds = build_dataset('synthetic-med', datapath, 'test', 2, 64)
+    guided.hooks.bind(ds.name, ds.class_names)
+    batch = ds[ds.sample_episodes(1, 0)[0]]
+    args = (batch['query_img'][None], batch['support_imgs'][None], batch['support_masks'][None].float(),
+            batch['class_id'][None])
+    with torch.no_grad():
+        assert torch.equal(plain(*args), guided(*args))
+        guided.hooks.config.alpha = 0.5
+        assert not torch.allclose(plain(*args), guided(*args))
+
+
+def test_methods_never_import_text():
+    for path in (ROOT / 'model').rglob('*.py'):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ''] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == 'text' or n.startswith('text.') for n in names), path
+
+
+def test_unknown_benchmark_descriptions_are_a_clear_error():
+    plugin = CDTG([8], [2], 'prototypes', CDTGConfig(clip_weights='none'))
+    with pytest.raises(UserError):
+        plugin.bind('no-such-benchmark', ['a'])
+
+
+@pytest.fixture(scope='module')
+def cdtg_run(datapath, tmp_path_factory):
+    logpath = tmp_path_factory.mktemp('cdtg_run')
+    train_cli.main(TINY_TRAIN + CDTG_FLAGS + ['--datapath', str(datapath), '--logpath', str(logpath)])
+    return logpath / 'best.pt'
+
+
+def test_hsnet_cdtg_train_and_test(cdtg_run, datapath, tmp_path):
+    ckpt = load_checkpoint(cdtg_run)
+    assert ckpt['plugin']['name'] == 'cdtg' and ckpt['plugin']['text_encoder'].startswith('ViT-B-32-random')
+    assert any(k.startswith('hooks.align.') for k in ckpt['model'])
+    common = ['--load', str(cdtg_run), '--benchmark', 'synthetic-med', '--datapath', str(datapath), '--episodes', '4',
+              '--workers', '0', '--cdtg']
+    res = test_cli.main(common + ['--logpath', str(tmp_path / 'a')])
+    assert res['plugin']['config']['alpha'] == 0.7
+    res2 = test_cli.main(common + ['--logpath', str(tmp_path / 'b'), '--alpha', '0.2'])
+    assert res2['plugin']['config']['alpha'] == 0.2 and res2['episodes'] == res['episodes']
+
+
+def test_plugin_mismatch_errors(cdtg_run, tiny_checkpoint, datapath, tmp_path):
+    args = ['--benchmark', 'synthetic-med', '--datapath', str(datapath), '--episodes', '2', '--workers', '0']
+    with pytest.raises(UserError, match='without the CD-TG plug-in'):
+        test_cli.main(['--load', str(tiny_checkpoint), '--cdtg'] + args)
+    with pytest.raises(UserError, match='CD-TG checkpoints only'):
+        test_cli.main(['--load', str(tiny_checkpoint), '--alpha', '0.5'] + args)
+    ckpt = load_checkpoint(cdtg_run)
+    plain_config = dict(ckpt['config'], cdtg=False)              # plug-in weights into a plain model
+    save_checkpoint(dict(ckpt, config=plain_config), tmp_path / 'mixed.pt')
+    with pytest.raises(UserError, match='plug-in weights'):
+        test_cli.main(['--load', str(tmp_path / 'mixed.pt')] + args)
+    state = {k: v for k, v in ckpt['model'].items() if not k.startswith('hooks.')}   # plain weights, plug-in config
+    save_checkpoint(dict(ckpt, model=state), tmp_path / 'stripped.pt')
+    with pytest.raises(UserError, match='does not fit method hsnet with backbone resnet50 \\+ CD-TG'):
+        load_model(str(tmp_path / 'stripped.pt'), torch.device('cpu'))
+
+
+def test_attribute_attention_learned_fusion_no_style_run(datapath, tmp_path):
+    run = tmp_path / 'run'
+    extra = ['--cdtg-attn', 'attributes', '--fusion', 'learned', '--no-style-aug']
+    train_cli.main(TINY_TRAIN + CDTG_FLAGS + extra + ['--datapath', str(datapath), '--logpath', str(run)])
+    ckpt = load_checkpoint(run / 'best.pt')
+    cfg = ckpt['plugin']['config']
+    assert cfg['attn'] == 'attributes' and cfg['fusion'] == 'learned' and cfg['style_aug'] is False
+    assert any(k.endswith('alpha_logit') for k in ckpt['model']) and any('.attn.' in k for k in ckpt['model'])
+    res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
+                         '--episodes', '2', '--workers', '0', '--logpath', str(tmp_path / 'test')])
+    assert json.loads((tmp_path / 'test' / 'results.json').read_text())['plugin']['config'] == cfg
+    assert 0 <= res['miou'] <= 100
+    with pytest.raises(UserError, match='learned'):
+        test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
+                       '--episodes', '2', '--workers', '0', '--alpha', '0.5', '--logpath', str(tmp_path / 'x')])
+
+
+def test_style_augmentation_switch():
+    on = CDTG([8], [2], 'prototypes', CDTGConfig(clip_weights='none'))
+    off = CDTG([8], [2], 'prototypes', CDTGConfig(clip_weights='none', style_aug=False))
+    assert isinstance(on.style, MedicalStyle) and off.style is None
+    feats = [torch.randn(2, 8, 4, 4)]
+    ctx = EpisodeContext(torch.tensor([0]), 2, torch.ones(2, 16, 16))
+    on.train()
+    off.train()
+    assert not torch.equal(on.support_features(feats, ctx)[0], feats[0])
+    assert off.support_features(feats, ctx)[0] is feats[0]
+    on.eval()
+    assert on.support_features(feats, ctx)[0] is feats[0]
+
+
+def test_text_lora_trains_and_is_saved(datapath, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(cdtg_config(text_lora=4), 'none')
+    from data import build_dataset
+    ds = build_dataset('synthetic', datapath, 'trn', 1, 64)
+    model.hooks.bind(ds.name, ds.class_names)
+    lora = {n: p for n, p in model.named_parameters() if 'lora_' in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    held = {id(p) for group in optimizer.param_groups for p in group['params']}
+    assert all(id(p) in held for p in lora.values())
+    with torch.no_grad():
+        model.hooks.gate.fill_(1.0)                               # let the text reach the output
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    batch = ds[ds.sample_episodes(1, 0)[0]]
+    model.train()
+    logits = model(batch['query_img'][None], batch['support_imgs'][None], batch['support_masks'][None].float(),
+                   batch['class_id'][None])
+    model.loss(logits, batch['query_mask'][None]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items() if 'lora_B' in n)
+    optimizer.step()
+    assert any(not torch.equal(before[n], p) for n, p in lora.items())
+    state = model.state_dict()
+    assert any('lora_' in k for k in state) and not any('text_encoder.clip.token_embedding' in k for k in state)
+    reloaded = build_model(cdtg_config(text_lora=4), 'none')
+    reloaded.load_state_dict(state)                               # strict: base CLIP weights are not "missing"
+    for n, p in reloaded.named_parameters():
+        if 'lora_' in n:
+            assert torch.equal(p, dict(model.named_parameters())[n])
+
+
+def test_text_lora_cli_run(datapath, tmp_path):
+    run = tmp_path / 'lora'
+    train_cli.main(TINY_TRAIN + CDTG_FLAGS + ['--text-lora', '8', '--datapath', str(datapath), '--logpath', str(run)])
+    ckpt = load_checkpoint(run / 'best.pt')
+    assert ckpt['plugin']['config']['text_lora'] == 8 and any('lora_' in k for k in ckpt['model'])
+    res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
+                         '--episodes', '2', '--workers', '0', '--logpath', str(tmp_path / 't')])
+    assert res['plugin']['config']['text_lora'] == 8

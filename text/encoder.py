@@ -1,0 +1,242 @@
+r"""CLIP text encoder (open_clip), a content-addressed embedding cache, and optional LoRA adapters that train."""
+import hashlib
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.errors import UserError
+
+CLIP_MODELS = ('RN50', 'ViT-B-32', 'ViT-B-16')
+# LoRA goes on the text transformer's MLP linears. Why not `attn.out_proj` as in the reference: nn.MultiheadAttention
+# hands out_proj.weight to F.multi_head_attention_forward and never calls the (LoRA-wrapped) module, so adapters there
+# receive no gradient and change nothing.
+LORA_TARGETS = ('mlp.c_fc', 'mlp.c_proj')
+HF_REPOS = {'RN50': 'timm/resnet50_clip.openai', 'ViT-B-32': 'timm/vit_base_patch32_clip_224.openai',
+            'ViT-B-16': 'timm/vit_base_patch16_clip_224.openai'}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get('CDTG_CACHE', Path.home() / '.cache' / 'cdtg')) / 'text-embeddings'
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def weights_identity(model: str, weights: str, seed: int = 0) -> str:
+    r"""A string that changes whenever the text encoder's weights would: model, weight source, file hash / seed."""
+    import open_clip
+    if model not in CLIP_MODELS:
+        raise UserError(f'--clip {model!r}: choose one of {", ".join(CLIP_MODELS)}')
+    if weights == 'openai':
+        return f'{model}-openai'
+    if weights == 'none':
+        return f'{model}-random-seed{seed}-open_clip{open_clip.__version__}'
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f'--clip-weights {weights}: no such file (expected openai, none, or a local copy of the '
+                        f'OpenAI {model} weights, e.g. open_clip_pytorch_model.bin from {HF_REPOS[model]})')
+    return f'{model}-file{file_digest(path)}'
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+
+class ClipTextEncoder(nn.Module):
+    r"""The text tower of an open_clip CLIP model (the image tower is dropped), frozen.
+
+    Args:
+        model: RN50 | ViT-B-32 | ViT-B-16 (RN50 embeds in 1024-d, the ViTs in 512-d; nothing is truncated).
+        weights: 'openai' (downloaded by open_clip from the Hugging Face hub), a local file with those weights, or
+            'none' (random, seeded, with a loud warning; for tests and offline runs).
+        lora_rank: > 0 adds trainable LoRA adapters (peft; alpha 32, dropout 0.1 as in the reference) to the text
+            transformer's MLP layers. Only the adapters are saved in `state_dict`; the base weights come from
+            `weights` again when a checkpoint is loaded.
+    Output embeddings are L2-normalised.
+    """
+
+    def __init__(self, model: str = 'ViT-B-32', weights: str = 'openai', lora_rank: int = 0, seed: int = 0):
+        super().__init__()
+        import open_clip
+        self.identity = weights_identity(model, weights, seed)
+        self.model_name, self.lora_rank = model, lora_rank
+        self.clip = _build_clip(model, weights, seed)
+        del self.clip.visual                                   # only the text tower is used
+        self.clip.requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model)
+        if lora_rank > 0:
+            from peft import LoraConfig, inject_adapter_in_model
+            config = LoraConfig(r=lora_rank, lora_alpha=32, lora_dropout=0.1, bias='none',
+                                target_modules=list(LORA_TARGETS))
+            inject_adapter_in_model(config, self.clip.transformer)
+            adapters = [p for n, p in self.named_parameters() if 'lora_' in n]
+            if not adapters:
+                raise RuntimeError('peft injected no LoRA adapter into the CLIP text transformer')
+            for p in adapters:
+                p.requires_grad_(True)
+        # Frozen base weights are not saved (they are re-created from `weights`), so they are not "missing" either.
+        self._base_keys = {k for k in self.clip.state_dict(keep_vars=True) if 'lora_' not in k}
+        self.register_state_dict_post_hook(_keep_only_adapters)
+        self.register_load_state_dict_post_hook(self._ignore_missing_base_weights)
+        self.eval()
+
+    def _ignore_missing_base_weights(self, module, incompatible_keys):
+        def is_base(key: str) -> bool:
+            return any(key[m.end():] in self._base_keys for m in re.finditer(r'(?:^|\.)clip\.', key))
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not is_base(k)]
+
+    @property
+    def dim(self) -> int:
+        proj = self.clip.text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts)
+        n_real = [len(self.tokenizer.encode(t)) + 2 for t in texts] if hasattr(self.tokenizer, 'encode') else []
+        too_long = [t for t, n in zip(texts, n_real) if n > tokens.shape[1]]
+        if too_long:
+            warnings.warn(f'{len(too_long)} description(s) exceed CLIP\'s {tokens.shape[1]} tokens and are truncated, '
+                          f'e.g. {too_long[0][:80]!r}', stacklevel=2)
+        return tokens
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        r"""tokens [N,77] -> L2-normalised embeddings [N,D].
+
+        Same result as open_clip's `encode_text`, but the transformer runs only over the columns up to the batch's
+        last non-padding token: with CLIP's causal mask the end-of-text token, whose output is pooled, never attends
+        to later positions, so the padding cannot change it (checked in tests/test_cdtg.py). Descriptions use about
+        half of the 77 positions, which halves the cost of encoding them."""
+        clip = self.clip
+        if getattr(clip, 'text_pool_type', None) != 'argmax' or getattr(clip, 'attn_mask', None) is None:
+            return F.normalize(clip.encode_text(tokens), dim=-1)
+        from open_clip.transformer import text_global_pool
+        used = (tokens != 0).any(dim=0).nonzero()
+        length = int(used.max()) + 1 if used.numel() else 1
+        t = tokens[:, :length]
+        x = clip.token_embedding(t) + clip.positional_embedding[:length]
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        x = text_global_pool(clip.ln_final(x), t, 'argmax')
+        proj = clip.text_projection
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x, dim=-1)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch: int = 64) -> torch.Tensor:
+        r"""Embed texts without gradient (frozen use). Returns [N, D] on the encoder's device."""
+        device = next(self.clip.parameters()).device
+        out = [self(self.tokenize(texts[i:i + batch]).to(device)) for i in range(0, len(texts), batch)]
+        return torch.cat(out) if out else torch.zeros(0, self.dim, device=device)
+
+
+def _keep_only_adapters(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix) and 'lora_' not in k]:
+        del state_dict[key]
+
+
+def _build_clip(model: str, weights: str, seed: int):
+    import open_clip
+    if weights == 'none':
+        warnings.warn(f'\n{"!" * 78}\n!! CLIP {model} text encoder has RANDOM weights (--clip-weights none): text '
+                      f'guidance is\n!! meaningless beyond tests; use --clip-weights openai or a local weight file.'
+                      f'\n{"!" * 78}', stacklevel=3)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _quiet(open_clip.create_model, model, pretrained=None)
+    if weights == 'openai':
+        try:
+            return _quiet(open_clip.create_model, model, pretrained='openai')
+        except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
+            raise UserError(
+                f'could not obtain the OpenAI CLIP {model} weights ({type(err).__name__}: {_first_line(err)}).\n'
+                f'  This machine is probably offline. On a connected machine run\n'
+                f'    python -c "import open_clip; open_clip.create_model(\'{model}\', pretrained=\'openai\')"\n'
+                f'  (it fills the Hugging Face cache, $HF_HOME), or download open_clip_pytorch_model.bin from the\n'
+                f'  hub repository {HF_REPOS[model]} and pass --clip-weights /path/to/open_clip_pytorch_model.bin.'
+            ) from err
+    try:
+        # a local file holds OpenAI's weights, which were trained with QuickGELU
+        return _quiet(open_clip.create_model, model, pretrained=str(weights), force_quick_gelu=True)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f'could not load CLIP {model} weights from {weights}: {_first_line(err)}') from err
+
+
+def _quiet(fn, *args, **kwargs):
+    import logging
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)      # open_clip logs "No pretrained weights loaded" at WARNING for pretrained=None
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [''])[0][:300]
+
+
+class EmbeddingCache:
+    r"""Frozen text embeddings on disk, one file per encoder identity, keyed by the SHA-256 of the exact text."""
+
+    def __init__(self, root: str | Path, identity: str):
+        self.path = Path(root) / f'{re.sub(r"[^A-Za-z0-9._-]+", "_", identity)}.pt'
+        self.identity = identity
+        self._table: dict[str, torch.Tensor] | None = None
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        if self.path.is_file():
+            try:
+                data = torch.load(self.path, map_location='cpu', weights_only=True)
+                if data.get('identity') == self.identity:
+                    return dict(data['embeddings'])
+            except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+                warnings.warn(f'text-embedding cache {self.path} is unreadable and will be rebuilt', stacklevel=3)
+        return {}
+
+    def lookup(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        if self._table is None:
+            self._table = self._load()
+        found = {t: self._table[text_key(t)] for t in texts if text_key(t) in self._table}
+        return found, [t for t in dict.fromkeys(texts) if t not in found]
+
+    def store(self, new: dict[str, torch.Tensor]) -> None:
+        table = self._load()                        # merge with what other runs may have added meanwhile
+        table.update({text_key(t): v.detach().float().cpu() for t, v in new.items()})
+        self._table = table
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f'.{self.path.name}.{os.getpid()}.tmp')
+        torch.save({'identity': self.identity, 'embeddings': table}, tmp)
+        tmp.replace(self.path)
+
+
+class TextBank:
+    r"""Frozen CLIP embeddings for arbitrary texts: from the cache, encoding (and caching) only what is missing.
+    The CLIP model is built lazily, so a fully cached run never loads it."""
+
+    def __init__(self, model: str, weights: str, cache_dir: str | Path | None = None, seed: int = 0):
+        self.model, self.weights, self.seed = model, weights, seed
+        self.identity = weights_identity(model, weights, seed)
+        self.cache = EmbeddingCache(cache_dir or default_cache_dir(), self.identity)
+        self.encoded = 0                            # texts actually run through CLIP by this bank
+        self._encoder: ClipTextEncoder | None = None
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        found, missing = self.cache.lookup(texts)
+        if missing:
+            if self._encoder is None:
+                self._encoder = ClipTextEncoder(self.model, self.weights, seed=self.seed)
+            new = dict(zip(missing, self._encoder.encode(missing).cpu()))
+            self.encoded += len(missing)
+            self.cache.store(new)
+            found.update(new)
+        return torch.stack([found[t] for t in texts]) if texts else torch.zeros(0)

@@ -1,0 +1,277 @@
+r"""The CD-TG plug-in: semantic-guided unit (text-aligned features and prototypes) and medical-style augmentation.
+
+It subclasses `model.base.Hooks` and is attached to any method with `method.attach(plugin)`; methods never import
+this package. Two host kinds (the method's `plugin_point`):
+  * 'prototypes' (PATNet, ...): per feature level, support features are aligned with the class text (S_f) and with
+    the background text (S_b); FP_t = MAP(S_f, m), BP_t = MAP(S_b, 1 - m) per support and tap, and the host's
+    prototypes become FP <- α·FP + (1-α)·FP_t, BP <- α·BP + (1-α)·BP_t (α = image weight, 0.7 by default).
+  * 'features' (HSNet, no prototypes): query and support taps pass through a residual gate that starts as the
+    identity, F <- F + g·(1-α)·(A(F) - F), with A the text alignment and g a learnable scalar per level, zero at init.
+During training, support features are perturbed by the medical-style AdaIN (unless disabled). With α = 1 and fixed
+fusion the plug-in is an exact identity on the host's outputs (in eval mode).
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.errors import UserError
+from model.base import EpisodeContext, Hooks
+from model.layers import masked_average_pooling, resize_mask
+from text.descriptions import load_descriptions
+from text.encoder import CLIP_MODELS, ClipTextEncoder, TextBank
+
+TEXT_DIMS = {'RN50': 1024, 'ViT-B-32': 512, 'ViT-B-16': 512}
+ATTN_MODES = ('paper', 'attributes')
+FUSIONS = ('fixed', 'learned')
+
+
+@dataclass
+class CDTGConfig:
+    r"""Everything that defines the plug-in (saved in checkpoints)."""
+    clip: str = 'ViT-B-32'
+    clip_weights: str = 'openai'
+    attn: str = 'paper'
+    alpha: float = 0.7
+    fusion: str = 'fixed'
+    style_aug: bool = True
+    style_strength: float = 0.3
+    text_lora: int = 0
+    text_cache: str | None = None
+    seed: int = 0
+
+    def validate(self) -> 'CDTGConfig':
+        if self.clip not in CLIP_MODELS:
+            raise UserError(f'--clip {self.clip!r}: choose one of {", ".join(CLIP_MODELS)}')
+        if self.attn not in ATTN_MODES:
+            raise UserError(f'--cdtg-attn {self.attn!r}: choose one of {", ".join(ATTN_MODES)}')
+        if self.fusion not in FUSIONS:
+            raise UserError(f'--fusion {self.fusion!r}: choose one of {", ".join(FUSIONS)}')
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f'--alpha must lie in [0, 1] (got {self.alpha})')
+        if self.fusion == 'learned' and not 0.0 < self.alpha < 1.0:
+            raise UserError('--fusion learned initialises a sigmoid gate at --alpha, which must lie in (0, 1)')
+        if self.text_lora < 0:
+            raise UserError('--text-lora must be >= 0')
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TextAlign(nn.Module):
+    r"""Aligns a feature map [N,C,h,w] with text, per pixel: LayerNorm_C(F + attention(F, text)).
+
+    mode 'paper': the reference design (MLP d->d->d on the text, then MultiheadAttention(d, 8) with the pixels as
+        queries and the same text vector repeated at every position as keys and values). With identical keys the
+        attention weights are uniform, so the output is exactly LayerNorm(F + u(t)), u(t) = W_o(W_v·MLP(t) + b_v) + b_o,
+        computed here in that closed form (W_q, W_k would receive zero gradient and are not created).
+    mode 'attributes': real cross-attention of every pixel over the class's caption and attribute sentences.
+    The text embedding is first projected to the level's width C.
+    """
+
+    def __init__(self, text_dim: int, channels: int, mode: str = 'paper', heads: int = 8):
+        super().__init__()
+        self.mode = mode
+        self.proj = nn.Linear(text_dim, channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels))
+        if mode == 'paper':
+            self.value = nn.Linear(channels, channels)
+            self.out = nn.Linear(channels, channels)
+        else:
+            self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.norm = nn.LayerNorm(channels)
+
+    def text_bias(self, text: torch.Tensor) -> torch.Tensor:
+        r"""u(t) for the paper mode: [N,D] -> [N,C]."""
+        return self.out(self.value(self.mlp(self.proj(text))))
+
+    def forward(self, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        r"""feat [N,C,h,w]; text [N,T,D] with mask [N,T] (True = real sentence). paper mode uses text[:, 0]."""
+        n, c, h, w = feat.shape
+        x = feat.flatten(2).transpose(1, 2)                                # [N,C,h,w] -> [N,hw,C]
+        if self.mode == 'paper':
+            x = x + self.text_bias(text[:, 0]).unsqueeze(1)
+        else:
+            keys = self.mlp(self.proj(text))                               # [N,T,C]
+            pad = None if mask is None else ~mask
+            x = x + self.attn(x, keys, keys, key_padding_mask=pad, need_weights=False)[0]
+        return self.norm(x).transpose(1, 2).reshape(n, c, h, w)           # [N,hw,C] -> [N,C,h,w]
+
+
+class MedicalStyle(nn.Module):
+    r"""Medical-style AdaIN on support features (training only), as the CD-TG reference.
+
+    One transform is drawn per call (shared by all taps of the batch) to build a style map: noise F + N(0, s²);
+    contrast ReLU((1+s)·F); boundary F + s·DWConv3x3(F) with a fresh, random, untrained depthwise kernel
+    (U(-1/3, 1/3), PyTorch's default init, no bias); low contrast μ + s·(F - μ). Then standard AdaIN: normalise the
+    content per sample and channel and rescale it with the style's std and mean (unbiased std, eps on the std).
+    """
+    KINDS = ('noise', 'contrast', 'boundary', 'low_contrast')
+
+    def __init__(self, strength: float = 0.3, eps: float = 1e-5):
+        super().__init__()
+        self.strength, self.eps = strength, eps
+
+    def style(self, feat: torch.Tensor, kind: str) -> torch.Tensor:
+        s = self.strength
+        if kind == 'noise':
+            return feat + s * torch.randn_like(feat)
+        if kind == 'contrast':
+            return F.relu((1 + s) * feat)
+        if kind == 'boundary':
+            c = feat.shape[1]
+            kernel = (torch.rand(c, 1, 3, 3, device=feat.device, dtype=feat.dtype) * 2 - 1) / 3
+            return feat + s * F.conv2d(feat, kernel, padding=1, groups=c)
+        mean = feat.mean(dim=(2, 3), keepdim=True)
+        return mean + s * (feat - mean)
+
+    def adain(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        c_mean, c_std = content.mean(dim=(2, 3), keepdim=True), content.std(dim=(2, 3), keepdim=True)
+        s_mean, s_std = style.mean(dim=(2, 3), keepdim=True), style.std(dim=(2, 3), keepdim=True)
+        return (content - c_mean) / (c_std + self.eps) * s_std + s_mean
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.training:
+            return feats
+        kind = self.KINDS[int(torch.randint(len(self.KINDS), ()))]
+        return [self.adain(f, self.style(f, kind)) for f in feats]
+
+
+class CDTG(Hooks):
+    r"""The CD-TG plug-in for one host method.
+
+    Args:
+        feature_channels: width of each feature tap the host exposes to hooks.
+        feature_levels: level id of each tap (taps of one level share an alignment module; HSNet family: stage).
+        plugin_point: 'prototypes' or 'features' (see the module docstring).
+        config: a `CDTGConfig`.
+    Call `bind(benchmark, class_names)` before running episodes of a benchmark: it looks up the class and background
+    descriptions (text/descriptions/<benchmark>.yaml) and their embeddings (cached on disk when the encoder is frozen).
+    """
+
+    def __init__(self, feature_channels: list[int], feature_levels: list[int], plugin_point: str,
+                 config: CDTGConfig):
+        super().__init__()
+        if plugin_point not in ('prototypes', 'features'):
+            raise ValueError(f'unknown plug-in point {plugin_point!r}')
+        self.config = config.validate()
+        self.point = plugin_point
+        levels = sorted(set(feature_levels))
+        self.tap_level = [levels.index(lv) for lv in feature_levels]
+        widths = [feature_channels[feature_levels.index(lv)] for lv in levels]
+        if config.text_lora > 0:
+            self.text_encoder = ClipTextEncoder(config.clip, config.clip_weights, config.text_lora, config.seed)
+            self.bank = None
+            text_dim = self.text_encoder.dim
+        else:
+            self.text_encoder = None
+            self.bank = TextBank(config.clip, config.clip_weights, config.text_cache, config.seed)
+            text_dim = TEXT_DIMS[config.clip]
+        self.identity = self.text_encoder.identity if self.text_encoder is not None else self.bank.identity
+        self.align = nn.ModuleList([TextAlign(text_dim, c, config.attn) for c in widths])
+        if config.fusion == 'learned':
+            logit = math.log(config.alpha / (1 - config.alpha))
+            self.alpha_logit = nn.Parameter(torch.full((len(levels),), logit))
+        if plugin_point == 'features':
+            self.gate = nn.Parameter(torch.zeros(len(levels)))
+        self.style = MedicalStyle(config.style_strength) if config.style_aug else None
+        self.benchmark: str | None = None
+        self.class_names: list[str] = []
+
+    # --- text -------------------------------------------------------------------------------------------------
+    def bind(self, benchmark: str, class_names: list[str]) -> None:
+        r"""Look up (and embed, unless cached) the descriptions of `class_names` and the domain's background."""
+        if benchmark == self.benchmark and list(class_names) == self.class_names:
+            return
+        desc = load_descriptions(benchmark)
+        attributes = self.config.attn == 'attributes'
+        per_class = [list(c.texts) if attributes else [c.caption] for c in desc.for_classes(class_names)]
+        background = [desc.background_caption] + (list(desc.background_attributes) if attributes else [])
+        groups = per_class + [background]
+        t_max = max(len(g) for g in groups)
+        mask = torch.zeros(len(groups), t_max, dtype=torch.bool)
+        for i, g in enumerate(groups):
+            mask[i, :len(g)] = True
+        device = next(self.align.parameters()).device
+        if self.bank is not None:
+            flat = self.bank.embed([t for g in groups for t in g])
+            table = torch.zeros(len(groups), t_max, flat.shape[-1])
+            table[mask] = flat
+            self.register_buffer('text_table', table.to(device), persistent=False)
+        else:
+            tokens = self.text_encoder.tokenize([t for g in groups for t in g])
+            table = torch.zeros(len(groups), t_max, tokens.shape[-1], dtype=tokens.dtype)
+            table[mask] = tokens
+            self.register_buffer('token_table', table.to(device), persistent=False)
+        self.register_buffer('text_mask', mask.to(device), persistent=False)
+        self.benchmark, self.class_names = benchmark, list(class_names)
+
+    def _texts(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Embeddings [N,T,D] and mask [N,T] of the given rows of the bound table (last row = background)."""
+        if self.benchmark is None:
+            raise RuntimeError('CDTG.bind(benchmark, class_names) must be called before running episodes')
+        mask = self.text_mask[rows]
+        if self.bank is not None:
+            return self.text_table[rows], mask
+        # LoRA: encode in the graph, once per distinct row of this batch
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        m = self.text_mask[uniq]
+        emb = self.text_encoder(self.token_table[uniq][m])                 # [n_sentences, D]
+        table = emb.new_zeros(len(uniq), m.shape[1], emb.shape[-1])
+        table[m] = emb
+        return table[inverse], mask
+
+    def class_texts(self, class_id: torch.Tensor):
+        return self._texts(class_id.long())
+
+    def background_texts(self, n: int, device):
+        return self._texts(torch.full((n,), len(self.class_names), dtype=torch.long, device=device))
+
+    # --- fusion -----------------------------------------------------------------------------------------------
+    def image_weight(self, level: int):
+        if self.config.fusion == 'learned':
+            return torch.sigmoid(self.alpha_logit[level])
+        return self.config.alpha
+
+    # --- hooks ------------------------------------------------------------------------------------------------
+    def support_features(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> list[torch.Tensor]:
+        if self.style is not None:
+            feats = self.style(feats)                                      # identity in eval mode
+        if self.point == 'features':
+            feats = self._gated(feats, ctx.class_id.repeat_interleave(ctx.nshot))
+        return feats
+
+    def query_features(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> list[torch.Tensor]:
+        if self.point == 'features':
+            feats = self._gated(feats, ctx.class_id)
+        return feats
+
+    def _gated(self, feats: list[torch.Tensor], class_id: torch.Tensor) -> list[torch.Tensor]:
+        text, mask = self.class_texts(class_id)
+        out = []
+        for i, f in enumerate(feats):
+            level = self.tap_level[i]
+            weight = self.gate[level] * (1 - self.image_weight(level))
+            out.append(f + weight * (self.align[level](f, text, mask) - f))
+        return out
+
+    def prototypes(self, fg: list[torch.Tensor], bg: list[torch.Tensor], feats: list[torch.Tensor],
+                   ctx: EpisodeContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self.point != 'prototypes':
+            return fg, bg
+        n = feats[0].shape[0]
+        cls_text, cls_mask = self.class_texts(ctx.class_id.repeat_interleave(ctx.nshot))      # per support
+        bg_text, bg_mask = self.background_texts(n, feats[0].device)
+        new_fg, new_bg = [], []
+        for i, f in enumerate(feats):
+            level = self.tap_level[i]
+            m = resize_mask(ctx.support_masks, tuple(f.shape[-2:])).to(f.dtype)
+            fp_t = masked_average_pooling(self.align[level](f, cls_text, cls_mask), m)
+            bp_t = masked_average_pooling(self.align[level](f, bg_text, bg_mask), 1 - m)
+            a = self.image_weight(level)
+            new_fg.append(a * fg[i] + (1 - a) * fp_t)
+            new_bg.append(a * bg[i] + (1 - a) * bp_t)
+        return new_fg, new_bg
