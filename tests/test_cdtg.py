@@ -305,3 +305,18 @@ def test_text_lora_cli_run(datapath, tmp_path):
     res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
                          '--episodes', '2', '--workers', '0', '--logpath', str(tmp_path / 't')])
     assert res['plugin']['config']['text_lora'] == 8
+
+
+def test_encode_text_script_fills_the_cache_used_by_the_plugin(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('encode_text', ROOT / 'scripts' / 'encode_text.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ['--benchmark', 'wbc', '--clip-weights', 'none', '--text-cache', str(tmp_path)]
+    first = script.main(args)
+    assert first['encoded'] == first['texts'] > 8                 # captions + attributes + background
+    assert script.main(args)['encoded'] == 0
+    for attn in ('paper', 'attributes'):
+        plugin = CDTG([8], [2], 'prototypes', CDTGConfig(clip_weights='none', attn=attn, text_cache=str(tmp_path)))
+        plugin.bind('wbc', ['nucleus', 'cytoplasm'])
+        assert plugin.bank.encoded == 0 and plugin.bank._encoder is None

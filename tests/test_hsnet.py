@@ -61,7 +61,8 @@ def test_resnet_taps_are_bottleneck_outputs_before_relu(hsnet):
     assert bb.stage_ids == [2] * 4 + [3] * 6 + [4] * 3 and bb.stage_sizes == [3, 6, 4]
     for tap, out in zip(taps, outputs):
         assert (tap < 0).any()                          # before the ReLU
-        assert torch.allclose(torch.relu(tap), out, atol=1e-5)
+        # (BatchNorm is folded into the convs in our forward: equal up to float rounding)
+        assert torch.allclose(torch.relu(tap), out, rtol=1e-5, atol=1e-5 * float(out.abs().max()))
 
 
 def test_vgg_taps():
@@ -162,6 +163,28 @@ def test_bn_calibration_normalises_first_layer_and_keeps_weights():
     assert (y.var(dim=(0, 2, 3), unbiased=True) - 1).abs().max() < 1e-2
     with pytest.raises(UserError):
         Backbone('vgg16', 'none').calibrate_bn([images])
+
+
+def test_folded_batchnorm_tracks_every_change():
+    torch.manual_seed(0)
+    bb = Backbone('resnet50', 'none')
+    x = torch.randn(2, 3, 64, 64)
+
+    def check():
+        folded, plain = bb(x), bb._forward_resnet(x, fold=False)
+        for a, b in zip(folded, plain):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+        return folded
+    before = check()
+    bb.calibrate_bn([torch.randn(4, 3, 64, 64)])                   # statistics change in place
+    after = check()
+    assert not torch.allclose(before[-1], after[-1])
+    state = {k: v.clone() for k, v in bb.state_dict().items()}
+    state['net.layer2.0.bn1.weight'].mul_(2)
+    bb.load_state_dict(state)                                      # weights change through load_state_dict
+    assert not torch.allclose(check()[0], after[0])
+    bb.double()                                                    # dtype change
+    assert bb(x.double())[0].dtype == torch.float64
 
 
 def test_local_weight_file(tmp_path):

@@ -64,10 +64,11 @@ def _reference_correlation(q, s, eps=1e-5):
     return out
 
 
-def test_multilayer_correlation_matches_float64_formula_with_shared_query():
+@pytest.mark.parametrize('channels', [(6, 5, 3), (2, 2, 1)])     # matmul path, and the small-channel path
+def test_multilayer_correlation_matches_float64_formula_with_shared_query(channels):
     torch.manual_seed(0)
     stage_ids = [2, 2, 3, 4]
-    shapes = {2: (6, 7, 7), 3: (5, 4, 4), 4: (3, 2, 3)}
+    shapes = {2: (channels[0], 7, 7), 3: (channels[1], 4, 4), 4: (channels[2], 2, 3)}
     b, k = 2, 3
     q = [torch.randn(b, *shapes[s]) for s in stage_ids]
     s = [torch.randn(b * k, *shapes[st]) for st in stage_ids]

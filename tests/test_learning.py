@@ -21,7 +21,7 @@ def test_short_training_lowers_loss_and_beats_untrained(datapath):
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
     loader = build_loader(trn, TrainingEpisodes(trn, 8 * 110, seed=0), bsz=8, workers=0)
     train_epoch(model, loader, optimizer, torch.device('cpu'), trn.class_names,
-                on_step=lambda step, loss: losses.append(float(loss)))
+                on_step=lambda step, loss: losses.append(float(loss.detach())))
     after, _ = evaluate(model, val_loader, torch.device('cpu'), val.class_names)
 
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10

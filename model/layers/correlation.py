@@ -30,10 +30,32 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
         s = torch.stack([support_feats[i] for i in taps], dim=1)       # [Nq*K,L,C,hs,ws]
         _, nl, c, hq, wq = q.shape
         hs, ws = s.shape[-2:]
-        q = _normalise(q.reshape(nq * nl, c, hq * wq), 1, eps)                      # [Nq*L,C,HWq]
+        q = _normalise(q.reshape(nq, nl, c, hq * wq), 2, eps)                      # [Nq,L,C,HWq]
         s = _normalise(s.reshape(nq, k, nl, c, hs * ws), 3, eps)                   # [Nq,K,L,C,HWs]
+        if c <= SMALL_CHANNELS:
+            out.append(_small_channel_correlation(q, s, (hq, wq, hs, ws)))
+            continue
+        q = q.reshape(nq * nl, c, hq * wq)                                          # [Nq*L,C,HWq]
         s = s.permute(0, 2, 3, 1, 4).reshape(nq * nl, c, k * hs * ws)              # [Nq*L,C,K*HWs]
         corr = torch.bmm(q.transpose(1, 2), s).clamp_(min=0)                       # [Nq*L,HWq,K*HWs]
         corr = corr.view(nq, nl, hq, wq, k, hs, ws).permute(0, 4, 1, 2, 3, 5, 6)  # [Nq,K,L,hq,wq,hs,ws]
         out.append(corr.reshape(nq * k, nl, hq, wq, hs, ws))
     return out
+
+
+# Below this many channels a matmul is mostly overhead (PATNet's rank-2 path correlates 2-channel maps).
+SMALL_CHANNELS = 4
+
+
+def _small_channel_correlation(q: torch.Tensor, s: torch.Tensor, dims: tuple[int, int, int, int]) -> torch.Tensor:
+    r"""Σ_c q_c ⊗ s_c by broadcasting, written straight into the channels-last order [Nq,K,HWq,HWs,L] that the
+    4D convolution reads without a copy. q [Nq,L,C,HWq], s [Nq,K,L,C,HWs] (normalised) -> [Nq*K,L,hq,wq,hs,ws]."""
+    nq, k, nl, c, _ = s.shape
+    hq, wq, hs, ws = dims
+    qa = q.permute(0, 3, 1, 2)[:, None, :, None]                                   # [Nq,1,HWq,1,L,C]
+    sa = s.permute(0, 1, 4, 2, 3)[:, :, None]                                      # [Nq,K,1,HWs,L,C]
+    corr = qa[..., 0] * sa[..., 0]                                                 # [Nq,K,HWq,HWs,L]
+    for ci in range(1, c):
+        corr.addcmul_(qa[..., ci], sa[..., ci])
+    corr.clamp_(min=0)
+    return corr.view(nq * k, hq, wq, hs, ws, nl).permute(0, 5, 1, 2, 3, 4)       # [Nq*K,L,hq,wq,hs,ws]

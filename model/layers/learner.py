@@ -6,11 +6,25 @@ import torch.nn.functional as F
 from model.layers.conv4d import CenterPivotConv4d
 
 
+class GroupNormLast(nn.GroupNorm):
+    r"""nn.GroupNorm (same parameters, same maths) for 4D tensors stored channels-last: the tensor is viewed as an
+    NHWC image [B,C,S,1] so PyTorch's channels-last group-norm kernel runs without a layout copy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xl = x.movedim(1, -1)                                                       # [B,...,C]
+        if not xl.is_contiguous():
+            return super().forward(x)
+        bsz, ch = x.shape[:2]
+        img = xl.reshape(bsz, -1, 1, ch).permute(0, 3, 1, 2)                       # [B,C,S,1], NHWC strides
+        y = F.group_norm(img, self.num_groups, self.weight, self.bias, self.eps)
+        return y.permute(0, 2, 3, 1).reshape(xl.shape).movedim(-1, 1)
+
+
 def _block(in_channels: int, out_channels: list[int], kernels: list[int], strides: list[int], groups: int = 4):
     layers = []
     for i, (oc, k, s) in enumerate(zip(out_channels, kernels, strides)):
         ic = in_channels if i == 0 else out_channels[i - 1]
-        layers += [CenterPivotConv4d(ic, oc, k, s), nn.GroupNorm(groups, oc), nn.ReLU(inplace=True)]
+        layers += [CenterPivotConv4d(ic, oc, k, s), GroupNormLast(groups, oc), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
