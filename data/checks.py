@@ -292,6 +292,20 @@ def first_existing(candidates: list[Path], marker: str | tuple[str, ...]) -> Pat
     return None
 
 
+def find_dataset_root(dataset, roots: tuple[str, ...], subdirs: tuple[str, ...]) -> Path:
+    r"""The first of `<datapath>/<root>` (for each accepted spelling) or `<datapath>` itself that holds one of
+    `subdirs`; all of `subdirs` must then exist, else a layout error names the first missing folder."""
+    candidates = [dataset.datapath / r for r in roots] + [dataset.datapath]
+    root = first_existing(candidates, subdirs)
+    if root is None:
+        others = ' and '.join([f'"{r}/{subdirs[0]}"' for r in roots[1:]] + [f'{subdirs[0]}/ directly under --datapath'])
+        raise layout_error(dataset, dataset.datapath / roots[0] / subdirs[0], also=others)
+    for sub in subdirs:
+        if not (root / sub).is_dir():
+            raise layout_error(dataset, root / sub)
+    return root
+
+
 # --- the loader base ----------------------------------------------------------------------------------------------
 class CheckedDataset(EpisodicDataset):
     r"""A benchmark read from its downloaded layout: `scan(full)` -> report -> error, or skip with --skip-bad.

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
-from data.checks import CheckedDataset, DataReport, check_pair, first_existing, layout_error, list_files, open_mask, \
-    open_rgb
+from data.checks import CheckedDataset, DataReport, check_pair, find_dataset_root, list_files, \
+    open_mask, open_rgb
 
 CLASSES = ['melanoma', 'nevus', 'seborrheic keratosis']
 SINGLE_CLASS = 'lesion'
@@ -90,15 +90,7 @@ class ISIC(CheckedDataset):
         self.isic_classes = isic_classes
 
     def find_root(self) -> Path:
-        candidates = [self.datapath / r for r in ROOTS] + [self.datapath]
-        root = first_existing(candidates, (IMG_DIR, GT_DIR))
-        if root is None:
-            raise layout_error(self, self.datapath / ROOTS[0] / IMG_DIR, also=f'{ROOTS[1]}/{IMG_DIR} and {IMG_DIR} '
-                               'directly under --datapath')
-        for sub in (IMG_DIR, GT_DIR):
-            if not (root / sub).is_dir():
-                raise layout_error(self, root / sub)
-        return root
+        return find_dataset_root(self, ROOTS, (IMG_DIR, GT_DIR))
 
     def scan(self, full: bool) -> DataReport:
         root = self.find_root()

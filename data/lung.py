@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.checks import CheckedDataset, DataReport, check_pair, first_existing, layout_error, list_files, open_mask, \
-    open_rgb
+from data.checks import CheckedDataset, DataReport, check_pair, find_dataset_root, layout_error, list_files, \
+    open_mask, open_rgb
 
 CLASSES = ['lung']
 ROOTS = ('LungSegmentation', 'Lung Segmentation')
@@ -34,15 +34,7 @@ class Lung(CheckedDataset):
               '    masks/CHNCXR_0001_0_mask.png ... MCUCXR_0001_0.png ...  (704 masks, 0/255)')
 
     def find_root(self) -> Path:
-        candidates = [self.datapath / r for r in ROOTS] + [self.datapath]
-        root = first_existing(candidates, (IMG_DIR, MASK_DIR))
-        if root is None:
-            raise layout_error(self, self.datapath / ROOTS[0] / MASK_DIR,
-                               also=f'"{ROOTS[1]}/{MASK_DIR}" and {MASK_DIR}/ directly under --datapath')
-        for sub in (IMG_DIR, MASK_DIR):
-            if not (root / sub).is_dir():
-                raise layout_error(self, root / sub)
-        return root
+        return find_dataset_root(self, ROOTS, (IMG_DIR, MASK_DIR))
 
     def scan(self, full: bool) -> DataReport:
         root = self.find_root()

@@ -1,0 +1,82 @@
+r"""Method x (±CD-TG) x target x shots grid: train each model once on a source benchmark, test it everywhere.
+
+    python scripts/grid.py --methods hsnet patnet --cdtg off on --benchmark pascal --targets isic lung wbc chaos \
+        --shots 1 5 --datapath DATA --logroot logs/grid -- --backbone-weights imagenet --epochs 50
+    python scripts/grid.py ... --alphas 0.5 0.6 0.7 0.8 0.9      # alpha sweep of fixed-fusion CD-TG models
+
+Everything after `--` is passed to train.py unchanged (the same for every run, so baseline and +CD-TG share schedule,
+checkpoint rule and seed; test episodes are the same list for every model). Existing checkpoints are reused, so an
+interrupted grid can be restarted. Writes grid.csv and grid.md (mIoU / FB-IoU / Dice per cell) under --logroot; each
+cell's results.json (with its episode list) stays in the model's run folder.
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import test as test_cli  # noqa: E402
+import train as train_cli  # noqa: E402
+from common.errors import UserError, run_cli  # noqa: E402
+
+
+def main(argv=None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index('--') + 1:] if '--' in argv else []
+    argv = argv[:argv.index('--')] if '--' in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--methods', nargs='+', default=['hsnet', 'patnet'])
+    p.add_argument('--cdtg', nargs='+', default=['off', 'on'], choices=['off', 'on'])
+    p.add_argument('--benchmark', default='pascal', help='source benchmark to train on')
+    p.add_argument('--targets', nargs='+', required=True, help='benchmarks to test on')
+    p.add_argument('--shots', nargs='+', type=int, default=[1, 5])
+    p.add_argument('--alphas', nargs='*', type=float, default=[],
+                   help='also test fixed-fusion CD-TG models at these image weights (alpha sweep)')
+    p.add_argument('--datapath', default='datasets')
+    p.add_argument('--logroot', default='logs/grid')
+    p.add_argument('--episodes', type=int, default=600)
+    p.add_argument('--seed', type=int, default=0, help='seed of the test episode lists')
+    p.add_argument('--test-args', default='', help='extra test.py flags, as one string (e.g. "--bsz 8 --workers 2")')
+    args = p.parse_args(argv)
+    root = Path(args.logroot)
+    rows = []
+    for method in args.methods:
+        for cdtg in args.cdtg:
+            name = f'{method}{"-cdtg" if cdtg == "on" else ""}'
+            run = root / name
+            if not (run / 'best.pt').exists():
+                if (run / 'last.pt').exists():
+                    raise UserError(f'{run} holds an unfinished run; continue it with '
+                                    f'train.py --resume --logpath {run}')
+                train_cli.main(['--method', method, '--benchmark', args.benchmark, '--datapath', args.datapath,
+                                '--logpath', str(run)] + (['--cdtg'] if cdtg == 'on' else []) + passthrough)
+            alphas = [None] + (args.alphas if cdtg == 'on' else [])
+            for target in args.targets:
+                for shots in args.shots:
+                    for alpha in alphas:
+                        tag = f'test-{target}-{shots}shot' + (f'-alpha{alpha:g}' if alpha is not None else '')
+                        res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', target, '--datapath',
+                                             args.datapath, '--nshot', str(shots), '--episodes', str(args.episodes),
+                                             '--seed', str(args.seed), '--logpath', str(run / tag)]
+                                            + (['--alpha', str(alpha)] if alpha is not None else [])
+                                            + args.test_args.split())
+                        used = (res.get('plugin') or {}).get('config', {}).get('alpha')
+                        rows.append({'method': method, 'cdtg': cdtg, 'alpha': used if cdtg == 'on' else '',
+                                     'target': target, 'shots': shots, 'miou': round(res['miou'], 2),
+                                     'fbiou': round(res['fbiou'], 2), 'dice': round(res['dice'], 2)})
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / 'grid.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ['| method | CD-TG | alpha | target | shots | mIoU | FB-IoU | Dice |', '|---|---|---|---|---|---|---|---|']
+    lines += [f'| {r["method"]} | {r["cdtg"]} | {r["alpha"]} | {r["target"]} | {r["shots"]} | {r["miou"]:.2f} | '
+              f'{r["fbiou"]:.2f} | {r["dice"]:.2f} |' for r in rows]
+    (root / 'grid.md').write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    return rows
+
+
+if __name__ == '__main__':
+    run_cli(main)
