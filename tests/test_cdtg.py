@@ -320,3 +320,37 @@ def test_encode_text_script_fills_the_cache_used_by_the_plugin(tmp_path):
         plugin = CDTG([8], [2], 'prototypes', CDTGConfig(clip_weights='none', attn=attn, text_cache=str(tmp_path)))
         plugin.bind('wbc', ['nucleus', 'cytoplasm'])
         assert plugin.bank.encoded == 0 and plugin.bank._encoder is None
+
+
+def test_patnet_cdtg_on_synthetic_and_a_medical_fixture(datapath, tmp_path):
+    from fixtures_targets import write_wbc
+    run = tmp_path / 'patnet'
+    train_cli.main(TINY_TRAIN + ['--method', 'patnet'] + CDTG_FLAGS
+                   + ['--datapath', str(datapath), '--logpath', str(run)])
+    ckpt = load_checkpoint(run / 'best.pt')
+    assert ckpt['config']['method'] == 'patnet' and ckpt['plugin']['name'] == 'cdtg'
+    res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
+                         '--episodes', '2', '--workers', '0', '--logpath', str(tmp_path / 'med')])
+    assert res['method'] == 'patnet' and res['plugin']['config']['alpha'] == 0.7
+    write_wbc(tmp_path / 'data')
+    res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'wbc', '--datapath', str(tmp_path / 'data'),
+                         '--nshot', '2', '--episodes', '4', '--workers', '0', '--logpath', str(tmp_path / 'wbc')])
+    assert set(res['per_class']) == {'nucleus', 'cytoplasm'} and res['nshot'] == 2
+
+
+def test_offline_clip_weights_give_a_clear_error(monkeypatch):
+    import open_clip
+
+    from text.encoder import ClipTextEncoder
+
+    def offline(*args, **kwargs):
+        raise RuntimeError('Failed to download weights: no internet')
+    monkeypatch.setattr(open_clip, 'create_model', offline)
+    with pytest.raises(UserError) as err:
+        ClipTextEncoder('ViT-B-16', 'openai')
+    msg = str(err.value)
+    assert 'timm/vit_base_patch16_clip_224.openai' in msg and '--clip-weights' in msg
+    with pytest.raises(UserError, match='no such file'):
+        ClipTextEncoder('ViT-B-16', '/nonexistent/clip.bin')
+    with pytest.raises(UserError, match='--clip'):
+        ClipTextEncoder('ViT-L-14', 'none')
