@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.checks import CheckedDataset, DataReport, check_pair, layout_error, list_files, open_mask, open_rgb
+from data.checks import (CheckedDataset, DataReport, check_pair, find_dataset_root, layout_error, list_files, open_mask,
+                         open_rgb)
 
 CLASSES = ['agriculture land', 'urban land', 'rangeland', 'forest land', 'water', 'barren land']
 ROOTS = ('Deepglobe', 'DeepGlobe', 'deepglobe')
@@ -27,10 +28,7 @@ class Deepglobe(CheckedDataset):
               '    ... 2/ to 6/ alike   (1 agriculture, 2 urban, 3 rangeland, 4 forest, 5 water, 6 barren)')
 
     def find_root(self) -> Path:
-        for name in ROOTS:
-            if (self.datapath / name).is_dir():
-                return self.datapath / name
-        raise layout_error(self, self.datapath / ROOTS[0], also=', '.join(r + '/' for r in ROOTS[1:]))
+        return find_dataset_root(self, ROOTS, ('1/test/origin',))
 
     def scan(self, full: bool) -> DataReport:
         root = self.find_root()

@@ -5,12 +5,14 @@ r"""Method x (±CD-TG) x target x shots grid: train each model once on a source 
     python scripts/grid.py ... --alphas 0.5 0.6 0.7 0.8 0.9      # alpha sweep of fixed-fusion CD-TG models
 
 Everything after `--` is passed to train.py unchanged (the same for every run, so baseline and +CD-TG share schedule,
-checkpoint rule and seed; test episodes are the same list for every model). Existing checkpoints are reused, so an
-interrupted grid can be restarted. Writes grid.csv and grid.md (mIoU / FB-IoU / Dice per cell) under --logroot; each
-cell's results.json (with its episode list) stays in the model's run folder.
+checkpoint rule and seed; test episodes are the same list for every model). Existing checkpoints are reused, and so is
+a cell whose results.json was written by the same test.py command after the checkpoint, so an interrupted grid can be
+restarted and only the missing cells run. Writes grid.csv and grid.md (mIoU / FB-IoU / Dice per cell) under
+--logroot; each cell's results.json (with its episode list) stays in the model's run folder.
 """
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import test as test_cli  # noqa: E402
 import train as train_cli  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
+
+
+def finished_cell(folder: Path, checkpoint: Path, cmd: list[str]) -> dict | None:
+    r"""The results of a cell already run with exactly `cmd` on the current checkpoint, else None."""
+    results, record = folder / 'results.json', folder / 'grid-cell.json'
+    if not (results.exists() and record.exists()):
+        return None
+    if json.loads(record.read_text()) != cmd or results.stat().st_mtime < checkpoint.stat().st_mtime:
+        return None
+    return json.loads(results.read_text())
 
 
 def main(argv=None) -> list[dict]:
@@ -56,11 +68,16 @@ def main(argv=None) -> list[dict]:
                 for shots in args.shots:
                     for alpha in alphas:
                         tag = f'test-{target}-{shots}shot' + (f'-alpha{alpha:g}' if alpha is not None else '')
-                        res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', target, '--datapath',
-                                             args.datapath, '--nshot', str(shots), '--episodes', str(args.episodes),
-                                             '--seed', str(args.seed), '--logpath', str(run / tag)]
-                                            + (['--alpha', str(alpha)] if alpha is not None else [])
-                                            + args.test_args.split())
+                        cmd = (['--load', str(run / 'best.pt'), '--benchmark', target, '--datapath', args.datapath,
+                                '--nshot', str(shots), '--episodes', str(args.episodes), '--seed', str(args.seed),
+                                '--logpath', str(run / tag)]
+                               + (['--alpha', str(alpha)] if alpha is not None else []) + args.test_args.split())
+                        res = finished_cell(run / tag, run / 'best.pt', cmd)
+                        if res is None:
+                            res = test_cli.main(cmd)
+                            (run / tag / 'grid-cell.json').write_text(json.dumps(cmd) + '\n')
+                        else:
+                            print(f'{tag} of {name}: reusing {run / tag / "results.json"}')
                         used = (res.get('plugin') or {}).get('config', {}).get('alpha')
                         rows.append({'method': method, 'cdtg': cdtg, 'alpha': used if cdtg == 'on' else '',
                                      'target': target, 'shots': shots, 'miou': round(res['miou'], 2),

@@ -120,3 +120,23 @@ def test_missing_dataset_exits_cleanly():
     assert 'VOC2012/JPEGImages' in proc.stderr and 'SegmentationClassAug' in proc.stderr
     proc = run_script('test.py', '--load', '/nonexistent/best.pt', timeout=120)
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr and '/nonexistent/best.pt' in proc.stderr
+
+
+def test_grid_trains_once_tests_every_cell_and_resumes(datapath, tmp_path, monkeypatch):
+    import scripts.grid as grid
+    argv = ['--methods', 'hsnet', '--cdtg', 'off', '--benchmark', 'synthetic', '--targets', 'synthetic-med',
+            '--shots', '1', '5', '--datapath', str(datapath), '--logroot', str(tmp_path), '--episodes', '4',
+            '--test-args', '--workers 0 --bsz 2', '--'] + TINY_TRAIN[4:]
+    rows = grid.main(argv)
+    assert [(r['method'], r['shots']) for r in rows] == [('hsnet', 1), ('hsnet', 5)]
+    table = (tmp_path / 'grid.md').read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith('| hsnet | off |')
+    for r, shots in zip(rows, (1, 5)):
+        saved = json.loads((tmp_path / 'hsnet' / f'test-synthetic-med-{shots}shot' / 'results.json').read_text())
+        assert round(saved['miou'], 2) == r['miou'] and saved['nshot'] == shots
+
+    calls, run_test = [], test_cli.main
+    monkeypatch.setattr(grid.test_cli, 'main', lambda cmd: calls.append(cmd) or run_test(cmd))
+    assert grid.main(argv) == rows and calls == []            # a finished grid is read back, nothing re-runs
+    (tmp_path / 'hsnet' / 'test-synthetic-med-5shot' / 'results.json').unlink()
+    assert grid.main(argv) == rows and len(calls) == 1 and '5' in calls[0]   # only the missing cell runs

@@ -363,7 +363,7 @@ def test_deepglobe_layout_and_rgb_masks(targets, tmp_path):
     assert ds.class_names[:2] == ['agriculture land', 'urban land'] and [len(v) for v in ds.class_items] == [2] * 6
     for c, items in enumerate(ds.class_items):
         assert_pairing(ds, items[0], c)
-    with pytest.raises(UserError, match=r'Deepglobe does not exist[\s\S]*1/test/origin'):
+    with pytest.raises(UserError, match=r'Deepglobe/1/test/origin does not exist[\s\S]*DeepGlobe/1/test/origin'):
         build('deepglobe', tmp_path)
 
 
