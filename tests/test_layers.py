@@ -38,12 +38,27 @@ def test_center_pivot_conv4d_equals_naive_4d_conv_on_several_sizes_in_a_row(kern
     torch.manual_seed(0)
     layer = CenterPivotConv4d(2, 3, kernel, stride).double()
     # the same instance on changing sizes: the reference cached its pruning index from the first call
-    for shape in [(4, 4, 4, 4), (3, 5, 7, 6), (6, 4, 13, 13), (2, 3, 8, 8), (5, 5, 25, 25)]:
+    # support maps with fewer pixels than the kernel take the dense-matrix path of the support conv
+    for shape in [(4, 4, 4, 4), (3, 5, 7, 6), (3, 4, 2, 2), (6, 4, 13, 13), (2, 3, 1, 3), (2, 3, 8, 8), (5, 5, 25, 25),
+                  (4, 3, 2, 3)]:
         x = torch.randn(2, 2, *shape, dtype=torch.float64)
         expected = naive_cp_conv4d(layer, x)
         out = layer(x)
         assert out.shape == expected.shape
         assert torch.allclose(out, expected, atol=1e-10), shape
+
+
+@pytest.mark.parametrize('support', [(2, 2), (7, 7)])
+def test_center_pivot_conv4d_gradients_match_the_naive_4d_conv(support):
+    torch.manual_seed(1)
+    layer = CenterPivotConv4d(3, 4, 3, 1).double()
+    x = torch.randn(2, 3, 4, 5, *support, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 4, 4, 5, *support, dtype=torch.float64)
+    params = [x, layer.conv_query.weight, layer.conv_support.weight, layer.conv_support.bias]
+    fast = torch.autograd.grad((layer(x) * upstream).sum(), params)
+    slow = torch.autograd.grad((naive_cp_conv4d(layer, x) * upstream).sum(), params)
+    for a, b in zip(fast, slow):
+        assert torch.allclose(a, b, atol=1e-10)
 
 
 def test_conv4d_rejects_even_kernels():
