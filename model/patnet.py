@@ -79,15 +79,13 @@ class PATNet(FewShotSegmenter):
         r"""Per tap FP = MAP(F_s, m), BP = MAP(F_s, 1-m) [B*K,C_l] on the unmasked support taps, passed through
         the plug-in's `prototypes` hook (CD-TG fuses its text-guided prototypes there)."""
         masks = self._support_masks(support_feats, ctx)
-        fg, bg = [None] * len(support_feats), [None] * len(support_feats)
-        for taps in self.stage_taps:
-            # One pooling call per stage (fewer, larger ops): [B*K,L*C,h,w] -> [B*K,L,C]
-            feat = torch.cat([support_feats[i] for i in taps], dim=1)
-            mask = masks[tuple(feat.shape[-2:])]
-            stage_fg = masked_average_pooling(feat, mask, eps=PROTOTYPE_EPS).unflatten(1, (len(taps), -1))
-            stage_bg = masked_average_pooling(feat, 1 - mask, eps=PROTOTYPE_EPS).unflatten(1, (len(taps), -1))
-            for j, i in enumerate(taps):
-                fg[i], bg[i] = stage_fg[:, j], stage_bg[:, j]
+        pairs = {size: torch.cat([m, 1 - m], dim=1) for size, m in masks.items()}          # [B*K,2,h,w]
+        fg, bg = [], []
+        for feat in support_feats:
+            # FP and BP in one pass over the tap: [B*K,2,hw] x [B*K,hw,C] -> [B*K,2,C]
+            pooled = masked_average_pooling(feat, pairs[tuple(feat.shape[-2:])], eps=PROTOTYPE_EPS)
+            fg.append(pooled[:, 0])
+            bg.append(pooled[:, 1])
         return self.hooks.prototypes(fg, bg, support_feats, ctx)
 
     def match_prototypes(self, query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
@@ -129,18 +127,17 @@ class PATNet(FewShotSegmenter):
             factor = anchor_factor(self.anchors[si])                                       # L [2,2] float64
             proj = (factor.transpose(0, 1) @ rank2_coefficients(stack)).to(query_feats[taps[0]].dtype)
             c = proj.shape[-1]                                                              # Lᵀ G⁺ Ĉ [B*K,L,2,C]
-            # The stage's taps in one batched matmul each for query and support (fewer, larger ops).
-            q = torch.stack([query_feats[i] for i in taps], dim=1)                          # [Nq,L,C,hq,wq]
-            s = torch.stack([support_feats[i] for i in taps], dim=1)                        # [B*K,L,C,hs,ws]
-            hq, wq = q.shape[-2:]
-            hs, ws = s.shape[-2:]
-            # Query n is mixed by each of its K shots: [Nq,L,K*2,C] x [Nq,L,C,hq*wq] -> [Nq,L,K*2,hq*wq]
+            # Query n is mixed by each of its K shots: rows [Nq,L,K*2,C]
             proj_q = proj.view(nq, k, nl, 2, c).transpose(1, 2).reshape(nq, nl, k * 2, c)
-            zq = (proj_q @ q.flatten(3)).view(nq, nl, k, 2, hq, wq).transpose(1, 2).reshape(nq * k, nl, 2, hq, wq)
-            # The transform is per-pixel linear, so masking the 2-channel result equals masking f first.
-            zs = (proj @ s.flatten(3)).view(-1, nl, 2, hs, ws) * masks[(hs, ws)].unsqueeze(1)   # [B*K,L,2,hs,ws]
             for j, i in enumerate(taps):
-                query_maps[i], support_maps[i] = zq[:, j], zs[:, j]
+                # One matmul per tap, reading the (channels-last) backbone map in place: no stacked copy.
+                q, s = query_feats[i], support_feats[i]
+                hq, wq = q.shape[-2:]
+                hs, ws = s.shape[-2:]
+                zq = proj_q[:, j] @ q.flatten(2)                                            # [Nq,K*2,hq*wq]
+                query_maps[i] = zq.view(nq * k, 2, hq, wq)
+                # The transform is per-pixel linear, so masking the 2-channel result equals masking f first.
+                support_maps[i] = (proj[:, j] @ s.flatten(2)).view(-1, 2, hs, ws) * masks[(hs, ws)]
         return query_maps, support_maps
 
     def _dense_maps(self, query_feats, support_feats, fg, bg, ctx):

@@ -49,13 +49,18 @@ SMALL_CHANNELS = 4
 
 def _small_channel_correlation(q: torch.Tensor, s: torch.Tensor, dims: tuple[int, int, int, int]) -> torch.Tensor:
     r"""Σ_c q_c ⊗ s_c by broadcasting, written straight into the channels-last order [Nq,K,HWq,HWs,L] that the
-    4D convolution reads without a copy. q [Nq,L,C,HWq], s [Nq,K,L,C,HWs] (normalised) -> [Nq*K,L,hq,wq,hs,ws]."""
+    4D convolution reads without a copy. q [Nq,L,C,HWq], s [Nq,K,L,C,HWs] (normalised) -> [Nq*K,L,hq,wq,hs,ws].
+
+    The per-channel operands are made contiguous with L innermost (they are tiny): a broadcast product takes its
+    memory order from its operands, and with L innermost in both it is the channels-last order wanted here (with
+    the operands' own [L,HW] order it would be written L-outermost and the 4D conv would have to copy it back).
+    """
     nq, k, nl, c, _ = s.shape
     hq, wq, hs, ws = dims
-    qa = q.permute(0, 3, 1, 2)[:, None, :, None]                                   # [Nq,1,HWq,1,L,C]
-    sa = s.permute(0, 1, 4, 2, 3)[:, :, None]                                      # [Nq,K,1,HWs,L,C]
-    corr = qa[..., 0] * sa[..., 0]                                                 # [Nq,K,HWq,HWs,L]
+    qc = q.permute(0, 2, 3, 1).contiguous()                                        # [Nq,C,HWq,L]
+    sc = s.permute(0, 1, 3, 4, 2).contiguous()                                     # [Nq,K,C,HWs,L]
+    corr = qc[:, None, 0, :, None] * sc[:, :, 0, None]                             # [Nq,K,HWq,HWs,L]
     for ci in range(1, c):
-        corr.addcmul_(qa[..., ci], sa[..., ci])
+        corr.addcmul_(qc[:, None, ci, :, None], sc[:, :, ci, None])
     corr.clamp_(min=0)
     return corr.view(nq * k, hq, wq, hs, ws, nl).permute(0, 5, 1, 2, 3, 4)       # [Nq*K,L,hq,wq,hs,ws]

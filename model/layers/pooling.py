@@ -24,9 +24,14 @@ def mask_features(feats: list[torch.Tensor], mask: torch.Tensor) -> list[torch.T
 
 
 def masked_average_pooling(feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    r"""MAP(F, m) = Σ_xy F·m / (Σ_xy m + eps).  feat [N,C,h,w]; mask [N,1,h,w] already at the feature size or
-    [N,H,W] at image size (then resized bilinearly). Returns [N,C]."""
+    r"""MAP(F, m) = Σ_xy F·m / (Σ_xy m + eps).  feat [N,C,h,w]; mask [N,M,h,w] (M masks) already at the feature
+    size, or [N,H,W] at image size (then resized bilinearly). Returns [N,C] for one mask, [N,M,C] for M > 1.
+
+    Computed as one batched matrix product [N,M,hw] x [N,hw,C]: the features are read once, in whatever memory
+    order they have (the backbone's channels-last maps need no copy), and no masked copy of them is made.
+    """
     if mask.dim() == 3:
         mask = resize_mask(mask, tuple(feat.shape[-2:]))
-    mask = mask.to(feat.dtype)
-    return (feat * mask).sum(dim=(2, 3)) / (mask.sum(dim=(2, 3)) + eps)
+    mask = mask.to(feat.dtype).flatten(2)                                          # [N,M,hw]
+    pooled = (mask @ feat.flatten(2).transpose(1, 2)) / (mask.sum(dim=2, keepdim=True) + eps)   # [N,M,C]
+    return pooled.squeeze(1) if pooled.shape[1] == 1 else pooled
