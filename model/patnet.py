@@ -56,7 +56,7 @@ class PATNet(FewShotSegmenter):
         # Which anchor serves each tap. (The reference's VGG branch assigns taps 0-3 / 4-9 / 10-12 as for ResNet-50,
         # which leaves its third VGG anchor unused; here every stage has its own anchor for every backbone.)
         self.tap_anchor = [self.stages.index(s) for s in backbone.stage_ids]
-        # Taps per stage; the taps of one stage share width and size, so they are pooled and transformed together.
+        # Taps per stage; the taps of one stage share width and size, so their rank-2 coefficients are solved together.
         self.stage_taps = [[i for i, a in enumerate(self.tap_anchor) if a == si] for si in range(len(self.stages))]
         self.set_test_time(finetune_steps=finetune_steps, finetune_lr=finetune_lr)
 
