@@ -118,6 +118,14 @@ def test_masked_average_pooling_matches_explicit_sum():
     assert torch.allclose(masked_average_pooling(feat, mask), expected.to(torch.float64), atol=1e-6)
     # an all-zero mask gives a zero prototype, not NaN
     assert masked_average_pooling(feat, torch.zeros(3, 24, 28)).abs().max() == 0
+    # several masks at once ([N,M,h,w] -> [N,M,C]) on a channels-last map, with another eps
+    pair = torch.stack([small, 1 - small], dim=1)
+    both = masked_average_pooling(feat.contiguous(memory_format=torch.channels_last), pair, eps=1e-6)
+    assert both.shape == (3, 2, 5)
+    for j in range(2):
+        ref = torch.stack([torch.stack([(feat[n, c] * pair[n, j]).sum() / (pair[n, j].sum() + 1e-6)
+                                        for c in range(5)]) for n in range(3)])
+        assert torch.allclose(both[:, j], ref, atol=1e-12)
 
 
 def test_resize_mask_and_mask_features():
