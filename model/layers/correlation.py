@@ -43,24 +43,25 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
     return out
 
 
-# Below this many channels a matmul is mostly overhead (PATNet's rank-2 path correlates 2-channel maps).
+# Up to this many channels per tap the taps of a stage are correlated together, in the learner's layout (PATNet's
+# rank-2 path correlates 2-channel maps); wider maps (HSNet: 512-2048) use one plain batched matmul per stage.
 SMALL_CHANNELS = 4
 
 
 def _small_channel_correlation(q: torch.Tensor, s: torch.Tensor, dims: tuple[int, int, int, int]) -> torch.Tensor:
-    r"""Σ_c q_c ⊗ s_c by broadcasting, written straight into the channels-last order [Nq,K,HWq,HWs,L] that the
-    4D convolution reads without a copy. q [Nq,L,C,HWq], s [Nq,K,L,C,HWs] (normalised) -> [Nq*K,L,hq,wq,hs,ws].
+    r"""The stage's L correlations written straight into the channels-last order [Nq,K,HWq,HWs,L] that the 4D
+    convolution reads without a copy. q [Nq,L,C,HWq], s [Nq,K,L,C,HWs] (normalised) -> [Nq*K,L,hq,wq,hs,ws].
 
-    The per-channel operands are made contiguous with L innermost (they are tiny): a broadcast product takes its
-    memory order from its operands, and with L innermost in both it is the channels-last order wanted here (with
-    the operands' own [L,HW] order it would be written L-outermost and the 4D conv would have to copy it back).
+    One matrix product does it: the query pixels with all taps' channels side by side [HWq, L*C] times a
+    block-diagonal support matrix [L*C, HWs*L] whose column (x, l) holds tap l's support pixel x in rows l*C..l*C+C-1
+    and zeros elsewhere. With C <= 4 the product is bound by writing its output, which it does once (a broadcast
+    product would write it once per channel).
     """
-    nq, k, nl, c, _ = s.shape
+    nq, k, nl, c, hws = s.shape
     hq, wq, hs, ws = dims
-    qc = q.permute(0, 2, 3, 1).contiguous()                                        # [Nq,C,HWq,L]
-    sc = s.permute(0, 1, 3, 4, 2).contiguous()                                     # [Nq,K,C,HWs,L]
-    corr = qc[:, None, 0, :, None] * sc[:, :, 0, None]                             # [Nq,K,HWq,HWs,L]
-    for ci in range(1, c):
-        corr.addcmul_(qc[:, None, ci, :, None], sc[:, :, ci, None])
-    corr.clamp_(min=0)
+    rows = q.permute(0, 3, 1, 2).reshape(nq, 1, hq * wq, nl * c)                   # [Nq,1,HWq,L*C]
+    block = s.new_zeros(nq, k, nl, c, hws, nl)
+    for tap in range(nl):
+        block[:, :, tap, :, :, tap] = s[:, :, tap]
+    corr = (rows @ block.view(nq, k, nl * c, hws * nl)).clamp_(min=0)              # [Nq,K,HWq,HWs*L]
     return corr.view(nq * k, hq, wq, hs, ws, nl).permute(0, 5, 1, 2, 3, 4)       # [Nq*K,L,hq,wq,hs,ws]
