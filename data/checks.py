@@ -225,6 +225,24 @@ def check_pair(report: DataReport, key: str, image: Path, mask: Path, full: bool
     return mask_arr
 
 
+def pair_by_stem(report: DataReport, images: dict[str, Path], masks: dict[str, Path], mask_dir: Path, prefix: str,
+                 full: bool) -> list[tuple[str, Path, Path]]:
+    r"""Pair one folder's images and binary (0/255) masks by file stem, image-driven: an image without its
+    `<mask_dir>/<stem>.png` is a problem, a mask without an image a warning. Each pair is checked with `check_pair`;
+    returns (key, image, mask) for every image with a mask, key = prefix + stem."""
+    for stem in sorted(set(masks) - set(images)):
+        report.add('mask_without_image', masks[stem], 'no image; not used', hard=False)
+    pairs = []
+    for stem in sorted(images):
+        key = prefix + stem
+        if stem not in masks:
+            report.add('image_without_mask', images[stem], f'mask {mask_dir / (stem + ".png")} is missing', key)
+            continue
+        check_pair(report, key, images[stem], masks[stem], full, allowed=(0, 255))
+        pairs.append((key, images[stem], masks[stem]))
+    return pairs
+
+
 def note_values(report: DataReport, path: Path, arr: np.ndarray, allowed: tuple[int, ...], key: str | None,
                 hard: bool = False) -> None:
     r"""Report pixel values outside `allowed` (soft by default: the loader's rule snaps or binarises them)."""

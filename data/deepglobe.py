@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.checks import (CheckedDataset, DataReport, check_pair, find_dataset_root, layout_error, list_files, open_mask,
-                         open_rgb)
+from data.checks import (CheckedDataset, DataReport, find_dataset_root, layout_error, list_files, open_mask, open_rgb,
+                         pair_by_stem)
 
 CLASSES = ['agriculture land', 'urban land', 'rangeland', 'forest land', 'water', 'barren land']
 ROOTS = ('Deepglobe', 'DeepGlobe', 'deepglobe')
@@ -42,18 +42,9 @@ class Deepglobe(CheckedDataset):
                     raise layout_error(self, folder)
             images = {p.stem: p for p in list_files(origin, ('.jpg', '.jpeg', '.png'))}
             masks = {p.stem: p for p in list_files(gt, ('.png',))}
-            keys: list[str] = []
-            for stem in sorted(set(masks) - set(images)):
-                report.add('mask_without_image', masks[stem], 'no image; not used', hard=False)
-            for stem in sorted(images):
-                key = f'{c + 1}/{stem}'
-                if stem not in masks:
-                    report.add('image_without_mask', images[stem], f'mask {gt / (stem + ".png")} is missing', key)
-                    continue
-                check_pair(report, key, images[stem], masks[stem], full, allowed=(0, 255))
-                self._paths[key] = (images[stem], masks[stem])
-                keys.append(key)
-            items.append(keys)
+            pairs = pair_by_stem(report, images, masks, gt, f'{c + 1}/', full)
+            self._paths.update((key, (image, mask)) for key, image, mask in pairs)
+            items.append([key for key, _, _ in pairs])
         report.class_names, report.class_items = list(CLASSES), items
         return report
 

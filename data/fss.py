@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
-from data.checks import CheckedDataset, DataReport, check_pair, layout_error, list_files, open_mask, open_rgb
+from data.checks import CheckedDataset, DataReport, layout_error, list_files, open_mask, open_rgb, pair_by_stem
 from data.episodic import Episode
 
 ROOTS = ('FSS-1000', 'fewshot_data', 'fewshot_data/fewshot_data')
@@ -103,16 +103,8 @@ class FSS1000(CheckedDataset):
                 continue
             images = {p.stem: p for p in list_files(root / folder, ('.jpg',))}
             masks = {p.stem: p for p in list_files(root / folder, ('.png',))}
-            for stem in sorted(set(masks) - set(images)):
-                report.add('mask_without_image', masks[stem], 'no image; not used', hard=False)
-            for stem in sorted(images):
-                key = f'{folder}/{stem}'
-                if stem not in masks:
-                    report.add('image_without_mask', images[stem], f'mask {root / folder / (stem + ".png")} is missing',
-                               key)
-                    continue
-                check_pair(report, key, images[stem], masks[stem], full, allowed=(0, 255))
-                self._paths[key] = (images[stem], masks[stem])
+            for key, image, mask in pair_by_stem(report, images, masks, root / folder, f'{folder}/', full):
+                self._paths[key] = (image, mask)
                 keys.append(key)
         report.class_names = [display_name(f) for f in self._folders]
         report.class_items = items
