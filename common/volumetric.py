@@ -125,7 +125,9 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
                     'support_imgs': torch.stack([supports[j][0] for _, j, _ in items]),
                     'support_masks': torch.stack([supports[j][1] for _, j, _ in items]),
                     'class_id': torch.full((len(items),), c, dtype=torch.long)}, device)
-                logits = model(batch['query_img'], batch['support_imgs'], batch['support_masks'], batch['class_id'])
+                # the test-time entry point: methods with per-episode adaptation (PATNet --finetune-steps) adapt here
+                logits = model.episode_logits(batch['query_img'], batch['support_imgs'], batch['support_masks'],
+                                              batch['class_id'])
                 pred = model.aggregate(logits).cpu()                           # [n,S,S]
                 for (task, _, _), (_, _, gt), p in zip(items, loaded, pred):
                     # prediction back to the prepared grid of the volume: [S,S] -> [H,W]

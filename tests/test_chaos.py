@@ -195,13 +195,15 @@ def test_folds_support_positions_and_chunks_by_hand():
 
 
 class AllForeground(nn.Module):
-    r"""Predicts foreground everywhere and records which query and support images each call received."""
+    r"""Predicts foreground everywhere and records which query and support images each call received. It has only
+    the test-time entry point `episode_logits` (no forward), which the protocol must use so that test-time
+    adaptation (PATNet --finetune-steps) applies to it as to 2D episodes."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
 
-    def forward(self, query_img, support_imgs, support_masks, class_id):
+    def episode_logits(self, query_img, support_imgs, support_masks, class_id):
         for b in range(query_img.shape[0]):
             self.calls.append((query_img[b].clone(), support_imgs[b].clone(), int(class_id[b])))
         b, k = support_imgs.shape[:2]
