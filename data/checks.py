@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import UserError
-from data.episodic import EpisodicDataset
+from data.episodic import EpisodicDataset, layout_error
 
 KIND_TITLES = {
     'missing': 'missing files',
@@ -292,13 +292,6 @@ def open_mask(path: Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise UserError(f'mask file {path} is unreadable or corrupt ({err}); run scripts/check_data.py to list '
                         'every damaged file') from err
-
-
-def layout_error(dataset: EpisodicDataset, path: Path, what: str = 'folder', also: str = '') -> UserError:
-    r"""The standard "missing path" error: names the path and shows the expected layout."""
-    looked = f' (also looked for {also})' if also else ''
-    return UserError(f'{dataset.name}: {what} {path} does not exist{looked}.\nExpected layout under --datapath '
-                     f'{dataset.datapath}:\n{dataset.layout}')
 
 
 def first_existing(candidates: list[Path], marker: str | tuple[str, ...]) -> Path | None:

@@ -186,12 +186,18 @@ def open_label(path: Path) -> np.ndarray:
     return arr.astype(np.uint8) if arr.dtype != np.uint8 else arr
 
 
+def layout_error(dataset: EpisodicDataset, path: Path, what: str = 'folder', also: str = '') -> UserError:
+    r"""The standard "missing path" error: names the path and shows the expected layout."""
+    looked = f' (also looked for {also})' if also else ''
+    return UserError(f'{dataset.name}: {what} {path} does not exist{looked}.\nExpected layout under --datapath '
+                     f'{dataset.datapath}:\n{dataset.layout}')
+
+
 def require_dirs(dataset: EpisodicDataset, *dirs: Path) -> None:
     r"""Fail with the expected layout when a required folder is missing."""
     for d in dirs:
         if not d.is_dir():
-            raise UserError(f'{dataset.name}: folder {d} does not exist.\nExpected layout under --datapath '
-                            f'{dataset.datapath}:\n{dataset.layout}')
+            raise layout_error(dataset, d)
 
 
 def cache_file(dataset: EpisodicDataset, anchor: Path, name: str) -> Path:
