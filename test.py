@@ -10,15 +10,14 @@ import time
 from pathlib import Path
 
 from common.config import parse_with_config
-from common.engine import evaluate
-from common.volumetric import evaluate_volumetric
-from common.factory import load_model, plugin_record
 from common.errors import UserError, run_cli
 from common.logger import RunLogger
 from common.metrics import format_scores
 from common.utils import configure_backends, resolve_device, seed_everything
-from common.vis import save_episode_figure
-from data import FixedEpisodes, add_dataset_args, build_dataset, build_loader, dataset_class, dataset_options
+from data import add_dataset_args, build_dataset, dataset_class, dataset_options
+from engine.factory import add_plugin_args, load_model, plugin_record
+from engine.figures import save_episode_figure
+from engine.protocols import PROTOCOLS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--datapath', type=str, default='datasets')
     add_dataset_args(p)
     p.add_argument('--nshot', type=int, default=1)
-    p.add_argument('--protocol', type=str, default='2d', choices=('2d', 'volumetric'),
+    p.add_argument('--protocol', type=str, default='2d', choices=tuple(PROTOCOLS),
                    help='2d: pre-sampled 2D episodes (every benchmark); volumetric: the SSL-ALPNet/Q-Net 5-fold '
-                        'protocol with 3D Dice per organ (chaos; see common/volumetric.py)')
+                        'protocol with 3D Dice per organ (chaos; see engine/volumetric.py)')
     p.add_argument('--episodes', type=int, default=600, help='number of pre-sampled test episodes (2d protocol)')
     p.add_argument('--seed', type=int, default=0, help='seeds the episode list (saved with the results)')
     p.add_argument('--img-size', type=int, default=None, help='default: the training image size')
@@ -42,15 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
     p.add_argument('--vis', type=int, default=0, help='draw the first N episodes into predictions.png')
     p.add_argument('--finetune-steps', type=int, default=None,
-                   help='test-time fine-tuning steps per episode, for methods that support it (reset every episode)')
-    p.add_argument('--finetune-lr', type=float, default=None, help='learning rate of test-time fine-tuning')
-    g = p.add_argument_group('CD-TG plug-in (rebuilt from the checkpoint)')
-    g.add_argument('--cdtg', action='store_true', help='assert that the checkpoint carries the CD-TG plug-in')
-    g.add_argument('--alpha', type=float, default=None,
-                   help='override the image weight of a fixed-fusion plug-in (alpha sweeps without retraining)')
-    g.add_argument('--clip-weights', type=str, default=None,
-                   help='where the CLIP weights are on this machine (must be the weights used in training)')
-    g.add_argument('--text-cache', type=str, default=None, help='folder of the frozen text-embedding cache')
+                   help='test-time adaptation steps per episode, for methods that have it (default: the method\'s; '
+                        'reset after every episode)')
+    p.add_argument('--finetune-lr', type=float, default=None,
+                   help='learning rate of test-time adaptation (default: the method\'s)')
+    add_plugin_args(p, 'test')
     return p
 
 
@@ -61,56 +56,43 @@ def main(argv=None) -> dict:
     for key in ('nshot', 'episodes', 'bsz'):
         if getattr(args, key) < 1:
             raise UserError(f'--{key} must be >= 1')
+    cls = dataset_class(args.benchmark)
+    split = 'test' if 'test' in cls.splits else 'val'
+    PROTOCOLS[args.protocol].check(cls, args)
     device = resolve_device(args.device)
     configure_backends(device)
-    model, ckpt = load_model(args.load, device, expect_cdtg=True if args.cdtg else None,
-                             overrides={'alpha': args.alpha, 'clip_weights': args.clip_weights,
-                                        'text_cache': args.text_cache})
+    model, ckpt = load_model(args.load, device, args)
     model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
     train_config = ckpt['config']
     img_size = args.img_size or train_config['img_size']
-    cls = dataset_class(args.benchmark)
-    split = 'test' if 'test' in cls.splits else 'val'
-    volumetric = args.protocol == 'volumetric'
-    if volumetric and 'volumetric' not in getattr(cls, 'protocols', ('2d',)):
-        raise UserError(f'--protocol volumetric applies to volumetric benchmarks (chaos), not {args.benchmark!r}')
-    if volumetric and args.vis:
-        raise UserError('--vis draws 2D episodes; it does not apply to --protocol volumetric')
     dataset = build_dataset(args.benchmark, args.datapath, split, args.nshot, img_size, **dataset_options(args))
     model.hooks.bind(dataset.name, dataset.class_names)
 
     seed_everything(args.seed)
-    episodes = [] if volumetric else dataset.sample_episodes(args.episodes, args.seed)
-    loader = None if volumetric else build_loader(dataset, FixedEpisodes(episodes), args.bsz, args.workers,
-                                                  device.type == 'cuda')
-    tag = '-volumetric' if volumetric else ''
+    protocol = PROTOCOLS[args.protocol](dataset, args, device)
     logpath = Path(args.logpath or
-                   Path(args.load).parent / f'test-{args.benchmark}{tag}-{args.nshot}shot-seed{args.seed}')
+                   Path(args.load).parent / f'test-{args.benchmark}{protocol.tag}-{args.nshot}shot-seed{args.seed}')
     log = RunLogger(logpath, vars(args), tensorboard=False)
     try:
-        unit = 'volumetric protocol (5 folds)' if volumetric else f'{len(episodes)} episodes'
+        adaptation = (f', test-time adaptation {model.adaptation.steps} steps at lr {model.adaptation.lr:g}'
+                      if model.adaptation.steps else '')
         log.info(f'{train_config["method"]} ({train_config["backbone"]}) from {args.load} on {dataset.describe()}, '
-                 f'{args.nshot}-shot, {unit}, seed {args.seed}, {img_size}x{img_size}')
+                 f'{args.nshot}-shot, {protocol.unit}, seed {args.seed}, {img_size}x{img_size}{adaptation}')
         start = time.perf_counter()
-        if volumetric:
-            scores, tasks = evaluate_volumetric(model, dataset, device, args.nshot, args.bsz, desc='test')
-            kept = []
-        else:
-            scores, kept = evaluate(model, loader, device, dataset.class_names, desc='test', keep_predictions=args.vis)
+        scores, kept = protocol.run(model)
         results = {
             'miou': scores['miou'], 'fbiou': scores['fbiou'], 'dice': scores['dice'],
             'per_class': scores['per_class'], 'per_class_dice': scores['per_class_dice'],
             'episodes_per_class': scores['episodes_per_class'],
             'nshot': args.nshot, 'seed': args.seed, 'benchmark': args.benchmark, 'split': split,
             'img_size': img_size, 'checkpoint': str(args.load), 'method': train_config['method'],
-            'backbone': train_config['backbone'], 'trained_on': train_config['benchmark'],
-            'seconds': time.perf_counter() - start,
-            'episodes': tasks if volumetric else [e.to_json(dataset.class_names) for e in episodes],
+            'method_options': train_config['method_options'], 'backbone': train_config['backbone'],
+            'trained_on': train_config['benchmark'], 'seconds': time.perf_counter() - start,
+            'test_time_adaptation': {'steps': model.adaptation.steps, 'lr': model.adaptation.lr},
             'protocol': args.protocol, 'plugin': plugin_record(model),
             'dataset_options': {k: v for k, v in dataset_options(args).items() if v is not None},
         }
-        if volumetric:
-            results.update(tasks=tasks, per_fold=scores['per_fold'])
+        results.update(protocol.results(scores))
         if getattr(dataset, 'skipped', None):
             results['skipped_items'] = dataset.skipped
         log.write_json('results.json', results)
@@ -119,7 +101,7 @@ def main(argv=None) -> dict:
                                       title=f'{train_config["method"]} on {args.benchmark}, {args.nshot}-shot')
             log.info(f'figure: {fig}')
         log.info('per class IoU: ' + ', '.join(f'{k} {v:.2f}' for k, v in scores['per_class'].items()))
-        if volumetric:
+        if args.protocol == 'volumetric':
             log.info('per organ 3D Dice: ' + ', '.join(f'{k} {v:.2f}' for k, v in scores['per_class_dice'].items()))
         log.info(f'results: {logpath / "results.json"}')
         log.info(format_scores(scores))

@@ -3,6 +3,7 @@ r"""Episodic training on a source benchmark; checkpoints are selected on a held-
     python train.py --method hsnet --benchmark pascal --datapath DATA --backbone resnet50 --logpath logs/hsnet
 """
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -11,22 +12,23 @@ import torch
 
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import parse_with_config
-from common.engine import evaluate, train_epoch
-from common.factory import build_model, plugin_record
 from common.errors import UserError, run_cli
 from common.logger import RunLogger
 from common.metrics import format_scores
 from common.utils import configure_backends, resolve_device, rng_state, seed_everything, set_rng_state
 from data import (FixedEpisodes, TrainingEpisodes, add_dataset_args, build_dataset, build_loader, dataset_class,
                   dataset_options)
-from model import BACKBONES, METHODS
-from text import add_cdtg_args
+from engine.factory import (add_method_args, add_plugin_args, build_model, method_options, plugin_record,
+                            preparse_method, strip_plugin_keys)
+from engine.loops import evaluate, train_epoch
+from model import BACKBONES, METHODS, method_class
 
 # Flags that may change when a run is resumed; every other value comes from the checkpoint.
 RESUMABLE = ('epochs', 'workers', 'device', 'log_every', 'resume', 'config')
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
+    r"""train.py's flags; those of `method`'s own options are added (`train.py --method patnet -h` lists them)."""
     p = argparse.ArgumentParser(description='Train a few-shot segmentation method on a source benchmark.')
     p.add_argument('--config', type=str, default=None, help='YAML file whose keys set the defaults of these flags')
     p.add_argument('--method', type=str, default='hsnet', choices=sorted(METHODS))
@@ -35,14 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help='source-side benchmark for model selection (default: the val split of --benchmark)')
     p.add_argument('--datapath', type=str, default='datasets', help='folder holding the benchmarks')
     add_dataset_args(p)
-    p.add_argument('--backbone', type=str, default='resnet50', choices=BACKBONES)
+    p.add_argument('--backbone', type=str, default=None, choices=BACKBONES,
+                   help="default: the method's (resnet50 for hsnet and patnet)")
     p.add_argument('--backbone-weights', type=str, default='imagenet', help='imagenet | none | PATH to a .pth file')
     p.add_argument('--bn-calibration', type=int, default=0,
                    help='re-estimate the frozen backbone\'s BatchNorm statistics on this many source training images '
                         'before training (0 = off). Makes --backbone-weights none usable (see README, demo)')
     p.add_argument('--img-size', type=int, default=400)
     p.add_argument('--bsz', type=int, default=20)
-    p.add_argument('--lr', type=float, default=1e-3)
+    p.add_argument('--lr', type=float, default=None,
+                   help="base learning rate of the method's recipe (default: the method's, 1e-3 for hsnet and "
+                        "patnet; optimizer, schedule and parameter groups come from the method)")
     p.add_argument('--epochs', type=int, default=50)
     p.add_argument('--episodes-per-epoch', type=int, default=None,
                    help='training episodes per epoch (default: one per (image, class) pair of the training split)')
@@ -54,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--resume', action='store_true', help='continue the run in --logpath from its last.pt')
     p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
     p.add_argument('--log-every', type=int, default=50, help='training steps between loss scalars')
-    add_cdtg_args(p)
+    if method in METHODS:
+        add_method_args(p, method)
+    add_plugin_args(p, 'train')
     return p
 
 
@@ -66,17 +73,25 @@ def _check_source(name: str, role: str) -> None:
 
 def _resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[dict, dict | None]:
     logpath = Path(args.logpath) if args.logpath else None
+    option_names = [f.name for f in dataclasses.fields(method_class(args.method).Options)]
     if args.resume:
         if logpath is None:
             raise UserError('--resume needs the --logpath of the run to continue')
         ckpt = load_checkpoint(logpath / 'last.pt')
         config = dict(ckpt['config'])
+        config.setdefault('method_options', {})
+        changed = [k for k in option_names if getattr(args, k) is not None
+                   and getattr(args, k) != config['method_options'].get(k)]
+        if changed:
+            raise UserError(f'--resume continues the saved configuration; these method options differ from it: '
+                            f'{", ".join("--" + k.replace("_", "-") for k in changed)} (start a new --logpath instead)')
         for key in RESUMABLE:               # taken from the command line only where given there
             if getattr(args, key) != parser.get_default(key) or key not in config:
                 config[key] = getattr(args, key)
         config['logpath'] = str(logpath)
         ignored = [k for k, v in vars(args).items()
-                   if k not in RESUMABLE and k != 'logpath' and v != parser.get_default(k) and v != config.get(k)]
+                   if k not in RESUMABLE and k != 'logpath' and k not in option_names
+                   and v != parser.get_default(k) and v != config.get(k)]
         if ignored:
             raise UserError(f'--resume continues the saved configuration; these flags differ from it: '
                             f'{", ".join("--" + k.replace("_", "-") for k in ignored)} (start a new --logpath instead)')
@@ -86,9 +101,11 @@ def _resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if (logpath / 'last.pt').exists():
         raise UserError(f'{logpath} already holds a run (last.pt); pass --resume to continue it or choose another '
                         '--logpath')
-    config = vars(args).copy()
+    config = {k: v for k, v in vars(args).items() if k not in option_names}
+    config['method_options'] = method_options(args.method, {k: getattr(args, k) for k in option_names})
+    config['backbone'] = args.backbone or method_class(args.method).default_backbone
     config['logpath'] = str(logpath)
-    return config, None
+    return strip_plugin_keys(config), None
 
 
 def _calibrate(model, dataset, config: dict, device: torch.device) -> None:
@@ -102,12 +119,14 @@ def _calibrate(model, dataset, config: dict, device: torch.device) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = build_parser()
+    parser = build_parser(preparse_method(argv))
     args = parse_with_config(parser, argv)
     config, ckpt = _resolve_config(args, parser)
     for key in ('bsz', 'epochs', 'nshot', 'img_size', 'val_episodes'):
         if config[key] is not None and config[key] < 1:
             raise UserError(f'--{key.replace("_", "-")} must be >= 1')
+    if config['lr'] is not None and not config['lr'] > 0:
+        raise UserError(f'--lr must be > 0, got {config["lr"]}')
     val_benchmark = config['val_benchmark'] or config['benchmark']
     _check_source(config['benchmark'], 'training')
     _check_source(val_benchmark, 'model selection')
@@ -123,13 +142,17 @@ def main(argv=None) -> dict:
                             **val_options)
 
     model = build_model(config, None if ckpt else config['backbone_weights']).to(device)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config['lr'])
+    n_train = config['episodes_per_epoch'] or len(train_set.pairs)
+    steps_per_epoch = -(-n_train // config['bsz'])
+    recipe = model.configure_optimizers(lr=config['lr'], total_steps=config['epochs'] * steps_per_epoch)
     start_epoch, best = 0, {'miou': -1.0, 'epoch': -1}
     if ckpt is None and config['bn_calibration'] > 0:
         _calibrate(model, train_set, config, device)
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+        recipe.optimizer.load_state_dict(ckpt['optimizer'])
+        if recipe.scheduler is not None and ckpt.get('scheduler') is not None:
+            recipe.scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch, best = ckpt['epoch'] + 1, ckpt['best']
         set_rng_state(ckpt['rng'])
 
@@ -143,19 +166,20 @@ def main(argv=None) -> dict:
     log.info(f'model selection on {val_set.describe()}')
     if ckpt is None and config['bn_calibration'] > 0:
         log.info(f'backbone BatchNorm statistics re-estimated on {config["bn_calibration"]} source training images')
-    n_train = config['episodes_per_epoch'] or len(train_set.pairs)
     sampler = TrainingEpisodes(train_set, n_train, config['seed'])
     pin = device.type == 'cuda'
     train_loader = build_loader(train_set, sampler, config['bsz'], config['workers'], pin, drop_last=False)
     val_episodes = val_set.sample_episodes(config['val_episodes'], config['seed'])
     val_loader = build_loader(val_set, FixedEpisodes(val_episodes), config['bsz'], config['workers'], pin)
 
-    steps_per_epoch = len(train_loader)
-
-    def on_step(step: int, loss: torch.Tensor) -> None:
+    def on_step(step: int, loss: torch.Tensor, terms: dict) -> None:
         if step % config['log_every'] == 0:
             # the only host sync of the training loop, every --log-every steps
-            log.scalar('train/loss_step', float(loss.detach()), epoch * steps_per_epoch + step)
+            global_step = epoch * steps_per_epoch + step
+            log.scalar('train/loss_step', float(loss.detach()), global_step)
+            if len(terms) > 1:
+                for name, value in terms.items():
+                    log.scalar(f'train/loss_{name}_step', float(value.detach()), global_step)
 
     history = []
     try:
@@ -163,7 +187,7 @@ def main(argv=None) -> dict:
             sampler.set_epoch(epoch)
             t0 = time.perf_counter()
             model.hooks.bind(train_set.name, train_set.class_names)
-            trn = train_epoch(model, train_loader, optimizer, device, train_set.class_names,
+            trn = train_epoch(model, train_loader, recipe, device, train_set.class_names,
                               desc=f'epoch {epoch} train', on_step=on_step)
             model.hooks.bind(val_set.name, val_set.class_names)
             val, _ = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val')
@@ -176,9 +200,13 @@ def main(argv=None) -> dict:
             for tag, scores in (('train', trn), ('val', val)):
                 for key in ('loss', 'miou', 'fbiou', 'dice'):
                     log.scalar(f'{tag}/{key}', scores[key], epoch)
+            for name, value in trn.get('loss_terms', {}).items():
+                log.scalar(f'train/loss_{name}', value, epoch)
             history.append({'epoch': epoch, 'train': trn, 'val': val})
             state = {'model': model.state_dict(), 'method': config['method'], 'backbone': config['backbone'],
-                     'config': config, 'epoch': epoch, 'optimizer': optimizer.state_dict(), 'rng': rng_state(),
+                     'config': config, 'epoch': epoch, 'optimizer': recipe.optimizer.state_dict(),
+                     'scheduler': recipe.scheduler.state_dict() if recipe.scheduler is not None else None,
+                     'rng': rng_state(),
                      'best': best, 'val': val, 'class_names': train_set.class_names, 'plugin': plugin}
             if improved:
                 save_checkpoint(state, Path(config['logpath']) / 'best.pt')

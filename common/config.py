@@ -22,7 +22,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     return parser.parse_args(argv)
 
 
-def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+def load_yaml_file(path: str) -> dict:
+    r"""A YAML config file as a mapping; a missing, unreadable or non-mapping file is a `UserError` naming it."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f'config file {file} does not exist')
@@ -32,6 +33,12 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UserError(f'config file {file} is not valid YAML: {err}') from err
     if not isinstance(values, dict):
         raise UserError(f'config file {file} must hold a mapping of flag names to values')
+    return values
+
+
+def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    file = Path(path)
+    values = load_yaml_file(path)
     valid = {a.dest for a in parser._actions if a.dest not in ('help', 'config')}
     out = {}
     for key, value in values.items():

@@ -9,7 +9,7 @@ add them into per-class int64 buffers (no host synchronisation per episode; floa
 """
 import torch
 
-IGNORE_INDEX = 255
+from common.constants import IGNORE_INDEX
 
 
 def intersection_union(pred: torch.Tensor, gt: torch.Tensor, ignore_index: int = IGNORE_INDEX):

@@ -18,7 +18,7 @@ with one label PNG per slice in `.../T2SPIR/Ground/<same stem>.png`. `scripts/pr
 The loader reads only that cache. Networks see a slice as round(255 x value) replicated to RGB with ImageNet
 normalisation, like every other target. Two protocols: the default 2D episodes (4 organ classes, query and
 support are organ-containing slices of *different* patients, 600 class-balanced episodes) and the volumetric
-SSL-ALPNet / Q-Net protocol in `common/volumetric.py` (`test.py --protocol volumetric`), the primary CHAOS metric.
+SSL-ALPNet / Q-Net protocol in `engine/volumetric.py` (`test.py --protocol volumetric`), the primary CHAOS metric.
 """
 import json
 import shutil

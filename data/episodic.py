@@ -15,11 +15,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from common.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from common.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE = 255
 
 
 @dataclass(frozen=True)
@@ -131,7 +128,7 @@ class EpisodicDataset(Dataset):
         q_img, q_mask = self.load_pair(episode.query, episode.class_id)
         shots = [self.load_pair(key, episode.class_id) for key in episode.supports]
         s_masks = torch.stack([m for _, m in shots])
-        s_masks[s_masks == IGNORE] = 0
+        s_masks[s_masks == IGNORE_INDEX] = 0
         return {'query_img': q_img, 'query_mask': q_mask,
                 'support_imgs': torch.stack([img for img, _ in shots]), 'support_masks': s_masks,
                 'class_id': torch.tensor(episode.class_id), 'query_name': episode.query,

@@ -1,63 +1,145 @@
-r"""Build a method and its optional CD-TG plug-in from a run configuration, or from a checkpoint."""
+r"""Assembly: build a method and its plug-ins from a run configuration or a checkpoint, and their command-line flags.
+
+A plug-in (registered in `PLUGINS`) is a `model.base.Hooks` subclass that also provides, for this module:
+    name, label                       its key in checkpoints ('cdtg') and its name in messages ('CD-TG')
+    add_args(parser, stage)           its flags; stage 'train' (all, saved) or 'test' (test-time overrides)
+    enabled(config) -> bool           whether a run configuration asks for it
+    config_keys() -> tuple            the configuration keys it owns (dropped from runs without it)
+    from_config(config, model)        build it for a method
+    test_overrides(config, args, path) -> config    apply and check test.py's overrides
+    record() -> dict                  what a checkpoint records about it
+    check_record(saved, path)         refuse a checkpoint it cannot serve
+Methods never import a plug-in; the composition happens here.
+"""
+import argparse
+import dataclasses
+import importlib
+
 import torch
 
 from common.checkpoint import load_checkpoint
 from common.errors import UserError
-from model import FewShotSegmenter, build_method
+from model import FewShotSegmenter, build_method, build_options, method_class
+
+PLUGINS: dict[str, str] = {
+    'cdtg': 'text.plugin:CDTG',
+}
 
 
+def plugin_classes() -> list[type]:
+    classes = []
+    for target in PLUGINS.values():
+        module, name = target.split(':')
+        classes.append(getattr(importlib.import_module(module), name))
+    return classes
+
+
+def add_plugin_args(parser: argparse.ArgumentParser, stage: str) -> None:
+    for cls in plugin_classes():
+        cls.add_args(parser, stage)
+
+
+# --- method options as flags ----------------------------------------------------------------------------------------
+def preparse_method(argv, default: str = 'hsnet') -> str:
+    r"""The --method of a command line (or of its --config YAML), before the full parser exists: the method decides
+    which option flags the parser has."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--method', type=str, default=None)
+    pre.add_argument('--config', type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.method:
+        return known.method
+    if known.config:
+        from common.config import load_yaml_file
+        return load_yaml_file(known.config).get('method', default)
+    return default
+
+
+def add_method_args(parser: argparse.ArgumentParser, method: str) -> list[str]:
+    r"""One flag per field of the method's options dataclass (default None = the method's default, so a resumed run
+    knows which were typed). Returns the option names."""
+    cls = method_class(method)
+    fields = dataclasses.fields(cls.Options)
+    if not fields:
+        return []
+    group = parser.add_argument_group(f'{method} options')
+    for f in fields:
+        meta = f.metadata
+        flag = '--' + f.name.replace('_', '-')
+        kwargs = {'default': None, 'help': f'{meta.get("help", "")} (default: {f.default})'}
+        if isinstance(f.default, bool):
+            kwargs['action'] = argparse.BooleanOptionalAction
+        else:
+            kwargs['type'] = type(f.default)
+            if meta.get('choices'):
+                kwargs['choices'] = meta['choices']
+        group.add_argument(flag, **kwargs)
+    return [f.name for f in fields]
+
+
+def method_options(method: str, values: dict) -> dict:
+    r"""The full, validated options of `method` (defaults where a value is None) as a plain dict."""
+    given = {k: v for k, v in values.items() if v is not None}
+    return dataclasses.asdict(build_options(method, given))
+
+
+# --- models ---------------------------------------------------------------------------------------------------------
 def build_model(config: dict, backbone_weights: str | None) -> FewShotSegmenter:
-    r"""The model a run configuration describes. `backbone_weights=None` leaves the backbone for a checkpoint.
-    With `config['cdtg']` the CD-TG plug-in is built and attached through the method's hook interface."""
-    model = build_method(config['method'], config['backbone'], backbone_weights)
-    if config.get('cdtg'):
-        from text import build_plugin          # the composition happens here, never inside a method
-        model.attach(build_plugin(config, model))
+    r"""The model a run configuration describes (method, its options, backbone, plug-ins).
+    `backbone_weights=None` leaves the backbone for a checkpoint."""
+    model = build_method(config['method'], config.get('backbone'), backbone_weights,
+                         **config.get('method_options', {}))
+    for cls in plugin_classes():
+        if cls.enabled(config):
+            model.attach(cls.from_config(config, model))
     return model
 
 
 def plugin_record(model: FewShotSegmenter) -> dict | None:
     r"""What a checkpoint records about the attached plug-in (None without one)."""
-    hooks = model.hooks
-    if not hasattr(hooks, 'config'):
-        return None
-    return {'name': 'cdtg', 'config': hooks.config.to_dict(), 'text_encoder': hooks.identity}
+    record = getattr(model.hooks, 'record', None)
+    return record() if callable(record) else None
 
 
-def load_model(path: str, device: torch.device, overrides: dict | None = None,
-               expect_cdtg: bool | None = None) -> tuple[FewShotSegmenter, dict]:
-    r"""Rebuild the model recorded in a checkpoint (method, backbone, plug-in) and load its weights.
+def strip_plugin_keys(config: dict) -> dict:
+    r"""A run configuration without the settings of plug-ins it does not use."""
+    config = dict(config)
+    for cls in plugin_classes():
+        if not cls.enabled(config):
+            for key in cls.config_keys():
+                config.pop(key, None)
+    return config
+
+
+def load_model(path: str, device: torch.device, args: argparse.Namespace | None = None,
+               expect_plugin: bool | None = None) -> tuple[FewShotSegmenter, dict]:
+    r"""Rebuild the model recorded in a checkpoint (method, options, backbone, plug-in) and load its weights.
 
     Args:
-        overrides: configuration values to change at test time (e.g. text_cache, alpha, clip_weights); None values
-            are ignored.
-        expect_cdtg: True/False asserts that the checkpoint was / was not trained with the CD-TG plug-in.
+        args: test.py's parsed flags; each plug-in applies (and checks) its test-time overrides from them.
+        expect_plugin: False asserts that the checkpoint carries no plug-in.
+    Checkpoints written before method options existed load with the method's default options.
     """
     ckpt = load_checkpoint(path)
     config = dict(ckpt['config'])
-    has_cdtg = bool(config.get('cdtg'))
-    if expect_cdtg is True and not has_cdtg:
-        raise UserError(f'checkpoint {path} was trained without the CD-TG plug-in, so --cdtg cannot be used with it '
-                        '(drop --cdtg, or train with train.py --cdtg)')
-    if expect_cdtg is False and has_cdtg:
-        raise UserError(f'checkpoint {path} holds a CD-TG plug-in; it cannot be evaluated as a plain model')
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            if not has_cdtg:
-                raise UserError(f'--{key.replace("_", "-")} applies to CD-TG checkpoints only; {path} has no plug-in')
-            if key == 'alpha' and config.get('fusion') == 'learned':
-                raise UserError(f'--alpha cannot override {path}: its fusion weights were learned (--fusion learned)')
-            config[key] = value
+    config.setdefault('method_options', {})
+    method_class(config['method'])                               # a clear error for an unknown method
+    if args is not None:
+        for cls in plugin_classes():
+            config = cls.test_overrides(config, args, path)
+    plugins = [cls for cls in plugin_classes() if cls.enabled(config)]
+    if expect_plugin is False and plugins:
+        raise UserError(f'checkpoint {path} holds a plug-in ({plugins[0].name}); it cannot be evaluated as a plain '
+                        'model')
     model = build_model(config, None)
-    saved_plugin, plugin = ckpt.get('plugin'), plugin_record(model)
-    if plugin is not None and saved_plugin is not None and plugin['text_encoder'] != saved_plugin['text_encoder']:
-        raise UserError(f'checkpoint {path} was trained with text encoder {saved_plugin["text_encoder"]}, but '
-                        f'--clip-weights now gives {plugin["text_encoder"]}; pass the same CLIP weights')
+    record = plugin_record(model)
+    if record is not None:
+        model.hooks.check_record(ckpt.get('plugin'), path)
     state = ckpt['model']
-    plugin_keys = [k for k in state if k.startswith('hooks.')]
-    if plugin_keys and plugin is None:
-        raise UserError(f'checkpoint {path} holds CD-TG plug-in weights but its configuration has no plug-in')
-    what = f'method {config["method"]} with backbone {config["backbone"]}{" + CD-TG" if plugin else ""}'
+    if any(k.startswith('hooks.') for k in state) and record is None:
+        raise UserError(f'checkpoint {path} holds plug-in weights but its configuration has no plug-in')
+    plugin = f' + {model.hooks.label}' if record else ''
+    what = f'method {config["method"]} with backbone {config["backbone"]}{plugin}'
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:                                     # shape mismatches

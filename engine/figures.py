@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.episodic import IMAGENET_MEAN, IMAGENET_STD
+from common.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _to_rgb(img: torch.Tensor) -> np.ndarray:

@@ -1,4 +1,5 @@
-r"""The episode loops shared by train.py, test.py and the demo."""
+r"""The episode loops shared by train.py, test.py and the demo: every model call goes through the staged pipeline
+(`forward` for training, `encode` + `infer` at test time, so test-time adaptation can never be skipped)."""
 import time
 
 import torch
@@ -8,41 +9,63 @@ from common.metrics import SegmentationMeter
 from common.utils import to_device
 
 
-def train_epoch(model, loader, optimizer, device: torch.device, class_names: list[str], desc: str = 'train',
+def episode_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return batch['query_img'], batch['support_imgs'], batch['support_masks'], batch['class_id']
+
+
+def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    r"""The sum of a method's (already weighted) loss terms."""
+    return sum(terms.values())
+
+
+def train_epoch(model, loader, recipe, device: torch.device, class_names: list[str], desc: str = 'train',
                 on_step=None) -> dict:
-    r"""One pass over the training episodes. `on_step(step, loss_tensor)` may log (and is the only place that
-    reads the loss on the host, so callers control synchronisation)."""
+    r"""One pass over the training episodes with the method's recipe (optimizer, per-step LR schedule, gradient
+    clipping). `on_step(step, loss, terms)` may log (and is the only place that reads the loss on the host, so
+    callers control synchronisation). Returns the epoch's scores, with the mean of each loss term."""
     model.train()
     meter = SegmentationMeter(class_names, device)
+    term_sums: dict[str, torch.Tensor] = {}
+    params = model.trainable_parameters() if recipe.grad_clip else None
     for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True)):
         batch = to_device(batch, device)
-        logits = model(batch['query_img'], batch['support_imgs'], batch['support_masks'], batch['class_id'])
-        loss = model.loss(logits, batch['query_mask'])
-        optimizer.zero_grad(set_to_none=True)
+        output = model(*episode_inputs(batch))
+        terms = model.loss(output, batch)
+        loss = total_loss(terms)
+        recipe.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        if recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        recipe.optimizer.step()
+        if recipe.scheduler is not None:
+            recipe.scheduler.step()
         with torch.no_grad():
-            meter.update(model.aggregate(logits.detach()), batch['query_mask'], batch['class_id'], loss.detach())
+            meter.update(model.segment(output), batch['query_mask'], batch['class_id'], loss.detach())
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0) + value.detach() * batch['class_id'].numel()
         if on_step is not None:
-            on_step(step, loss)
-    return meter.compute()
+            on_step(step, loss, terms)
+    scores = meter.compute()
+    if meter.loss_n:
+        scores['loss_terms'] = {name: float(v) / meter.loss_n for name, v in term_sums.items()}
+    return scores
 
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, class_names: list[str], desc: str = 'eval',
              keep_predictions: int = 0) -> tuple[dict, list[dict]]:
-    r"""Predict every episode of `loader` (K-shot vote) and return the scores and, for the first
-    `keep_predictions` episodes, the CPU tensors needed to draw them."""
+    r"""Predict every episode of `loader` through the test-time entry point (`infer`, which adapts per episode
+    when the method is set to) and return the scores and, for the first `keep_predictions` episodes, the CPU
+    tensors needed to draw them."""
     model.eval()
     meter = SegmentationMeter(class_names, device)
     kept: list[dict] = []
     start, n = time.perf_counter(), 0
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True):
         batch = to_device(batch, device)
-        logits = model.episode_logits(batch['query_img'], batch['support_imgs'], batch['support_masks'],
-                                      batch['class_id'])
-        pred = model.aggregate(logits)
-        meter.update(pred, batch['query_mask'], batch['class_id'], model.loss(logits, batch['query_mask']))
+        output = model.infer(model.encode(*episode_inputs(batch)))
+        pred = model.segment(output)
+        meter.update(pred, batch['query_mask'], batch['class_id'], total_loss(model.loss(output, batch)))
         n += pred.shape[0]
         for i in range(pred.shape[0]):
             if len(kept) >= keep_predictions:

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.utils import to_device
 
 N_FOLDS = 5
 FOLD_SIZE = 5
@@ -72,9 +71,11 @@ def chunk_bounds(n_query_slices: int, n_part: int = N_PART) -> list[int]:
     return np.linspace(0, n_query_slices, n_part + 1).astype('int').tolist()
 
 
-def _stack_supports(dataset, pid: str, slices: list[int], class_id: int):
-    shots = [dataset.load_slice(pid, z, class_id) for z in slices]
-    return torch.stack([s[0] for s in shots]), torch.stack([s[1] for s in shots])
+def _stack_supports(dataset, pid: str, chunks: list[list[int]], class_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The support slices of every chunk: images [n_chunks,K,3,S,S] and masks [n_chunks,K,S,S]."""
+    shots = [[dataset.load_slice(pid, z, class_id) for z in zs] for zs in chunks]
+    return (torch.stack([torch.stack([s[0] for s in zs]) for zs in shots]),
+            torch.stack([torch.stack([s[1] for s in zs]) for zs in shots]))
 
 
 @torch.no_grad()
@@ -82,8 +83,10 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
                         desc: str = 'volumetric') -> tuple[dict, list[dict]]:
     r"""Run the protocol on a dataset exposing `volumes`, `organ_slices(pid, c)`, `load_slice(pid, z, c)` and
     `class_names`. Returns (scores, tasks): scores in percent with the keys of `SegmentationMeter.compute` plus
-    'per_fold'; one task per (fold, organ, query volume). Query slices are batched `bsz` at a time across chunks and
-    query volumes; each batch element carries its own chunk's supports."""
+    'per_fold'; one task per (fold, organ, query volume). The 3 chunks' support slices are encoded once per
+    (fold, organ) and serve every query slice; query slices are batched `bsz` at a time across chunks and query
+    volumes, each with its own chunk's supports, and predicted through the test-time entry point `model.infer`
+    (methods with per-episode adaptation adapt there)."""
     model.eval()
     volumes = dataset.volumes
     folds = volumetric_folds(len(volumes))
@@ -102,7 +105,11 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
             s_slices = dataset.organ_slices(support, c)
             chunks = ([[s_slices[i] for i in idx] for idx in support_slice_indices(len(s_slices), nshot)]
                       if s_slices else None)
-            supports = [_stack_supports(dataset, support, zs, c) for zs in chunks] if chunks else None
+            supports = None
+            if chunks:
+                imgs, masks = _stack_supports(dataset, support, chunks, c)
+                supports = model.encode_supports(imgs.to(device), masks.to(device),
+                                                 torch.full((len(chunks),), c, dtype=torch.long, device=device))
             work = []                                        # (task, chunk j, query slice z)
             for query in queries:
                 q_slices = dataset.organ_slices(query, c)
@@ -120,15 +127,9 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
             for b in range(0, len(work), bsz):
                 items = work[b:b + bsz]
                 loaded = [dataset.load_slice(task['query'], z, c) for task, _, z in items]
-                batch = to_device({
-                    'query_img': torch.stack([x[0] for x in loaded]),
-                    'support_imgs': torch.stack([supports[j][0] for _, j, _ in items]),
-                    'support_masks': torch.stack([supports[j][1] for _, j, _ in items]),
-                    'class_id': torch.full((len(items),), c, dtype=torch.long)}, device)
-                # the test-time entry point: methods with per-episode adaptation (PATNet --finetune-steps) adapt here
-                logits = model.episode_logits(batch['query_img'], batch['support_imgs'], batch['support_masks'],
-                                              batch['class_id'])
-                pred = model.aggregate(logits).cpu()                           # [n,S,S]
+                query_img = torch.stack([x[0] for x in loaded]).to(device, non_blocking=True)
+                record = model.encode_query(query_img, supports.select([j for _, j, _ in items]))
+                pred = model.segment(model.infer(record)).cpu()                # [n,S,S]
                 for (task, _, _), (_, _, gt), p in zip(items, loaded, pred):
                     # prediction back to the prepared grid of the volume: [S,S] -> [H,W]
                     p = F.interpolate(p[None, None].float(), gt.shape, mode='nearest')[0, 0].bool()

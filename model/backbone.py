@@ -1,6 +1,7 @@
-r"""Frozen ImageNet backbones that return HSNet's intermediate feature taps in one pass."""
+r"""ImageNet backbones that return a method's feature taps in one pass: frozen, or fine-tuned from some layer on."""
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,30 +22,79 @@ BACKBONES = tuple(_SPECS)
 
 # VGG-16 taps as in HSNet: conv4_1..4_3 and conv5_1..5_3 before their ReLU, and pool5.
 _VGG_TAPS = {17: 2, 19: 2, 21: 2, 24: 3, 26: 3, 28: 3, 30: 4}
+RESNET_LAYERS = ('layer1', 'layer2', 'layer3', 'layer4')
+_WIDTHS = {1: 256, 2: 512, 3: 1024, 4: 2048}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    r"""What a method needs from its backbone (declared on the method class, see `FewShotSegmenter.backbone_spec`).
+
+    Attributes:
+        taps: 'bottlenecks' (HSNet family: every bottleneck of layer2-4 after the residual add and before its final
+            ReLU; ResNet-50: 4 x 512 @ /8, 6 x 1024 @ /16, 3 x 2048 @ /32; VGG-16: HSNet's 7 conv taps), or a tuple of
+            ResNet layer names ('layer1'..'layer4') whose outputs are returned, in that order.
+        tap_relu: for layer taps, whether the layer's last ReLU is applied (False: IFA's layer3 without it).
+        dilate: for layer2, layer3, layer4: replace the stride by dilation (torchvision's
+            `replace_stride_with_dilation`); (False, True, True) gives output stride 8 (DeepLab / PMMs / Q-Net).
+        trainable: ResNet parts fine-tuned with the method ('stem', 'layer1'..'layer4', 'fc'); their BatchNorm
+            layers stay frozen (running statistics and affine parameters). Everything else is frozen and runs
+            without gradient.
+        keep_fc: keep the ImageNet classifier `net.fc` (Q-Net derives its threshold from its 1000 logits).
+    """
+    taps: str | tuple[str, ...] = 'bottlenecks'
+    tap_relu: bool = True
+    dilate: tuple[bool, bool, bool] = (False, False, False)
+    trainable: tuple[str, ...] = ()
+    keep_fc: bool = False
+
+    def validate(self, name: str) -> 'BackboneSpec':
+        parts = ('stem',) + RESNET_LAYERS + ('fc',)
+        if self.taps != 'bottlenecks':
+            if not self.taps or any(t not in RESNET_LAYERS for t in self.taps):
+                raise UserError(f'backbone taps {self.taps!r}: use "bottlenecks" or ResNet layer names {RESNET_LAYERS}')
+        if any(t not in parts for t in self.trainable):
+            raise UserError(f'trainable backbone parts {self.trainable!r}: choose from {parts}')
+        if 'fc' in self.trainable and not self.keep_fc:
+            raise UserError('a trainable fc needs keep_fc=True')
+        if name == 'vgg16' and (self.taps != 'bottlenecks' or any(self.dilate) or self.trainable or self.keep_fc):
+            raise UserError('vgg16 supports only the frozen HSNet taps; this method needs a ResNet backbone '
+                            '(--backbone resnet50 or resnet101)')
+        return self
+
+    @property
+    def last_layer(self) -> int:
+        r"""Index (1-4) of the deepest ResNet layer the taps need (later layers are not run)."""
+        if self.taps == 'bottlenecks':
+            return 4
+        return max(RESNET_LAYERS.index(t) for t in self.taps) + 1
 
 
 class Backbone(nn.Module):
-    r"""Frozen feature extractor (BN in eval mode, no gradients).
+    r"""ImageNet feature extractor; frozen (BN in eval mode, no gradients) unless the spec fine-tunes some layers.
 
-    ResNets return every bottleneck output of layer2-4 after the residual add and before the final ReLU
-    (ResNet-50: 4 x 512 @ /8, 6 x 1024 @ /16, 3 x 2048 @ /32). `stage_ids[i]` is the stage (2, 3, 4) of tap i and
-    `channels[i]` its width.
+    With the default spec ResNets return every bottleneck output of layer2-4 after the residual add and before the
+    final ReLU (ResNet-50: 4 x 512 @ /8, 6 x 1024 @ /16, 3 x 2048 @ /32). `stage_ids[i]` is the stage (2, 3, 4) of
+    tap i and `channels[i]` its width.
 
     Args:
         name: resnet50 | resnet101 | vgg16.
         weights: 'imagenet' (torchvision download, cached in $TORCH_HOME), a path to a local .pth state dict,
             'none' (random initialisation, with a loud warning; only for tests and the offline demo), or None when
             the weights will be loaded from a checkpoint right after construction.
+        spec: which taps, dilation and trainable layers (a method's `backbone_spec`).
     """
 
-    def __init__(self, name: str = 'resnet50', weights: str | None = 'imagenet'):
+    def __init__(self, name: str = 'resnet50', weights: str | None = 'imagenet', spec: BackboneSpec | None = None):
         super().__init__()
         if name not in _SPECS:
             raise UserError(f'unknown backbone {name!r}; choose one of {", ".join(BACKBONES)}')
+        self.spec = (spec or BackboneSpec()).validate(name)
         build, enum, blocks = _SPECS[name]
         self.name = name
         self.weights = str(weights)
-        self.net = build(weights=None)
+        self.net = build(weights=None) if blocks is None else build(weights=None,
+                                                                     replace_stride_with_dilation=list(self.spec.dilate))
         if weights is not None:
             _load_weights(self.net, name, enum, str(weights))
         if blocks is None:
@@ -52,15 +102,35 @@ class Backbone(nn.Module):
             self.channels = [512] * len(_VGG_TAPS)
             del self.net.avgpool, self.net.classifier
         else:
-            self.stage_ids = [stage + 1 for stage, n in enumerate(blocks) for _ in range(n)][blocks[0]:]
-            widths = {2: 512, 3: 1024, 4: 2048}
-            self.channels = [widths[s] for s in self.stage_ids]
-            del self.net.fc
+            if self.spec.taps == 'bottlenecks':
+                self.stage_ids = [stage + 1 for stage, n in enumerate(blocks) for _ in range(n)][blocks[0]:]
+            else:
+                self.stage_ids = [RESNET_LAYERS.index(t) + 1 for t in self.spec.taps]
+            self.channels = [_WIDTHS[s] for s in self.stage_ids]
+            for layer in RESNET_LAYERS[self.spec.last_layer:]:           # layers no tap needs are never run
+                delattr(self.net, layer)
+            if not self.spec.keep_fc:
+                del self.net.fc
         self.requires_grad_(False)
+        for part in self.spec.trainable:
+            for module in self._part_modules(part):
+                for sub in module.modules():
+                    if not isinstance(sub, nn.BatchNorm2d):
+                        sub.requires_grad_(True)
         # NHWC convolutions: 22% faster ResNet-50 forward on a 2-core CPU; the preferred layout on tensor cores too.
         self.net.to(memory_format=torch.channels_last)
         self._fold_key, self._folded = None, {}
         self.eval()
+
+    def _part_modules(self, part: str) -> list[nn.Module]:
+        net = self.net
+        if part == 'stem':
+            return [net.conv1, net.bn1]
+        return [getattr(net, part)] if hasattr(net, part) else []
+
+    @property
+    def trainable(self) -> bool:
+        return bool(self.spec.trainable)
 
     @property
     def stage_sizes(self) -> list[int]:
@@ -98,17 +168,25 @@ class Backbone(nn.Module):
                 m.training = False
         return seen
 
-    @torch.no_grad()
     def forward(self, img: torch.Tensor) -> list[torch.Tensor]:
+        r"""img [N,3,H,W] -> the taps (channels-last maps). Frozen parts run without gradient; gradients flow from
+        the first trainable part on (also through frozen layers after it)."""
         img = img.contiguous(memory_format=torch.channels_last)
         if self.name == 'vgg16':
-            return self._forward_vgg(img)
+            with torch.no_grad():
+                return self._forward_vgg(img)
         return self._forward_resnet(img)
 
+    def _layers(self) -> list[tuple[int, nn.Module]]:
+        return [(i, getattr(self.net, n)) for i, n in enumerate(RESNET_LAYERS, start=1) if hasattr(self.net, n)]
+
     def _conv_bn_pairs(self):
-        net = self.net
-        pairs = [(net.conv1, net.bn1)]
-        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        r"""The (conv, BN) pairs of the frozen parts (trainable parts keep conv -> BN: their weights move)."""
+        net, trainable = self.net, self.spec.trainable
+        pairs = [] if 'stem' in trainable else [(net.conv1, net.bn1)]
+        for stage, layer in self._layers():
+            if RESNET_LAYERS[stage - 1] in trainable:
+                continue
             for block in layer:
                 pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
                 if block.downsample is not None:
@@ -125,38 +203,54 @@ class Backbone(nn.Module):
                tuple(id(t) for t in tensors))
         if key != self._fold_key:
             folded = {}
-            for conv, bn in pairs:
-                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-                weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-                bias = bn.bias - bn.running_mean * scale
-                if conv.bias is not None:
-                    bias = bias + conv.bias * scale
-                folded[conv] = (weight, bias)
+            with torch.no_grad():
+                for conv, bn in pairs:
+                    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+                    weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+                    bias = bn.bias - bn.running_mean * scale
+                    if conv.bias is not None:
+                        bias = bias + conv.bias * scale
+                    folded[conv] = (weight, bias)
             self._fold_key, self._folded = key, folded
         return self._folded
 
     def _forward_resnet(self, x: torch.Tensor, fold: bool = True) -> list[torch.Tensor]:
-        folded = self._fold_batchnorm() if fold else None
+        folded = self._fold_batchnorm() if fold else {}
+        spec, net = self.spec, self.net
 
         def conv_bn(conv, bn, inp):
-            if folded is None:
+            if conv not in folded:
                 return bn(conv(inp))
             weight, bias = folded[conv]
             return F.conv2d(inp, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
-        net = self.net
-        x = net.maxpool(torch.relu(conv_bn(net.conv1, net.bn1, x)))
-        feats = []
-        for stage, layer in enumerate((net.layer1, net.layer2, net.layer3, net.layer4), start=1):
-            for block in layer:
-                identity = x if block.downsample is None else conv_bn(*block.downsample, x)
-                out = torch.relu(conv_bn(block.conv1, block.bn1, x))
-                out = torch.relu(conv_bn(block.conv2, block.bn2, out))
-                out = conv_bn(block.conv3, block.bn3, out) + identity
-                if stage > 1:
-                    feats.append(out)    # taps: bottleneck outputs of layer2-4 before the final ReLU
-                x = torch.relu(out)      # not in place: `out` is kept as a tap
-        return feats
+        grad = torch.is_grad_enabled()
+        tracking = grad and 'stem' in spec.trainable          # gradients flow from the first trainable part on
+        with torch.set_grad_enabled(tracking):
+            x = net.maxpool(torch.relu(conv_bn(net.conv1, net.bn1, x)))
+        feats, by_layer = [], {}
+        for stage, layer in self._layers():
+            name = RESNET_LAYERS[stage - 1]
+            tracking = tracking or (grad and name in spec.trainable)
+            with torch.set_grad_enabled(tracking):
+                if spec.taps == 'bottlenecks':
+                    for block in layer:
+                        identity = x if block.downsample is None else conv_bn(*block.downsample, x)
+                        out = torch.relu(conv_bn(block.conv1, block.bn1, x))
+                        out = torch.relu(conv_bn(block.conv2, block.bn2, out))
+                        out = conv_bn(block.conv3, block.bn3, out) + identity
+                        if stage > 1:
+                            feats.append(out)    # taps: bottleneck outputs of layer2-4 before the final ReLU
+                        x = torch.relu(out)      # not in place: `out` is kept as a tap
+                    continue
+                for block in layer:
+                    identity = x if block.downsample is None else conv_bn(*block.downsample, x)
+                    out = torch.relu(conv_bn(block.conv1, block.bn1, x))
+                    out = torch.relu(conv_bn(block.conv2, block.bn2, out))
+                    out = conv_bn(block.conv3, block.bn3, out) + identity
+                    x = torch.relu(out)
+                by_layer[name] = x if spec.tap_relu else out
+        return feats if spec.taps == 'bottlenecks' else [by_layer[t] for t in spec.taps]
 
     def _forward_vgg(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []

@@ -1,16 +1,31 @@
-r"""The method interface every few-shot segmenter implements, and the identity plug-in hooks."""
-from dataclasses import dataclass
+r"""The method interface: one staged episode pipeline, K-shot policies, named losses, options and training recipe.
+
+Every method runs the same stages (written once, here):
+
+    record = method.encode(query_img, support_imgs, support_masks, class_id)    # backbone once + plug-in feature hooks
+    output = method.match(record)                                               # the method's own matching
+    mask   = method.segment(output)                                             # its K-shot policy
+
+`forward` is encode + match (training); `infer(record)` is the one test-time entry point, which runs the method's
+test-time adaptation (model/adapt.py) when it has one; `predict` = segment(infer(encode(...))). A method subclasses
+`FewShotSegmenter`, implements `match` and declares, as class attributes: its `kshot` policy, its `Options`
+dataclass (which become command-line flags), its `backbone_spec`, its `plugin_point`, and optionally its loss terms,
+training recipe (`configure_optimizers`) and test-time adaptation (`adaptation_parameters` / `adaptation_loss`).
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.constants import IGNORE_INDEX
 from common.errors import UserError
-from model.backbone import Backbone
-
-IGNORE_INDEX = 255
+from model.backbone import Backbone, BackboneSpec
 
 
+# --- records ------------------------------------------------------------------------------------------------------
 @dataclass
 class EpisodeContext:
     r"""What hooks may look at besides the features of one forward pass.
@@ -25,11 +40,204 @@ class EpisodeContext:
     support_masks: torch.Tensor
 
 
+@dataclass
+class SupportSet:
+    r"""Encoded supports of B episodes: images [B,K,3,H,W], masks [B,K,H,W] (float), taps per level [B*K,...]
+    (after the plug-in's `support_features` hook). Encoded once, it can serve many queries (`select`)."""
+    imgs: torch.Tensor
+    masks: torch.Tensor
+    feats: list[torch.Tensor]
+    class_id: torch.Tensor
+
+    @property
+    def nshot(self) -> int:
+        return self.imgs.shape[1]
+
+    def select(self, index: torch.Tensor | list[int]) -> 'SupportSet':
+        r"""The support sets of the given episodes (e.g. one of 3 CHAOS chunks per query slice)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.imgs.device)
+        k = self.nshot
+        rows = (index[:, None] * k + torch.arange(k, device=index.device)).flatten()
+        return SupportSet(self.imgs[index], self.masks[index], [f[rows] for f in self.feats], self.class_id[index])
+
+
+@dataclass
+class EpisodeRecord:
+    r"""What `encode` returns for B episodes: everything `match` needs.
+
+    Attributes:
+        query_img: [B,3,H,W]; query_feats: taps per level [B,...] (query encoded once for all K shots).
+        supports: the encoded `SupportSet` (support_feats [B*K,...]).
+        ctx: the hooks' `EpisodeContext`.
+        state: per-episode tensors a method adds (e.g. Q-Net's refined prototype during test-time adaptation); they
+            live and die with the record, so nothing in it can carry over to another episode.
+    """
+    query_img: torch.Tensor
+    query_feats: list[torch.Tensor]
+    supports: SupportSet
+    ctx: EpisodeContext
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def support_feats(self) -> list[torch.Tensor]:
+        return self.supports.feats
+
+    @property
+    def batch(self) -> int:
+        return self.query_img.shape[0]
+
+    @property
+    def nshot(self) -> int:
+        return self.ctx.nshot
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.query_img.shape[-2:])
+
+    def episode(self, i: int) -> 'EpisodeRecord':
+        r"""Episode i alone (the adaptation harness adapts episodes one by one)."""
+        k = self.nshot
+        sup = self.supports
+        sl = slice(i * k, (i + 1) * k)
+        return EpisodeRecord(self.query_img[i:i + 1], [f[i:i + 1] for f in self.query_feats],
+                             SupportSet(sup.imgs[i:i + 1], sup.masks[i:i + 1], [f[sl] for f in sup.feats],
+                                        sup.class_id[i:i + 1]),
+                             EpisodeContext(self.ctx.class_id[i:i + 1], k, self.ctx.support_masks[sl]))
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> 'EpisodeRecord':
+        r"""A record whose tensors are `fn(tensor)` (e.g. clones made outside inference mode)."""
+        def apply(x):
+            if isinstance(x, torch.Tensor):
+                return fn(x)
+            if isinstance(x, list):
+                return [apply(v) for v in x]
+            if isinstance(x, dict):
+                return {k: apply(v) for k, v in x.items()}
+            return x
+        sup = self.supports
+        return EpisodeRecord(apply(self.query_img), apply(self.query_feats),
+                             SupportSet(apply(sup.imgs), apply(sup.masks), apply(sup.feats), apply(sup.class_id)),
+                             EpisodeContext(apply(self.ctx.class_id), self.ctx.nshot, apply(self.ctx.support_masks)),
+                             apply(self.state))
+
+
+@dataclass
+class Output:
+    r"""What `match` returns.
+
+    Attributes:
+        logits: 2-class scores at image resolution, shaped by the method's K-shot policy: 'vote' [B,K,2,H,W] (one
+            prediction per shot), 'joint' [B,2,H,W]. Methods that predict probabilities return log-probabilities
+            (then cross-entropy is their negative log-likelihood).
+        aux: method-specific tensors its `loss` needs (auxiliary heads, prototypes, ...).
+    """
+    logits: torch.Tensor
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+# --- K-shot policies ----------------------------------------------------------------------------------------------
+class KShotPolicy:
+    r"""How K shots become one prediction. Prediction, loss and metrics all go through the method's policy."""
+    name = ''
+
+    @staticmethod
+    def segment(logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def per_prediction(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""(logits [N,2,H,W], target [N,H,W]) pairs for a pixel loss: one per shot ('vote') or per episode."""
+        raise NotImplementedError
+
+
+class Vote(KShotPolicy):
+    r"""HSNet's K-shot vote over per-shot predictions [B,K,2,H,W]: sum the K argmax masks, divide by
+    max(max vote, 1), threshold at 0.5. Training loss: each shot's prediction against the query mask."""
+    name = 'vote'
+
+    @staticmethod
+    def segment(logits: torch.Tensor) -> torch.Tensor:
+        votes = logits.argmax(dim=2).sum(dim=1)                                    # [B,H,W]
+        max_vote = votes.flatten(1).max(dim=1).values.clamp(min=1).view(-1, 1, 1)
+        return (votes.float() / max_vote >= 0.5).long()
+
+    @staticmethod
+    def per_prediction(logits, target):
+        b, k = logits.shape[:2]
+        return logits.flatten(0, 1), target.unsqueeze(1).expand(b, k, *target.shape[1:]).flatten(0, 1)
+
+
+class Joint(KShotPolicy):
+    r"""One prediction [B,2,H,W] from all K supports together (PMMs' joint EM, averaged prototypes): argmax."""
+    name = 'joint'
+
+    @staticmethod
+    def segment(logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=1)
+
+    @staticmethod
+    def per_prediction(logits, target):
+        return logits, target
+
+
+KSHOT_POLICIES: dict[str, type[KShotPolicy]] = {'vote': Vote, 'joint': Joint}
+
+
+# --- options and recipe -------------------------------------------------------------------------------------------
+def option(default, help: str, choices: tuple | None = None, low: float | None = None, high: float | None = None):
+    r"""A method option: becomes the flag `--<name>` of train.py (with help, choices, and an inclusive range check),
+    is saved in the checkpoint and rebuilt by test.py."""
+    return field(default=default, metadata={'help': help, 'choices': choices, 'low': low, 'high': high})
+
+
+@dataclass
+class NoOptions:
+    r"""A method without options."""
+
+
+def validate_options(options, method: str):
+    r"""Check every field of an options dataclass against its choices and range; a clear error names the flag."""
+    for f in dataclasses.fields(options):
+        value, meta = getattr(options, f.name), f.metadata
+        flag = '--' + f.name.replace('_', '-')
+        if meta.get('choices') and value not in meta['choices']:
+            raise UserError(f'{flag} {value!r} is not an option of {method}; choose one of '
+                            f'{", ".join(map(str, meta["choices"]))}')
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+                raise UserError(f'{flag} of {method} must be a number, got {value!r}')
+            if isinstance(f.default, int) and value != int(value):
+                raise UserError(f'{flag} of {method} must be an integer, got {value!r}')
+            low, high = meta.get('low'), meta.get('high')
+            if (low is not None and value < low) or (high is not None and value > high):
+                rng = f'[{"-inf" if low is None else low}, {"inf" if high is None else high}]'
+                raise UserError(f'{flag} of {method} must lie in {rng}, got {value!r}')
+    return options
+
+
+@dataclass
+class Recipe:
+    r"""A method's training recipe: the optimizer over its trainable parameters (param groups as the paper), an LR
+    scheduler stepped after every optimizer step (or None), and a gradient-norm clip (or None)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    grad_clip: float | None = None
+
+
+@dataclass
+class Adaptation:
+    r"""Test-time adaptation settings: `steps` optimizer steps with learning rate `lr` per episode (0 = off)."""
+    steps: int = 0
+    lr: float = 1e-3
+
+
+# --- hooks --------------------------------------------------------------------------------------------------------
 class Hooks(nn.Module):
     r"""Identity plug-in. A plug-in (e.g. CD-TG) subclasses this and is attached with `method.attach(plugin)`.
 
-    Every method calls `query_features` and `support_features` on the backbone taps before matching; methods with
-    prototypes also call `prototypes` on their foreground/background prototypes before using them.
+    `encode` calls `query_features` and `support_features` on the backbone taps; methods with prototypes call
+    `prototypes` on them before using them. A plug-in sizes its modules from the host's `feature_channels` /
+    `feature_levels`, which describe the maps passed to `prototypes` (prototype hosts) or the taps (feature hosts).
     """
 
     def bind(self, benchmark: str, class_names: list[str]) -> None:
@@ -43,103 +251,182 @@ class Hooks(nn.Module):
         r"""feats: per tap [B*K,C_l,h_l,w_l], before any masking."""
         return feats
 
-    def prototypes(self, fg: list[torch.Tensor], bg: list[torch.Tensor], feats: list[torch.Tensor],
-                   ctx: EpisodeContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        r"""fg/bg: per level [B*K,C_l]; feats: the (unmasked) support features they were pooled from."""
+    def prototypes(self, fg: list[torch.Tensor], bg: list[torch.Tensor | None], feats: list[torch.Tensor],
+                   ctx: EpisodeContext) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        r"""Prototype sets per level: fg, bg [N,P,C_l] with P >= 1 prototypes per set (PMMs: mixture components)
+        and N = B*K (one set per support) or N = B (sets already averaged over the K shots); a host without
+        background prototypes passes None for bg. feats: the support maps [B*K,C_l,h,w] they were pooled from
+        (unmasked). Returns the (possibly fused) sets, same shapes."""
         return fg, bg
 
 
+# --- the method base ----------------------------------------------------------------------------------------------
 class FewShotSegmenter(nn.Module):
-    r"""Base class: a frozen backbone, a learnable matcher and the plug-in hooks.
+    r"""Base class: a backbone (frozen unless the spec fine-tunes it), a learnable matcher and the plug-in hooks.
 
-    `forward` encodes the query once and all B*K supports in the same backbone pass, then calls `match`, which a
-    method implements, and returns per-shot logits [B,K,2,H,W] at image resolution. `predict` aggregates the K
-    shots (HSNet vote by default) into a binary mask [B,H,W].
+    Class attributes a method declares:
+        kshot: 'vote' or 'joint' (see `Vote`, `Joint`).
+        Options: a dataclass of the method's options (`option(...)` fields); NoOptions by default.
+        backbone_spec: the `BackboneSpec` it needs (taps, dilation, trainable layers).
+        default_backbone: the backbone used when train.py's --backbone is not given.
+        plugin_point: 'features' (the hooks' query/support features feed the matching) or 'prototypes'.
+        adaptation_defaults: its test-time adaptation settings (`Adaptation(steps=0)` = none by default); a method
+            that adapts overrides `adaptation_parameters` and `adaptation_loss`.
+        default_lr: the base learning rate of its recipe.
     """
 
-    #: Names of the test-time settings (e.g. fine-tuning steps) a method accepts through `set_test_time`.
-    test_time_options: tuple[str, ...] = ()
-    #: Where a plug-in acts: 'features' (the hooks' query/support features feed the matching directly) or
-    #: 'prototypes' (the method pools foreground/background prototypes and passes them through `Hooks.prototypes`).
+    kshot: str = 'vote'
+    Options: type = NoOptions
+    backbone_spec: BackboneSpec = BackboneSpec()
+    default_backbone: str = 'resnet50'
     plugin_point: str = 'features'
+    adaptation_defaults: Adaptation = Adaptation()
+    default_lr: float = 1e-3
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, options=None):
         super().__init__()
         self.backbone = backbone
+        self.options = validate_options(options if options is not None else self.Options(), type(self).__name__)
         self.hooks = Hooks()
+        self.adaptation = Adaptation(**dataclasses.asdict(self.adaptation_defaults))
+        if self.kshot not in KSHOT_POLICIES:
+            raise ValueError(f'{type(self).__name__}.kshot must be one of {list(KSHOT_POLICIES)}')
+        self.policy = KSHOT_POLICIES[self.kshot]
 
-    def set_test_time(self, **options) -> None:
-        r"""Apply test-time settings (None = leave the default). A setting the method does not support is an error."""
-        for name, value in options.items():
-            if value is None:
-                continue
-            if name not in self.test_time_options:
-                raise UserError(f'--{name.replace("_", "-")} is not supported by {type(self).__name__} '
-                                f'(supported: {", ".join(self.test_time_options) or "none"})')
-            setattr(self, name, value)
-
+    # --- plug-in ----------------------------------------------------------------------------------------------
     def attach(self, hooks: Hooks) -> 'FewShotSegmenter':
         self.hooks = hooks
         return self
 
     @property
     def feature_channels(self) -> list[int]:
-        r"""Width of each feature tap the hooks see (a plug-in sizes its projections from this)."""
+        r"""Width of each map the hooks see (a plug-in sizes its projections from this)."""
         return list(self.backbone.channels)
 
     @property
     def feature_levels(self) -> list[int]:
-        r"""Level id of each feature tap (taps of one level share a plug-in's per-level modules)."""
+        r"""Level id of each map (maps of one level share a plug-in's per-level modules)."""
         return list(self.backbone.stage_ids)
 
-    def extract(self, query_img: torch.Tensor, support_imgs: torch.Tensor):
-        r"""One backbone pass over the B queries and B*K supports. Returns (query taps [B], support taps [B*K])."""
+    # --- the pipeline -----------------------------------------------------------------------------------------
+    def encode(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
+               class_id: torch.Tensor) -> EpisodeRecord:
+        r"""One backbone pass over the B queries and B*K supports (query once for all K shots), then the hooks.
+        query_img [B,3,H,W], support_imgs [B,K,3,H,W], support_masks [B,K,H,W]."""
         b = query_img.shape[0]
         feats = self.backbone(torch.cat([query_img, support_imgs.flatten(0, 1)]))
-        return [f[:b] for f in feats], [f[b:] for f in feats]
+        return self._record(query_img, [f[:b] for f in feats], support_imgs, support_masks, class_id,
+                            [f[b:] for f in feats])
 
-    def forward(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
-                class_id: torch.Tensor) -> torch.Tensor:
-        r"""query_img [B,3,H,W], support_imgs [B,K,3,H,W], support_masks [B,K,H,W] -> logits [B,K,2,H,W]."""
-        b, k = support_imgs.shape[:2]
-        ctx = EpisodeContext(class_id=class_id, nshot=k, support_masks=support_masks.flatten(0, 1).float())
-        query_feats, support_feats = self.extract(query_img, support_imgs)
+    def encode_supports(self, support_imgs: torch.Tensor, support_masks: torch.Tensor,
+                        class_id: torch.Tensor) -> SupportSet:
+        r"""Encode support sets once, to serve many queries through `encode_query`."""
+        masks = support_masks.float()
+        ctx = EpisodeContext(class_id, support_imgs.shape[1], masks.flatten(0, 1))
+        feats = self.hooks.support_features(self.backbone(support_imgs.flatten(0, 1)), ctx)
+        return SupportSet(support_imgs, masks, feats, class_id)
+
+    def encode_query(self, query_img: torch.Tensor, supports: SupportSet) -> EpisodeRecord:
+        r"""Encode B queries against already encoded support sets (one per query)."""
+        ctx = EpisodeContext(supports.class_id, supports.nshot, supports.masks.flatten(0, 1))
+        return EpisodeRecord(query_img, self.hooks.query_features(self.backbone(query_img), ctx), supports, ctx)
+
+    def _record(self, query_img, query_feats, support_imgs, support_masks, class_id, support_feats) -> EpisodeRecord:
+        masks = support_masks.float()
+        ctx = EpisodeContext(class_id=class_id, nshot=support_imgs.shape[1], support_masks=masks.flatten(0, 1))
         query_feats = self.hooks.query_features(query_feats, ctx)
         support_feats = self.hooks.support_features(support_feats, ctx)
-        logits = self.match(query_feats, support_feats, ctx)                       # [B*K,2,h,w]
-        logits = F.interpolate(logits, query_img.shape[-2:], mode='bilinear', align_corners=True)
-        return logits.view(b, k, *logits.shape[1:])
+        return EpisodeRecord(query_img, query_feats, SupportSet(support_imgs, masks, support_feats, class_id), ctx)
 
-    def match(self, query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
-              ctx: EpisodeContext) -> torch.Tensor:
-        r"""Query taps [B] and support taps [B*K] -> per-shot 2-class logits [B*K,2,h,w]."""
+    def match(self, record: EpisodeRecord) -> Output:
+        r"""The method's matching: an encoded episode record -> `Output` (logits shaped by the K-shot policy)."""
         raise NotImplementedError
 
-    def loss(self, logits: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-        r"""2-class cross-entropy averaged over pixels and shots; pixels labelled 255 are ignored."""
-        b, k = logits.shape[:2]
-        target = query_mask.long().unsqueeze(1).expand(b, k, *query_mask.shape[1:])
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1), ignore_index=IGNORE_INDEX)
+    def forward(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
+                class_id: torch.Tensor) -> Output:
+        r"""encode + match: the training forward (no test-time adaptation)."""
+        return self.match(self.encode(query_img, support_imgs, support_masks, class_id))
 
-    def episode_logits(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
-                       class_id: torch.Tensor) -> torch.Tensor:
-        r"""Test-time per-shot logits [B,K,2,H,W]. Methods with test-time adaptation override this: adapt on the
-        episode's supports (under `torch.enable_grad()`), predict, and restore their weights before returning, so
-        that no state carries over to the next episode."""
-        return self(query_img, support_imgs, support_masks, class_id)
+    def infer(self, record: EpisodeRecord) -> Output:
+        r"""The test-time entry point every caller uses (evaluation loops, the volumetric protocol, predict.py,
+        benchmarks): with test-time adaptation enabled it adapts on each episode's supports and restores every
+        weight afterwards (model/adapt.py); otherwise it is `match`."""
+        if self.adaptation.steps > 0:
+            from model.adapt import adapt_and_match
+            return adapt_and_match(self, record)
+        return self.match(record)
+
+    def segment(self, output: Output) -> torch.Tensor:
+        r"""Binary query mask [B,H,W] (int64) by the method's K-shot policy."""
+        return self.policy.segment(output.logits)
 
     @torch.no_grad()
     def predict(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
                 class_id: torch.Tensor) -> torch.Tensor:
-        r"""Binary query mask [B,H,W] (int64) from K shots."""
-        return self.aggregate(self.episode_logits(query_img, support_imgs, support_masks, class_id))
+        r"""Binary query mask [B,H,W] from K shots, through `infer`."""
+        return self.segment(self.infer(self.encode(query_img, support_imgs, support_masks, class_id)))
 
     @staticmethod
-    def aggregate(logits: torch.Tensor) -> torch.Tensor:
-        r"""HSNet's K-shot vote: sum the per-shot argmax masks, divide by max(max vote, 1), threshold at 0.5."""
-        votes = logits.argmax(dim=2).sum(dim=1)                                    # [B,H,W]
-        max_vote = votes.flatten(1).max(dim=1).values.clamp(min=1).view(-1, 1, 1)
-        return (votes.float() / max_vote >= 0.5).long()
+    def upsample(logits: torch.Tensor, record: EpisodeRecord) -> torch.Tensor:
+        r"""[N,C,h,w] -> [N,C,H,W] at the episode's image size (bilinear, aligned corners, as HSNet)."""
+        return F.interpolate(logits, record.image_size, mode='bilinear', align_corners=True)
+
+    def per_shot(self, logits: torch.Tensor, record: EpisodeRecord) -> torch.Tensor:
+        r"""Per-shot logits [B*K,2,h,w] -> the 'vote' policy's [B,K,2,H,W] at image resolution."""
+        logits = self.upsample(logits, record)
+        return logits.view(record.batch, record.nshot, *logits.shape[1:])
+
+    # --- training ---------------------------------------------------------------------------------------------
+    def loss(self, output: Output, batch: dict) -> dict[str, torch.Tensor]:
+        r"""Named loss terms, already weighted: the training step minimises their sum, each is logged. Default: the
+        policy's 2-class cross-entropy against batch['query_mask'] (pixels labelled 255 are ignored)."""
+        return {'ce': self.cross_entropy(output.logits, batch['query_mask'])}
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None):
+        r"""Pixel cross-entropy of the policy's predictions (per shot for 'vote') against target [B,H,W]."""
+        logits, target = self.policy.per_prediction(logits, target.long())
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self, lr: float | None = None, total_steps: int = 1) -> Recipe:
+        r"""The paper's training recipe. Default (HSNet, PATNet): Adam over every trainable parameter, constant LR
+        (`default_lr` unless `lr` is given)."""
+        return Recipe(torch.optim.Adam(self.trainable_parameters(), lr=lr or self.default_lr))
+
+    # --- test-time adaptation ---------------------------------------------------------------------------------
+    def set_test_time(self, finetune_steps: int | None = None, finetune_lr: float | None = None) -> None:
+        r"""Test-time adaptation settings (None = the method's default). Steps > 0 on a method without test-time
+        adaptation is an error."""
+        if finetune_steps is not None:
+            if isinstance(finetune_steps, bool) or int(finetune_steps) != finetune_steps or finetune_steps < 0:
+                raise UserError(f'--finetune-steps must be an integer >= 0, got {finetune_steps}')
+            if finetune_steps > 0 and not self.adapts():
+                raise UserError(f'--finetune-steps: {type(self).__name__} has no test-time adaptation')
+            self.adaptation.steps = int(finetune_steps)
+        if finetune_lr is not None:
+            if not finetune_lr > 0 or finetune_lr == float('inf'):
+                raise UserError(f'--finetune-lr must be a finite number > 0, got {finetune_lr}')
+            if not self.adapts():
+                raise UserError(f'--finetune-lr: {type(self).__name__} has no test-time adaptation')
+            self.adaptation.lr = float(finetune_lr)
+
+    @classmethod
+    def adapts(cls) -> bool:
+        r"""Whether the method implements test-time adaptation."""
+        return cls.adaptation_loss is not FewShotSegmenter.adaptation_loss
+
+    def adaptation_parameters(self, record: EpisodeRecord) -> list[torch.Tensor]:
+        r"""The leaf tensors test-time adaptation optimises for this episode: parameters of the model (restored bit
+        for bit afterwards) and/or tensors the method puts into `record.state` (discarded with the record)."""
+        raise NotImplementedError
+
+    def adaptation_loss(self, record: EpisodeRecord, step: int) -> torch.Tensor:
+        r"""The objective of one adaptation step on one episode (B = 1), from its supports (and, for transductive
+        methods, the unlabelled query) only: never the query's label."""
+        raise NotImplementedError
+
+    def adaptation_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        r"""A fresh optimizer per episode (default Adam at `adaptation.lr`)."""
+        return torch.optim.Adam(params, lr=self.adaptation.lr)

@@ -1,24 +1,24 @@
 r"""HSNet: Hypercorrelation Squeeze Networks for few-shot segmentation (Min, Kang & Cho, ICCV 2021)."""
-import torch
-
 from model.backbone import Backbone
-from model.base import EpisodeContext, FewShotSegmenter
+from model.base import EpisodeRecord, FewShotSegmenter, Output
 from model.layers import HPNLearner, mask_features, multilayer_correlation
 
 
 class HSNet(FewShotSegmenter):
     r"""Masked support taps -> multi-layer cosine correlation -> 4D squeeze/mix learner -> 2-class decoder.
 
-    Trainable: the learner only (2.57 M parameters with ResNet-50). No prototypes; a plug-in acts on the query and
-    support features through the base class hooks.
+    Trainable: the learner only (2.57 M parameters with ResNet-50). K-shot: per-shot predictions and HSNet's vote.
+    No prototypes; a plug-in acts on the query and support features through the base class hooks.
     """
 
-    def __init__(self, backbone: Backbone):
-        super().__init__(backbone)
+    kshot = 'vote'
+    plugin_point = 'features'
+
+    def __init__(self, backbone: Backbone, options=None):
+        super().__init__(backbone, options)
         self.learner = HPNLearner(backbone.stage_sizes)
 
-    def match(self, query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
-              ctx: EpisodeContext) -> torch.Tensor:
-        support_feats = mask_features(support_feats, ctx.support_masks)
-        corrs = multilayer_correlation(query_feats, support_feats, self.backbone.stage_ids)
-        return self.learner(corrs)
+    def match(self, record: EpisodeRecord) -> Output:
+        support_feats = mask_features(record.support_feats, record.ctx.support_masks)
+        corrs = multilayer_correlation(record.query_feats, support_feats, self.backbone.stage_ids)
+        return Output(self.per_shot(self.learner(corrs), record))

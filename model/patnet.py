@@ -1,17 +1,25 @@
 r"""PATNet: Pyramid-Anchor Transformation on HSNet for cross-domain few-shot segmentation (Lei et al., ECCV 2022)."""
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import UserError
 from model.backbone import Backbone
-from model.base import EpisodeContext, FewShotSegmenter
+from model.base import Adaptation, EpisodeContext, EpisodeRecord, FewShotSegmenter, Output, option
 from model.layers import (HPNLearner, anchor_factor, dense_transform_matrix, masked_average_pooling,
                           multilayer_correlation, normalize_rows, rank2_coefficients, resize_mask)
 
 TRANSFORMS = ('rank2', 'pinv')
 # The reference pools prototypes as Σ F·m / (Σ m + 1e-6) (sum-based since its 2023 commit).
 PROTOTYPE_EPS = 1e-6
+
+
+@dataclass
+class PATNetOptions:
+    transform: str = option('rank2', choices=TRANSFORMS,
+                            help="PATNet's anchor transform: rank2 = exact closed form (fast), pinv = the reference's "
+                                 "SVD pseudo-inverse and dense CxC channel mix (parity checks)")
 
 
 class PATNet(FewShotSegmenter):
@@ -21,28 +29,27 @@ class PATNet(FewShotSegmenter):
     fuse them), Ĉ = row-normalised [BP; FP] (2 x C_l), R̂ = the row-normalised 2 x C_l anchors of the tap's stage,
     P = pinv(Ĉ) R̂, and both the query map and the masked support map are mixed as Pᵀ f. The query is transformed
     with each shot's P (query side [B*K]; the backbone still encodes it once). Then multilayer cosine correlation and
-    the HPN learner exactly as HSNet.
+    the HPN learner exactly as HSNet; K-shot by HSNet's vote.
 
-    Args:
-        backbone: the frozen feature extractor.
+    Options:
         transform: 'rank2' (default) computes the same maps in closed form: Pᵀ f = R̂ᵀ (G⁺ Ĉ f) with the 2x2 Gram
             G = Ĉ Ĉᵀ pseudo-inverted in float64, and the correlation runs on the 2-channel maps Lᵀ G⁺ Ĉ f with
             L Lᵀ = R̂ R̂ᵀ (cosines are unchanged, see `model.layers.anchor`). 'pinv' is the reference formulation
             (SVD pseudo-inverse, dense C x C channel mix) for parity checks and benchmarks.
-        finetune_steps, finetune_lr: test-time fine-tuning of the anchors per episode (TFI), see `episode_logits`.
+    Test-time adaptation: TFI, fine-tuning of the anchors per episode (`adaptation_loss`; off by default,
+    `test.py --finetune-steps 50 --finetune-lr 1e-3`).
 
     Trainable: the learner and the three 2 x C anchors (2.581 M parameters with ResNet-50).
     """
 
-    test_time_options = ('finetune_steps', 'finetune_lr')
+    kshot = 'vote'
+    Options = PATNetOptions
     plugin_point = 'prototypes'       # the CD-TG plug-in fuses text-guided FP/BP before the transform
+    adaptation_defaults = Adaptation(steps=0, lr=1e-3)
 
-    def __init__(self, backbone: Backbone, transform: str = 'rank2', finetune_steps: int = 0,
-                 finetune_lr: float = 1e-3):
-        super().__init__(backbone)
-        if transform not in TRANSFORMS:
-            raise UserError(f'unknown PATNet transform {transform!r}; choose one of {", ".join(TRANSFORMS)}')
-        self.transform = transform
+    def __init__(self, backbone: Backbone, options: PATNetOptions | None = None):
+        super().__init__(backbone, options)
+        self.transform = self.options.transform
         self.learner = HPNLearner(backbone.stage_sizes)
         # One anchor matrix per backbone stage, shallowest first (ResNet-50: 2x512, 2x1024, 2x2048). The reference
         # builds them as nn.Linear(C, 2) and uses only the weight; its bias never enters the graph, so it is omitted.
@@ -58,35 +65,28 @@ class PATNet(FewShotSegmenter):
         self.tap_anchor = [self.stages.index(s) for s in backbone.stage_ids]
         # Taps per stage; the taps of one stage share width and size, so their rank-2 coefficients are solved together.
         self.stage_taps = [[i for i, a in enumerate(self.tap_anchor) if a == si] for si in range(len(self.stages))]
-        self.set_test_time(finetune_steps=finetune_steps, finetune_lr=finetune_lr)
-
-    def set_test_time(self, **options) -> None:
-        steps, lr = options.get('finetune_steps'), options.get('finetune_lr')
-        if steps is not None and (int(steps) != steps or steps < 0):
-            raise UserError(f'--finetune-steps must be an integer >= 0, got {steps}')
-        if lr is not None and not lr > 0:
-            raise UserError(f'--finetune-lr must be > 0, got {lr}')
-        super().set_test_time(**options)
 
     # --- forward ------------------------------------------------------------------------------------------------
-    def match(self, query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
-              ctx: EpisodeContext) -> torch.Tensor:
-        fg, bg = self.prototypes(support_feats, ctx)
-        return self.match_prototypes(query_feats, support_feats, fg, bg, ctx)
+    def match(self, record: EpisodeRecord) -> Output:
+        fg, bg = self.prototypes(record.support_feats, record.ctx)
+        return Output(self.per_shot(self.match_prototypes(record.query_feats, record.support_feats, fg, bg,
+                                                          record.ctx), record))
 
     def prototypes(self, support_feats: list[torch.Tensor],
                    ctx: EpisodeContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         r"""Per tap FP = MAP(F_s, m), BP = MAP(F_s, 1-m) [B*K,C_l] on the unmasked support taps, passed through
-        the plug-in's `prototypes` hook (CD-TG fuses its text-guided prototypes there)."""
+        the plug-in's `prototypes` hook (as sets of one prototype, [B*K,1,C_l]; CD-TG fuses its text-guided
+        prototypes there)."""
         masks = self._support_masks(support_feats, ctx)
         pairs = {size: torch.cat([m, 1 - m], dim=1) for size, m in masks.items()}          # [B*K,2,h,w]
         fg, bg = [], []
         for feat in support_feats:
             # FP and BP in one pass over the tap: [B*K,2,hw] x [B*K,hw,C] -> [B*K,2,C]
             pooled = masked_average_pooling(feat, pairs[tuple(feat.shape[-2:])], eps=PROTOTYPE_EPS)
-            fg.append(pooled[:, 0])
-            bg.append(pooled[:, 1])
-        return self.hooks.prototypes(fg, bg, support_feats, ctx)
+            fg.append(pooled[:, :1])
+            bg.append(pooled[:, 1:])
+        fg, bg = self.hooks.prototypes(fg, bg, support_feats, ctx)
+        return [f[:, 0] for f in fg], [b[:, 0] for b in bg]
 
     def match_prototypes(self, query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
                          fg: list[torch.Tensor], bg: list[torch.Tensor], ctx: EpisodeContext) -> torch.Tensor:
@@ -194,57 +194,14 @@ class PATNet(FewShotSegmenter):
             total = total + F.kl_div(q.log_softmax(dim=-1), s.softmax(dim=-1), reduction='sum')
         return total / nshot
 
-    def episode_logits(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
-                       class_id: torch.Tensor) -> torch.Tensor:
-        r"""Per-shot logits [B,K,2,H,W]; with `finetune_steps` > 0 each episode first fine-tunes the anchors.
+    def adaptation_parameters(self, record: EpisodeRecord) -> list[torch.Tensor]:
+        r"""TFI adapts the anchors (only the shallowest stage's receives a gradient from the layer2 loss)."""
+        return list(self.anchors)
 
-        Per episode (episodes of a batch are adapted one by one, since the anchors are shared): encode the query and
-        the supports once; then `finetune_steps` times: predict with the current anchors (no gradient), take one
-        Adam step (lr `finetune_lr`, fresh optimizer) on the anchors only for `tfi_loss`; predict with the adapted
-        anchors; finally restore the anchors bit for bit (and their .grad), so no state carries over. Only the
-        anchor of the shallowest stage receives a gradient from the layer2 loss, so only it moves.
-        """
-        if self.finetune_steps <= 0:
-            return super().episode_logits(query_img, support_imgs, support_masks, class_id)
-        # Gradients are needed even when the caller runs under no_grad (common.engine.evaluate) or inference_mode.
-        with torch.inference_mode(False):
-            return torch.cat([self._finetuned_logits(query_img[i:i + 1], support_imgs[i:i + 1],
-                                                     support_masks[i:i + 1], class_id[i:i + 1])
-                              for i in range(query_img.shape[0])])
-
-    def _finetuned_logits(self, query_img, support_imgs, support_masks, class_id) -> torch.Tensor:
-        k = support_imgs.shape[1]
-        size = query_img.shape[-2:]
-        ctx = EpisodeContext(class_id=class_id, nshot=k, support_masks=support_masks.flatten(0, 1).float())
+    def adaptation_loss(self, record: EpisodeRecord, step: int) -> torch.Tensor:
+        r"""One TFI step: predict with the current anchors (no gradient), then `tfi_loss` of that prediction. The
+        prototypes do not depend on the anchors."""
         with torch.no_grad():
-            # Same steps as FewShotSegmenter.forward; the taps and prototypes do not depend on the anchors.
-            query_feats, support_feats = self.extract(query_img, support_imgs)
-            query_feats = self.hooks.query_features(query_feats, ctx)
-            support_feats = self.hooks.support_features(support_feats, ctx)
-            fg, bg = self.prototypes(support_feats, ctx)
-
-        def logits() -> torch.Tensor:
-            with torch.no_grad():
-                out = self.match_prototypes(query_feats, support_feats, fg, bg, ctx)   # [K,2,h,w]
-                out = F.interpolate(out, size, mode='bilinear', align_corners=True)
-            return out.view(1, k, *out.shape[1:])
-
-        anchors = list(self.anchors)
-        saved = [p.detach().clone() for p in anchors]
-        saved_grads = [p.grad for p in anchors]
-        optimizer = torch.optim.Adam(anchors, lr=self.finetune_lr)
-        try:
-            for _ in range(int(self.finetune_steps)):
-                pred = self.aggregate(logits())                                        # [1,H,W] current prediction
-                with torch.enable_grad():
-                    loss = self.tfi_loss(query_feats, fg, bg, pred, k)
-                    grads = torch.autograd.grad(loss, anchors, allow_unused=True)
-                for p, g in zip(anchors, grads):
-                    p.grad = g
-                optimizer.step()
-            return logits()
-        finally:
-            with torch.no_grad():
-                for p, value, grad in zip(anchors, saved, saved_grads):
-                    p.copy_(value)
-                    p.grad = grad
+            fg, bg = self.prototypes(record.support_feats, record.ctx)
+            pred = self.segment(self.match(record))                                   # [1,H,W] current prediction
+        return self.tfi_loss(record.query_feats, fg, bg, pred, record.nshot)

@@ -10,7 +10,6 @@ the paired ratio pinv / rank2 (each pair measured back to back, which is robust 
 machine; the ratio of the two medians is printed too).
 """
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch  # noqa: E402
 
 from common.errors import UserError, run_cli  # noqa: E402
 from common.utils import resolve_device  # noqa: E402
-from model import BACKBONES, EpisodeContext, build_method  # noqa: E402
+from model import BACKBONES, build_method  # noqa: E402
 from model.layers import multilayer_correlation  # noqa: E402
 
 PARTS = ('backbone', 'prototypes', 'transform', 'correlation', 'learner')
@@ -50,8 +49,7 @@ def sync(device: torch.device) -> None:
 
 
 def timed_parts(model, inputs, device: torch.device) -> dict:
-    r"""One forward split into its parts (the same calls as `FewShotSegmenter.forward` + `PATNet.match`), timed."""
-    query, support, masks, class_id = inputs
+    r"""One forward split into its parts: the pipeline's `encode` stage, then the steps of `PATNet.match`."""
     times, marks = {}, [time.perf_counter()]
 
     def mark(name):
@@ -60,8 +58,8 @@ def timed_parts(model, inputs, device: torch.device) -> dict:
         times[name] = marks[-1] - marks[-2]
     sync(device)
     marks[0] = time.perf_counter()
-    ctx = EpisodeContext(class_id=class_id, nshot=support.shape[1], support_masks=masks.flatten(0, 1))
-    query_feats, support_feats = model.extract(query, support)
+    record = model.encode(*inputs)
+    ctx, query_feats, support_feats = record.ctx, record.query_feats, record.support_feats
     mark('backbone')
     fg, bg = model.prototypes(support_feats, ctx)
     mark('prototypes')
@@ -112,8 +110,8 @@ def main(argv=None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')       # the random-backbone warning: known, this is a timing run
         rank2 = build_method('patnet', args.backbone, args.backbone_weights)
-    pinv = copy.deepcopy(rank2)
-    pinv.transform = 'pinv'
+        pinv = build_method('patnet', args.backbone, None, transform='pinv')
+    pinv.load_state_dict(rank2.state_dict())
     models = {'pinv': pinv.to(device).eval(), 'rank2': rank2.to(device).eval()}
     inputs = episode(args.img_size, args.shots, args.batch, args.seed, device)
 
@@ -121,15 +119,17 @@ def main(argv=None) -> dict:
     print(f'PATNet {args.backbone}, {args.img_size}x{args.img_size}, {args.shots}-shot, batch {args.batch}, '
           f'{where}, {args.warmup} warm-up + {args.reps} timed forwards per variant')
     outputs, times, cpu = {}, {name: [] for name in models}, {name: [] for name in models}
+    def run(model):
+        return model.infer(model.encode(*inputs)).logits     # the test-time entry point, as test.py
     with torch.no_grad():
         for name, model in models.items():
             for _ in range(args.warmup):
-                outputs[name] = model(*inputs)
+                outputs[name] = run(model)
         for _ in range(args.reps):
             for name, model in models.items():
                 sync(device)
                 start, start_cpu = time.perf_counter(), time.process_time()
-                outputs[name] = model(*inputs)
+                outputs[name] = run(model)
                 sync(device)
                 times[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)

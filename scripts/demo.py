@@ -20,7 +20,7 @@ import test as test_cli  # noqa: E402
 import train as train_cli  # noqa: E402
 from common.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from common.errors import run_cli  # noqa: E402
-from common.factory import build_model  # noqa: E402
+from engine.factory import build_model  # noqa: E402
 
 
 def reset_learnable(state: dict, config: dict, seed: int) -> dict:

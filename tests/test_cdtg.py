@@ -12,7 +12,7 @@ import test as test_cli
 import train as train_cli
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.errors import UserError
-from common.factory import build_model, load_model
+from engine.factory import build_model, load_model
 from conftest import TINY_TRAIN
 from model.base import EpisodeContext
 from model.layers import masked_average_pooling, resize_mask
@@ -79,7 +79,12 @@ class _Bound(CDTG):
         self.benchmark, self.class_names = 'fake', [f'c{i}' for i in range(n_classes)]
 
 
-def test_prototype_fusion_maths_float64():
+@pytest.mark.parametrize('n_protos, per_episode, with_bg', [(1, False, True), (3, False, True), (3, True, True),
+                                                         (1, True, False)])
+def test_prototype_fusion_maths_float64(n_protos, per_episode, with_bg):
+    r"""Prototype sets [N,P,C]: per support (N = B*K, PATNet) or already averaged over shots (N = B, Q-Net/IFA),
+    P >= 1 prototypes per set (PMMs' mixtures), no background set (Q-Net): every prototype of a set moves towards
+    the same text prototype, FP_p <- 0.7 FP_p + 0.3 FP_t, with FP_t averaged over the shots for per-episode sets."""
     torch.manual_seed(0)
     cfg = CDTGConfig(clip_weights='none', alpha=0.7, style_aug=False)
     plugin = _Bound([8, 8, 16], [2, 2, 3], 'prototypes', cfg).double().eval()
@@ -88,8 +93,9 @@ def test_prototype_fusion_maths_float64():
              torch.randn(b * k, 16, 3, 3, dtype=torch.float64)]
     masks = (torch.rand(b * k, 24, 24) > 0.5).double()
     ctx = EpisodeContext(class_id=torch.tensor([2, 0]), nshot=k, support_masks=masks)
-    fg = [torch.randn(b * k, f.shape[1], dtype=torch.float64) for f in feats]
-    bg = [torch.randn(b * k, f.shape[1], dtype=torch.float64) for f in feats]
+    n = b if per_episode else b * k
+    fg = [torch.randn(n, n_protos, f.shape[1], dtype=torch.float64) for f in feats]
+    bg = [torch.randn(n, n_protos, f.shape[1], dtype=torch.float64) if with_bg else None for f in feats]
     new_fg, new_bg = plugin.prototypes(fg, bg, feats, ctx)
     for i, f in enumerate(feats):
         level = plugin.tap_level[i]
@@ -97,10 +103,17 @@ def test_prototype_fusion_maths_float64():
         cls_text = plugin.text_table[[2, 2, 0, 0]]                # supports follow their episode's class
         bg_text = plugin.text_table[[3, 3, 3, 3]]                 # last row = background
         m = resize_mask(masks, f.shape[-2:])
-        fp_t = masked_average_pooling(align(f, cls_text), m)
+        fp_t = masked_average_pooling(align(f, cls_text), m)      # [B*K,C]
         bp_t = masked_average_pooling(align(f, bg_text), 1 - m)
-        assert torch.allclose(new_fg[i], 0.7 * fg[i] + 0.3 * fp_t, atol=1e-12)
-        assert torch.allclose(new_bg[i], 0.7 * bg[i] + 0.3 * bp_t, atol=1e-12)
+        if per_episode:
+            fp_t, bp_t = (0.5 * (t[0::2] + t[1::2]) for t in (fp_t, bp_t))   # mean of each episode's 2 shots
+        assert new_fg[i].shape == fg[i].shape
+        for j in range(n_protos):
+            assert torch.allclose(new_fg[i][:, j], 0.7 * fg[i][:, j] + 0.3 * fp_t, atol=1e-12)
+            if with_bg:
+                assert torch.allclose(new_bg[i][:, j], 0.7 * bg[i][:, j] + 0.3 * bp_t, atol=1e-12)
+        if not with_bg:
+            assert new_bg[i] is None
     assert plugin.tap_level == [0, 0, 1] and len(plugin.align) == 2
 
 
@@ -179,9 +192,9 @@ def test_alpha_one_is_an_exact_identity_for_hsnet(datapath):
     args = (batch['query_img'][None], batch['support_imgs'][None], batch['support_masks'][None].float(),
             batch['class_id'][None])
     with torch.no_grad():
-        assert torch.equal(plain(*args), guided(*args))
+        assert torch.equal(plain(*args).logits, guided(*args).logits)
         guided.hooks.config.alpha = 0.5
-        assert not torch.allclose(plain(*args), guided(*args))
+        assert not torch.allclose(plain(*args).logits, guided(*args).logits)
 
 
 def test_methods_never_import_text():
@@ -282,9 +295,9 @@ def test_text_lora_trains_and_is_saved(datapath, tmp_path):
     before = {n: p.detach().clone() for n, p in lora.items()}
     batch = ds[ds.sample_episodes(1, 0)[0]]
     model.train()
-    logits = model(batch['query_img'][None], batch['support_imgs'][None], batch['support_masks'][None].float(),
+    output = model(batch['query_img'][None], batch['support_imgs'][None], batch['support_masks'][None].float(),
                    batch['class_id'][None])
-    model.loss(logits, batch['query_mask'][None]).backward()
+    model.loss(output, {'query_mask': batch['query_mask'][None]})['ce'].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items() if 'lora_B' in n)
     optimizer.step()
     assert any(not torch.equal(before[n], p) for n, p in lora.items())

@@ -15,8 +15,9 @@ from PIL import Image
 
 import fixtures_targets as ft
 from common.errors import UserError
-from common.volumetric import chunk_bounds, evaluate_volumetric, support_slice_indices, volumetric_folds
+from engine.volumetric import chunk_bounds, evaluate_volumetric, support_slice_indices, volumetric_folds
 from data import build_dataset
+from model import FewShotSegmenter, Output
 from data.chaos import CACHE_NAME, LABEL_LUT, MANIFEST, labels_from_png, order_slices, prepare
 
 CHAOS_PIDS = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
@@ -194,26 +195,35 @@ def test_folds_support_positions_and_chunks_by_hand():
     assert chunk_bounds(7) == [0, 2, 4, 7] and chunk_bounds(2) == [0, 0, 1, 2]
 
 
-class AllForeground(nn.Module):
-    r"""Predicts foreground everywhere and records which query and support images each call received. It has only
-    the test-time entry point `episode_logits` (no forward), which the protocol must use so that test-time
-    adaptation (PATNet --finetune-steps) applies to it as to 2D episodes."""
+class _ImageTaps(nn.Module):
+    r"""A stand-in backbone whose only tap is the image itself."""
+    channels, stage_ids = [3], [1]
+
+    def forward(self, img):
+        return [img]
+
+
+class AllForeground(FewShotSegmenter):
+    r"""Predicts foreground everywhere and records which query and support images each `match` received, and how
+    often the protocol went through the test-time entry point `infer` (where methods with test-time adaptation,
+    e.g. PATNet --finetune-steps, adapt), which it must use as the 2D episodes do."""
+    kshot = 'vote'
 
     def __init__(self):
-        super().__init__()
-        self.calls = []
+        super().__init__(_ImageTaps())
+        self.calls, self.inferred = [], 0
 
-    def episode_logits(self, query_img, support_imgs, support_masks, class_id):
-        for b in range(query_img.shape[0]):
-            self.calls.append((query_img[b].clone(), support_imgs[b].clone(), int(class_id[b])))
-        b, k = support_imgs.shape[:2]
-        logits = torch.zeros(b, k, 2, *query_img.shape[-2:])
+    def infer(self, record):
+        self.inferred += record.batch
+        return super().infer(record)
+
+    def match(self, record):
+        for b in range(record.batch):
+            self.calls.append((record.query_img[b].clone(), record.supports.imgs[b].clone(),
+                               int(record.ctx.class_id[b])))
+        logits = torch.zeros(record.batch, record.nshot, 2, *record.image_size)
         logits[:, :, 1] = 1.0
-        return logits
-
-    @staticmethod
-    def aggregate(logits):
-        return logits.argmax(dim=2).sum(dim=1).clamp(max=1)
+        return Output(logits)
 
 
 @pytest.mark.parametrize('nshot', [1, 2])
@@ -231,6 +241,7 @@ def test_volumetric_protocol_on_20_volumes_by_hand(tmp_path, nshot):
         for z in range(5):
             fingerprint[ds.load_slice(pid, z, 0)[0].numpy().tobytes()] = (pid, z)
     assert len(fingerprint) == 20 * 5                              # every slice is told apart by its pixels
+    assert model.inferred == len(model.calls) > 0                  # every prediction through the entry point
     seen = {}
     for q, s, c in model.calls:
         seen.setdefault((fingerprint[q.numpy().tobytes()], c), []).append(

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from common.errors import UserError
-from model import Backbone, build_method
+from model import Backbone, Output, build_method
+from model.base import Vote
 from model.backbone import _SPECS
 
 
@@ -86,10 +87,10 @@ def test_backbone_stays_frozen_and_in_eval(hsnet):
     assert hsnet.training and not hsnet.backbone.training
     assert all(not m.training for m in hsnet.backbone.modules())
     b, k, s = 2, 1, 64
-    logits = hsnet(torch.randn(b, 3, s, s), torch.randn(b, k, 3, s, s), (torch.rand(b, k, s, s) > 0.5).float(),
+    output = hsnet(torch.randn(b, 3, s, s), torch.randn(b, k, 3, s, s), (torch.rand(b, k, s, s) > 0.5).float(),
                    torch.zeros(b, dtype=torch.long))
-    assert logits.shape == (b, k, 2, s, s)
-    loss = hsnet.loss(logits, (torch.rand(b, s, s) > 0.5).long())
+    assert output.logits.shape == (b, k, 2, s, s)
+    loss = hsnet.loss(output, {'query_mask': (torch.rand(b, s, s) > 0.5).long()})['ce']
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is None for p in hsnet.backbone.parameters())
@@ -107,7 +108,7 @@ def test_loss_ignores_255(hsnet):
     keep = torch.ones(4, 4, dtype=torch.bool)
     keep[0] = False
     expected = nn.functional.cross_entropy(logits[0, 0].permute(1, 2, 0)[keep], target[0][keep])
-    assert torch.allclose(hsnet.loss(logits, ignored), expected)
+    assert torch.allclose(hsnet.loss(Output(logits), {'query_mask': ignored})['ce'], expected)
 
 
 def test_kshot_shares_query_features_and_matches_per_shot_loop(hsnet):
@@ -120,9 +121,9 @@ def test_kshot_shares_query_features_and_matches_per_shot_loop(hsnet):
     handle = hsnet.backbone.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     try:
         with torch.no_grad():
-            joint = hsnet(q, sup, masks, cid)
+            joint = hsnet(q, sup, masks, cid).logits
             assert calls == [b * (k + 1)]                # one backbone pass: B queries + B*K supports
-            per_shot = torch.cat([hsnet(q, sup[:, i:i + 1], masks[:, i:i + 1], cid) for i in range(k)], dim=1)
+            per_shot = torch.cat([hsnet(q, sup[:, i:i + 1], masks[:, i:i + 1], cid).logits for i in range(k)], dim=1)
     finally:
         handle.remove()
     assert torch.allclose(joint, per_shot, atol=1e-5)
@@ -142,10 +143,9 @@ def test_vote_matches_reference():
     logits = torch.randn(4, 5, 2, 6, 6)
     logits[3, :, 0] = 10                               # all shots say background -> max vote 0 -> empty mask
     expected = _reference_vote(logits.argmax(2))
-    from model.base import FewShotSegmenter
-    assert torch.equal(FewShotSegmenter.aggregate(logits), expected)
-    assert FewShotSegmenter.aggregate(logits)[3].sum() == 0
-    assert torch.equal(FewShotSegmenter.aggregate(logits[:, :1]), logits[:, 0].argmax(1))
+    assert torch.equal(Vote.segment(logits), expected)
+    assert Vote.segment(logits)[3].sum() == 0
+    assert torch.equal(Vote.segment(logits[:, :1]), logits[:, 0].argmax(1))
 
 
 def test_bn_calibration_normalises_first_layer_and_keeps_weights():

@@ -2,8 +2,8 @@ r"""A short synthetic training run must lower the loss and clearly beat the untr
 import torch
 
 import train as train_cli
-from common.engine import evaluate, train_epoch
-from common.factory import build_model
+from engine.factory import build_model
+from engine.loops import evaluate, train_epoch
 from data import FixedEpisodes, TrainingEpisodes, build_dataset, build_loader
 
 
@@ -18,10 +18,10 @@ def test_short_training_lowers_loss_and_beats_untrained(datapath):
     before, _ = evaluate(model, val_loader, torch.device('cpu'), val.class_names)
 
     losses = []
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+    recipe = model.configure_optimizers(lr=1e-3)
     loader = build_loader(trn, TrainingEpisodes(trn, 8 * 110, seed=0), bsz=8, workers=0)
-    train_epoch(model, loader, optimizer, torch.device('cpu'), trn.class_names,
-                on_step=lambda step, loss: losses.append(float(loss.detach())))
+    train_epoch(model, loader, recipe, torch.device('cpu'), trn.class_names,
+                on_step=lambda step, loss, terms: losses.append(float(loss.detach())))
     after, _ = evaluate(model, val_loader, torch.device('cpu'), val.class_names)
 
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10

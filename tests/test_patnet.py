@@ -12,7 +12,7 @@ from model import Hooks, build_method
 from model.base import EpisodeContext
 from model.layers import (anchor_factor, dense_transform_matrix, multilayer_correlation, normalize_rows, pinv_sym2x2,
                           rank2_coefficients, resize_mask)
-from model.patnet import PATNet
+from model.patnet import PATNet, PATNetOptions
 
 f64 = torch.float64
 
@@ -39,6 +39,17 @@ def dense_twin(model: PATNet) -> PATNet:
     twin = copy.deepcopy(model)
     twin.transform = 'pinv'
     return twin
+
+
+def taps(model, q, s, m, cid):
+    r"""The (hooked) query and support taps of the pipeline's encode stage."""
+    record = model.encode(q, s, m, cid)
+    return record.query_feats, record.support_feats
+
+
+def infer(model, q, s, m, cid):
+    r"""Per-shot logits through the test-time entry point (with test-time adaptation when enabled)."""
+    return model.infer(model.encode(q, s, m, cid)).logits
 
 
 def episode(b=2, k=1, size=64, seed=0, empty=None):
@@ -159,8 +170,8 @@ def test_full_model_rank2_equals_pinv(patnet):
     q, s, m, cid = episode(b=1, k=2, size=64, empty=(0, 1))           # shot 1: empty mask, FP = 0
     ctx = EpisodeContext(cid, 2, m.flatten(0, 1))
     with torch.no_grad():
-        out_rank2, out_pinv = patnet(q, s, m, cid), dense(q, s, m, cid)
-        qf, sf = patnet.extract(q, s)
+        out_rank2, out_pinv = patnet(q, s, m, cid).logits, dense(q, s, m, cid).logits
+        qf, sf = taps(patnet, q, s, m, cid)
         fg, bg = patnet.prototypes(sf, ctx)
         corr_rank2 = multilayer_correlation(*patnet.transform_maps(qf, sf, fg, bg, ctx), patnet.backbone.stage_ids)
         corr_pinv = multilayer_correlation(*dense.transform_maps(qf, sf, fg, bg, ctx), patnet.backbone.stage_ids)
@@ -177,9 +188,9 @@ def test_full_model_rank2_equals_pinv_float64(patnet):
     q, s, m, cid = episode(b=1, k=2, size=64, seed=4, empty=(0, 1))
     q, s, m = q.double(), s.double(), m.double()
     with torch.no_grad():
-        a, b = model(q, s, m, cid), dense(q, s, m, cid)
+        a, b = model(q, s, m, cid).logits, dense(q, s, m, cid).logits
         model.anchors[0].mul_(-1).add_(0.3 * torch.randn_like(model.anchors[0]))
-        other = model(q, s, m, cid)
+        other = model(q, s, m, cid).logits
     assert (a - b).abs().max() < 1e-9 * max(1.0, b.abs().max().item())
     assert (a - other).abs().max() > 1e-6                      # the anchors matter 1000x more than the tolerance
 
@@ -190,19 +201,19 @@ def test_output_depends_on_anchors_only_through_their_gram(patnet):
     model = dense_twin(copy.deepcopy(patnet).double())
     q, s, m, cid = (x.double() if x.is_floating_point() else x for x in episode(b=1, k=1, size=64, seed=13))
     with torch.no_grad():
-        before = model(q, s, m, cid)
+        before = model(q, s, m, cid).logits
         rot, _ = torch.linalg.qr(torch.randn(512, 512, dtype=f64))
         model.anchors[0].copy_(model.anchors[0] @ rot)
-        rotated = model(q, s, m, cid)
+        rotated = model(q, s, m, cid).logits
         model.anchors[0][1].copy_(model.anchors[0][0] + 0.5 * model.anchors[0][1])   # a different Gram
-        changed = model(q, s, m, cid)
+        changed = model(q, s, m, cid).logits
     assert torch.allclose(before, rotated, atol=1e-12)
     assert (before - changed).abs().max() > 1e-6
 
 
 def test_unknown_transform_is_a_clear_error(patnet):
     with pytest.raises(UserError, match='transform'):
-        PATNet(patnet.backbone, transform='svd')
+        PATNet(patnet.backbone, PATNetOptions(transform='svd'))
 
 
 class RecordingHooks(Hooks):
@@ -218,7 +229,7 @@ class RecordingHooks(Hooks):
             return fg, bg
         # as CD-TG: FP <- 0.7 FP + 0.3 FP_t (here a fixed random "text" prototype), the same for BP
         g = torch.Generator().manual_seed(0)
-        text = [torch.randn(f.shape, generator=g) * f.norm(dim=1, keepdim=True) / f.shape[1] ** 0.5 for f in fg]
+        text = [torch.randn(f.shape, generator=g) * f.norm(dim=-1, keepdim=True) / f.shape[-1] ** 0.5 for f in fg]
         return [0.7 * f + 0.3 * t for f, t in zip(fg, text)], [0.7 * b - 0.3 * t for b, t in zip(bg, text)]
 
 
@@ -226,14 +237,14 @@ def test_prototypes_hook_receives_map_prototypes_and_its_output_is_used(patnet):
     model = copy.deepcopy(patnet)
     q, s, m, cid = episode(b=1, k=2, size=64, seed=5)
     with torch.no_grad():
-        plain = model(q, s, m, cid)
+        plain = model(q, s, m, cid).logits
         rec = RecordingHooks(fuse=False)
-        same = model.attach(rec)(q, s, m, cid)
-        fused = model.attach(RecordingHooks(fuse=True))(q, s, m, cid)
-        _, support_feats = model.extract(q, s)
+        same = model.attach(rec)(q, s, m, cid).logits
+        fused = model.attach(RecordingHooks(fuse=True))(q, s, m, cid).logits
+        _, support_feats = taps(model, q, s, m, cid)
     assert len(rec.calls) == 1
     fg, bg, feats, ctx = rec.calls[0]
-    assert len(fg) == len(bg) == 13 and fg[12].shape == (2, 2048) and ctx.nshot == 2
+    assert len(fg) == len(bg) == 13 and fg[12].shape == (2, 1, 2048) and ctx.nshot == 2   # sets of one prototype
     assert all(torch.equal(a, b) for a, b in zip(feats, support_feats))     # unmasked support taps
     # FP / BP by hand (float64) on one tap: Σ F·m / (Σ m + 1e-6) with the mask resized bilinearly (aligned corners)
     tap = 5
@@ -241,8 +252,8 @@ def test_prototypes_hook_receives_map_prototypes_and_its_output_is_used(patnet):
     mask = F.interpolate(m.flatten(0, 1)[:, None].double(), feat.shape[-2:], mode='bilinear', align_corners=True)
     fp = (feat * mask).sum((2, 3)) / (mask.sum((2, 3)) + 1e-6)
     bp = (feat * (1 - mask)).sum((2, 3)) / ((1 - mask).sum((2, 3)) + 1e-6)
-    assert torch.allclose(fg[tap].double(), fp, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(bg[tap].double(), bp, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(fg[tap][:, 0].double(), fp, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(bg[tap][:, 0].double(), bp, rtol=1e-5, atol=1e-6)
     assert torch.equal(plain, same)                                          # identity hook: identical output
     assert (plain - fused).abs().max() > 1e-2 * plain.abs().max()            # P is built from the hook's output
 
@@ -271,7 +282,7 @@ def test_gradients_reach_anchors_and_learner_not_backbone(patnet, transform):
     # has positive entries and passes a gradient back to its anchor
     m.zero_()[..., 16:80, 16:80] = 1
     target = (torch.rand(1, 96, 96) > 0.5).long()
-    loss = model.loss(model(q, s, m, cid), target)
+    loss = model.loss(model(q, s, m, cid), {'query_mask': target})['ce']
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is None for p in model.backbone.parameters())
@@ -286,7 +297,7 @@ def test_rank2_and_pinv_anchor_gradients_agree(patnet):
     q, s, m, cid = episode(b=1, k=1, size=64, seed=7)
     grads = []
     for model in (copy.deepcopy(patnet), dense_twin(patnet)):
-        model(q, s, m, cid)[:, 0, 1].mean().backward()
+        model(q, s, m, cid).logits[:, 0, 1].mean().backward()
         grads.append(torch.cat([a.grad.flatten() for a in model.anchors]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-2, atol=1e-3 * grads[1].abs().max())
 
@@ -297,10 +308,10 @@ def test_kshot_encodes_query_once_and_transforms_it_per_shot(patnet):
     handle = model.backbone.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
     q, s, m, cid = episode(b=2, k=2, size=64, seed=8)
     with torch.no_grad():
-        out = model(q, s, m, cid)
+        out = model(q, s, m, cid).logits
         assert sizes == [2 + 2 * 2]                    # one pass: 2 queries + 4 supports
         for k in range(2):
-            single = model(q, s[:, k:k + 1], m[:, k:k + 1], cid)
+            single = model(q, s[:, k:k + 1], m[:, k:k + 1], cid).logits
             assert torch.allclose(out[:, k], single[:, 0], atol=1e-5)
     handle.remove()
 
@@ -326,7 +337,7 @@ def test_tfi_loss_reaches_only_the_layer2_anchor(patnet):
     model = copy.deepcopy(patnet)
     q, s, m, cid = episode(b=1, k=2, size=64, seed=10)
     ctx = EpisodeContext(cid, 2, m.flatten(0, 1))
-    qf, sf = model.extract(q, s)
+    qf, sf = taps(model, q, s, m, cid)
     fg, bg = model.prototypes(sf, ctx)
     loss = model.tfi_loss(qf, fg, bg, (torch.rand(1, 64, 64) > 0.5).long(), nshot=2)
     grads = torch.autograd.grad(loss, list(model.anchors), allow_unused=True)
@@ -339,17 +350,17 @@ def test_finetuning_changes_the_prediction_and_resets_every_episode(patnet):
     e1, e2 = episode(b=1, k=1, size=64, seed=11), episode(b=1, k=1, size=64, seed=12)
     before = [a.detach().clone() for a in model.anchors]
     with torch.no_grad():
-        plain = model.episode_logits(*e1)
+        plain = infer(model, *e1)
     model.set_test_time(finetune_steps=2, finetune_lr=0.05)
-    with torch.no_grad():                      # as in common.engine.evaluate
-        tuned1 = model.episode_logits(*e1)
+    with torch.no_grad():                      # as in engine.loops.evaluate
+        tuned1 = infer(model, *e1)
         assert all(torch.equal(a, b) for a, b in zip(model.anchors, before))   # bit-identical after the episode
         assert all(a.grad is None for a in model.anchors)
-        both = model.episode_logits(*(torch.cat([x, y]) for x, y in zip(e1, e2)))   # e1 then e2 in one batch
-        tuned2 = model.episode_logits(*e2)
-        again1 = model.episode_logits(*e1)
+        both = infer(model, *(torch.cat([x, y]) for x, y in zip(e1, e2)))   # e1 then e2 in one batch
+        tuned2 = infer(model, *e2)
+        again1 = infer(model, *e1)
     with torch.inference_mode():
-        assert torch.equal(model.episode_logits(*e1), tuned1)
+        assert torch.equal(infer(model, *e1), tuned1)
     assert all(torch.equal(a, b) for a, b in zip(model.anchors, before))
     assert (tuned1 - plain).abs().max() > 1e-6                 # the adaptation does something
     assert torch.equal(tuned1, again1)                          # no state carried over from episode 2
@@ -362,7 +373,7 @@ def test_finetune_options_are_validated(patnet):
         model.set_test_time(finetune_steps=-1)
     with pytest.raises(UserError, match='finetune-lr'):
         model.set_test_time(finetune_lr=0.0)
-    assert model.finetune_steps == 0 and model.finetune_lr == 1e-3
+    assert model.adaptation.steps == 0 and model.adaptation.lr == 1e-3
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
@@ -375,11 +386,13 @@ def test_train_and_test_cli_with_patnet(datapath, tmp_path):
         out = train_cli.main(['--method', 'patnet', '--benchmark', 'synthetic', '--datapath', str(datapath),
                               '--backbone-weights', 'none', '--img-size', '64', '--bsz', '2', '--epochs', '1',
                               '--episodes-per-epoch', '2', '--val-episodes', '1', '--workers', '0',
-                              '--logpath', str(run)])
+                              '--transform', 'pinv', '--logpath', str(run)])
         assert out['best']['epoch'] == 0
         res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'synthetic-med', '--datapath',
                              str(datapath), '--episodes', '2', '--workers', '0', '--finetune-steps', '2',
                              '--finetune-lr', '1e-3', '--logpath', str(tmp_path / 'test')])
     saved = json.loads((tmp_path / 'test' / 'results.json').read_text())
     assert saved['method'] == 'patnet' and len(saved['episodes']) == 2
+    assert saved['method_options'] == {'transform': 'pinv'}                   # the option travels with the model
+    assert saved['test_time_adaptation'] == {'steps': 2, 'lr': 1e-3}
     assert 0 <= res['miou'] <= 100 and res['miou'] == saved['miou']

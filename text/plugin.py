@@ -10,6 +10,7 @@ this package. Two host kinds (the method's `plugin_point`):
 During training, support features are perturbed by the medical-style AdaIN (unless disabled). With α = 1 and fixed
 fusion the plug-in is an exact identity on the host's outputs (in eval mode).
 """
+import argparse
 import math
 from dataclasses import asdict, dataclass
 
@@ -258,20 +259,130 @@ class CDTG(Hooks):
             out.append(f + weight * (self.align[level](f, text, mask) - f))
         return out
 
-    def prototypes(self, fg: list[torch.Tensor], bg: list[torch.Tensor], feats: list[torch.Tensor],
-                   ctx: EpisodeContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def prototypes(self, fg: list[torch.Tensor], bg: list[torch.Tensor | None], feats: list[torch.Tensor],
+                   ctx: EpisodeContext) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        r"""Fuse text-guided prototypes into the host's prototype sets.
+
+        Per level: FP_t = MAP(A(F_s, class text), m), BP_t = MAP(A(F_s, background text), 1 - m) per support
+        [B*K,C]; averaged over the K shots when the host's sets are per episode (N = B); then every prototype of a
+        set is fused with its text prototype: FP_p <- α FP_p + (1 - α) FP_t for p = 1..P (PMMs' mixture components
+        each move towards the same text prototype), and likewise BP_p with BP_t. A host without background
+        prototypes (bg None) keeps None.
+        """
         if self.point != 'prototypes':
             return fg, bg
         n = feats[0].shape[0]
-        cls_text, cls_mask = self.class_texts(ctx.class_id.repeat_interleave(ctx.nshot))      # per support
+        k = ctx.nshot
+        cls_text, cls_mask = self.class_texts(ctx.class_id.repeat_interleave(k))        # per support
         bg_text, bg_mask = self.background_texts(n, feats[0].device)
         new_fg, new_bg = [], []
         for i, f in enumerate(feats):
             level = self.tap_level[i]
-            m = resize_mask(ctx.support_masks, tuple(f.shape[-2:])).to(f.dtype)
-            fp_t = masked_average_pooling(self.align[level](f, cls_text, cls_mask), m)
-            bp_t = masked_average_pooling(self.align[level](f, bg_text, bg_mask), 1 - m)
             a = self.image_weight(level)
-            new_fg.append(a * fg[i] + (1 - a) * fp_t)
-            new_bg.append(a * bg[i] + (1 - a) * bp_t)
+            m = resize_mask(ctx.support_masks, tuple(f.shape[-2:])).to(f.dtype)
+            fp_t = masked_average_pooling(self.align[level](f, cls_text, cls_mask), m)        # [B*K,C]
+            new_fg.append(a * fg[i] + (1 - a) * _per_set(fp_t, fg[i], k))
+            if bg[i] is None:
+                new_bg.append(None)
+                continue
+            bp_t = masked_average_pooling(self.align[level](f, bg_text, bg_mask), 1 - m)
+            new_bg.append(a * bg[i] + (1 - a) * _per_set(bp_t, bg[i], k))
         return new_fg, new_bg
+
+    # --- command line and checkpoints (the plug-in protocol of engine/factory.py) -----------------------------
+    name, label = 'cdtg', 'CD-TG'
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser, stage: str) -> None:
+        r"""The plug-in's flags: all of them for train.py (saved in the checkpoint), the test-time overrides for
+        test.py (the rest is rebuilt from the checkpoint)."""
+        if stage == 'train':
+            g = parser.add_argument_group('CD-TG plug-in')
+            g.add_argument('--cdtg', action='store_true', help='attach the CD-TG text-guidance plug-in to the method')
+            g.add_argument('--clip', type=str, default='ViT-B-32', help='CLIP text encoder: RN50 | ViT-B-32 | ViT-B-16')
+            g.add_argument('--clip-weights', type=str, default='openai',
+                           help='openai (download) | none (random; tests) | PATH to a local copy of the OpenAI weights')
+            g.add_argument('--cdtg-attn', type=str, default='paper', choices=ATTN_MODES,
+                           help='paper: the reference attention in its exact closed form (one text vector); '
+                                'attributes: cross-attention of every pixel over the caption and attribute sentences')
+            g.add_argument('--alpha', type=float, default=0.7,
+                           help='image weight of the prototype fusion (text: 1 - alpha)')
+            g.add_argument('--fusion', type=str, default='fixed', choices=FUSIONS,
+                           help='fixed alpha, or a learned per-level gate initialised at --alpha')
+            g.add_argument('--no-style-aug', action='store_true',
+                           help='disable the medical-style feature augmentation of support features during training')
+            g.add_argument('--text-lora', type=int, default=0, metavar='R',
+                           help='rank of trainable LoRA adapters on the CLIP text transformer (0 = frozen, cached '
+                                'text)')
+            g.add_argument('--text-cache', type=str, default=None,
+                           help='folder of the frozen text-embedding cache (default ~/.cache/cdtg/text-embeddings, or '
+                                '$CDTG_CACHE/text-embeddings)')
+            return
+        g = parser.add_argument_group('CD-TG plug-in (rebuilt from the checkpoint)')
+        g.add_argument('--cdtg', action='store_true', help='assert that the checkpoint carries the CD-TG plug-in')
+        g.add_argument('--alpha', type=float, default=None,
+                       help='override the image weight of a fixed-fusion plug-in (alpha sweeps without retraining)')
+        g.add_argument('--clip-weights', type=str, default=None,
+                       help='where the CLIP weights are on this machine (must be the weights used in training)')
+        g.add_argument('--text-cache', type=str, default=None, help='folder of the frozen text-embedding cache')
+
+    @staticmethod
+    def enabled(config: dict) -> bool:
+        return bool(config.get('cdtg'))
+
+    @staticmethod
+    def config_keys() -> tuple[str, ...]:
+        r"""The run-configuration keys that belong to the plug-in."""
+        return ('cdtg', 'clip', 'clip_weights', 'cdtg_attn', 'alpha', 'fusion', 'no_style_aug', 'text_lora',
+                'text_cache')
+
+    @classmethod
+    def from_config(cls, config: dict, model) -> 'CDTG':
+        r"""A plug-in sized for `model` (a FewShotSegmenter) from a run configuration (train.py's flags)."""
+        point = getattr(model, 'plugin_point', None)
+        if point not in ('features', 'prototypes'):
+            raise UserError(f'method {type(model).__name__} declares no CD-TG plug-in point')
+        cfg = CDTGConfig(clip=config['clip'], clip_weights=config['clip_weights'], attn=config['cdtg_attn'],
+                         alpha=float(config['alpha']), fusion=config['fusion'], style_aug=not config['no_style_aug'],
+                         text_lora=int(config['text_lora']), text_cache=config.get('text_cache'),
+                         seed=int(config.get('seed', 0)))
+        return cls(model.feature_channels, model.feature_levels, point, cfg)
+
+    @classmethod
+    def test_overrides(cls, config: dict, args: argparse.Namespace, path: str) -> dict:
+        r"""The checkpoint's run configuration with test.py's plug-in flags applied (and checked)."""
+        has = cls.enabled(config)
+        if getattr(args, 'cdtg', False) and not has:
+            raise UserError(f'checkpoint {path} was trained without the CD-TG plug-in, so --cdtg cannot be used with '
+                            'it (drop --cdtg, or train with train.py --cdtg)')
+        config = dict(config)
+        for key in ('alpha', 'clip_weights', 'text_cache'):
+            value = getattr(args, key, None)
+            if value is None:
+                continue
+            if not has:
+                raise UserError(f'--{key.replace("_", "-")} applies to CD-TG checkpoints only; {path} has no plug-in')
+            if key == 'alpha' and config.get('fusion') == 'learned':
+                raise UserError(f'--alpha cannot override {path}: its fusion weights were learned (--fusion learned)')
+            config[key] = value
+        return config
+
+    def record(self) -> dict:
+        r"""What a checkpoint records about this plug-in."""
+        return {'name': self.name, 'config': self.config.to_dict(), 'text_encoder': self.identity}
+
+    def check_record(self, saved: dict | None, path: str) -> None:
+        r"""Refuse a checkpoint whose plug-in was trained with another text encoder than the one built now."""
+        if saved is not None and saved.get('text_encoder') != self.identity:
+            raise UserError(f'checkpoint {path} was trained with text encoder {saved.get("text_encoder")}, but '
+                            f'--clip-weights now gives {self.identity}; pass the same CLIP weights')
+
+
+def _per_set(text_proto: torch.Tensor, protos: torch.Tensor, nshot: int) -> torch.Tensor:
+    r"""Text prototypes [B*K,C] -> [N,1,C] matching a host's prototype sets [N,P,C] (N = B*K, or B: shot mean)."""
+    if protos.shape[0] != text_proto.shape[0]:
+        if protos.shape[0] * nshot != text_proto.shape[0]:
+            raise ValueError(f'prototype sets for {protos.shape[0]} items do not fit {text_proto.shape[0]} supports '
+                             f'of {nshot} shots')
+        text_proto = text_proto.view(protos.shape[0], nshot, -1).mean(dim=1)
+    return text_proto.unsqueeze(1)

@@ -1,0 +1,7 @@
+r"""Constants shared by every layer of the code."""
+
+#: Label of pixels that neither the loss nor the metrics count (PASCAL's object boundaries, padding).
+IGNORE_INDEX = 255
+#: ImageNet normalisation of the backbones' inputs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
