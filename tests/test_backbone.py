@@ -1,0 +1,89 @@
+r"""Backbone specs: layer taps, dilation (output stride), fine-tuned layers with frozen BatchNorm, layers not run."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common.errors import UserError
+from model.backbone import Backbone, BackboneSpec
+
+
+def build(name='resnet50', **spec):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return Backbone(name, 'none', BackboneSpec(**spec))
+
+
+def reference_layers(net, x, upto):
+    r"""torchvision's own forward of the stem and layers, float64."""
+    out = {}
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    for i in range(1, upto + 1):
+        x = getattr(net, f'layer{i}')(x)
+        out[f'layer{i}'] = x
+    return out
+
+
+def test_layer_taps_with_dilation_equal_torchvision_forward():
+    bb = build(taps=('layer3', 'layer2'), dilate=(False, True, True)).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    taps = bb(x)
+    ref = reference_layers(bb.net, x, 3)
+    assert [t.shape for t in taps] == [(2, 1024, 8, 8), (2, 512, 8, 8)]       # output stride 8, order as asked
+    assert torch.allclose(taps[0], ref['layer3'], atol=1e-10) and torch.allclose(taps[1], ref['layer2'], atol=1e-10)
+    assert bb.stage_ids == [3, 2] and bb.channels == [1024, 512]
+    assert not hasattr(bb.net, 'layer4') and not hasattr(bb.net, 'fc')        # never run, never stored
+
+
+def test_tap_without_the_last_relu():
+    bb = build(taps=('layer3',), tap_relu=False).double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    tap = bb(x)[0]
+    assert (tap < 0).any()
+    assert torch.allclose(torch.relu(tap), reference_layers(bb.net, x, 3)['layer3'], atol=1e-10)
+
+
+def test_trainable_layers_get_gradients_and_batchnorm_stays_frozen():
+    bb = build(taps=('layer2', 'layer3'), trainable=('layer3',))
+    stats = {k: v.clone() for k, v in bb.state_dict().items() if 'running' in k}
+    bb.train()
+    x = torch.randn(2, 3, 64, 64)
+    l2, l3 = bb(x)
+    assert not l2.requires_grad and l3.requires_grad          # frozen prefix runs without gradient
+    l3.sum().backward()
+    for name, p in bb.named_parameters():
+        in_l3 = name.startswith('net.layer3.')
+        is_bn = '.bn' in name or 'downsample.1' in name
+        assert p.requires_grad == (in_l3 and not is_bn), name
+        assert (p.grad is not None) == (in_l3 and not is_bn), name
+    assert all(not m.training for m in bb.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(torch.equal(v, bb.state_dict()[k]) for k, v in stats.items())
+    with torch.no_grad():
+        assert not bb(x)[1].requires_grad                       # no gradient when the caller asks for none
+
+
+def test_gradient_flows_through_frozen_layers_after_a_trainable_one():
+    bb = build(taps=('layer3',), trainable=('layer2',))
+    out = bb(torch.randn(1, 3, 64, 64))[0]
+    out.sum().backward()
+    assert out.requires_grad and bb.net.layer2[0].conv1.weight.grad.abs().sum() > 0
+    assert bb.net.layer3[0].conv1.weight.grad is None
+
+
+def test_resnet101_keeps_fc_for_qnet():
+    bb = build('resnet101', taps=('layer3', 'layer4'), dilate=(False, True, True), keep_fc=True,
+               trainable=('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc'))
+    taps = bb(torch.randn(1, 3, 64, 64))
+    assert [t.shape for t in taps] == [(1, 1024, 8, 8), (1, 2048, 8, 8)]
+    assert bb.net.fc.weight.requires_grad and bb.net.conv1.weight.requires_grad
+
+
+def test_bad_specs_are_clear_errors():
+    with pytest.raises(UserError, match='layer names'):
+        build(taps=('layer5',))
+    with pytest.raises(UserError, match='trainable'):
+        build(trainable=('head',))
+    with pytest.raises(UserError, match='vgg16 supports only'):
+        build('vgg16', taps=('layer3',))
