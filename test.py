@@ -9,9 +9,10 @@ import argparse
 import time
 from pathlib import Path
 
-from common.config import parse_with_config
+from common.config import bounded, parse_with_config
+from common.constants import MIN_IMG_SIZE
 from common.errors import UserError, run_cli
-from common.logger import RunLogger
+from common.logger import RunLogger, prepare_run_folder
 from common.metrics import format_scores
 from common.utils import configure_backends, resolve_device, seed_everything
 from data import add_dataset_args, build_dataset, dataset_class, dataset_options
@@ -27,24 +28,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--benchmark', type=str, default='synthetic-med')
     p.add_argument('--datapath', type=str, default='datasets')
     add_dataset_args(p)
-    p.add_argument('--nshot', type=int, default=1)
+    bounded(p, '--nshot', int, 1, low=1)
+    p.add_argument('--strict-shots', action='store_true',
+                   help='refuse episodes whose K supports cannot be distinct (a class with K images or fewer); by '
+                        'default such supports repeat, with a warning, and results.json counts them')
     p.add_argument('--protocol', type=str, default='2d', choices=tuple(PROTOCOLS),
                    help='2d: pre-sampled 2D episodes (every benchmark); volumetric: the SSL-ALPNet/Q-Net 5-fold '
                         'protocol with 3D Dice per organ (chaos; see engine/volumetric.py)')
-    p.add_argument('--episodes', type=int, default=600, help='number of pre-sampled test episodes (2d protocol)')
-    p.add_argument('--seed', type=int, default=0, help='seeds the episode list (saved with the results)')
-    p.add_argument('--img-size', type=int, default=None, help='default: the training image size')
-    p.add_argument('--bsz', type=int, default=1, help='episodes per forward pass')
-    p.add_argument('--workers', type=int, default=4)
+    bounded(p, '--episodes', int, 600, low=1, help='number of pre-sampled test episodes (2d protocol)')
+    bounded(p, '--seed', int, 0, low=0, high=2**63 - 1, help='seeds the episode list (saved with the results)')
+    bounded(p, '--img-size', int, None, low=MIN_IMG_SIZE, high=4096, help='default: the training image size')
+    bounded(p, '--bsz', int, 1, low=1, help='episodes per forward pass')
+    bounded(p, '--workers', int, 4, low=0)
     p.add_argument('--logpath', type=str, default=None,
                    help='output folder (default: <checkpoint folder>/test-<benchmark>-<K>shot-seed<seed>)')
     p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
-    p.add_argument('--vis', type=int, default=0, help='draw the first N episodes into predictions.png')
-    p.add_argument('--finetune-steps', type=int, default=None,
-                   help='test-time adaptation steps per episode, for methods that have it (default: the method\'s; '
-                        'reset after every episode)')
-    p.add_argument('--finetune-lr', type=float, default=None,
-                   help='learning rate of test-time adaptation (default: the method\'s)')
+    bounded(p, '--vis', int, 0, low=0, high=100, help='draw the first N episodes into predictions.png')
+    bounded(p, '--finetune-steps', int, None, low=0,
+            help="test-time adaptation steps per episode, for methods that have it (default: the method's; reset "
+                 'after every episode)')
+    bounded(p, '--finetune-lr', float, None, low=0, low_open=True,
+            help="learning rate of test-time adaptation (default: the method's)")
     add_plugin_args(p, 'test')
     return p
 
@@ -53,14 +57,22 @@ def main(argv=None) -> dict:
     args = parse_with_config(build_parser(), argv)
     if not args.load:
         raise UserError('--load CHECKPOINT is required (a best.pt or last.pt written by train.py)')
-    for key in ('nshot', 'episodes', 'bsz'):
-        if getattr(args, key) < 1:
-            raise UserError(f'--{key} must be >= 1')
+    if Path(args.load).is_dir():
+        found = [str(Path(args.load) / n) for n in ('best.pt', 'last.pt') if (Path(args.load) / n).exists()]
+        raise UserError(f'--load {args.load} is a run folder; pass {" or ".join(found) or args.load + "/best.pt"}')
     cls = dataset_class(args.benchmark)
     split = 'test' if 'test' in cls.splits else 'val'
     PROTOCOLS[args.protocol].check(cls, args)
     device = resolve_device(args.device)
     configure_backends(device)
+    logpath = Path(args.logpath or Path(args.load).parent /
+                   f'test-{args.benchmark}{PROTOCOLS[args.protocol].tag}-{args.nshot}shot-seed{args.seed}')
+    try:
+        prepare_run_folder(logpath)                                     # before any data or model is built
+    except UserError as err:
+        if args.logpath:
+            raise
+        raise UserError(f'{err} (the default output folder is next to the checkpoint)') from err
     model, ckpt = load_model(args.load, device, args)
     model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
     train_config = ckpt['config']
@@ -69,11 +81,12 @@ def main(argv=None) -> dict:
     model.hooks.bind(dataset.name, dataset.class_names)
 
     seed_everything(args.seed)
-    protocol = PROTOCOLS[args.protocol](dataset, args, device)
-    logpath = Path(args.logpath or
-                   Path(args.load).parent / f'test-{args.benchmark}{protocol.tag}-{args.nshot}shot-seed{args.seed}')
     log = RunLogger(logpath, vars(args), tensorboard=False)
     try:
+        if train_config.get('backbone_weights') == 'none' and not train_config.get('bn_calibration'):
+            log.info(f'warning: {args.load} was trained on a random backbone without --bn-calibration; its features '
+                     'barely tell pixels apart, so expect near-zero mIoU (see README, "The demo")')
+        protocol = PROTOCOLS[args.protocol](dataset, args, device)
         adaptation = (f', test-time adaptation {model.adaptation.steps} steps at lr {model.adaptation.lr:g}'
                       if model.adaptation.steps else '')
         log.info(f'{train_config["method"]} ({train_config["backbone"]}) from {args.load} on {dataset.describe()}, '

@@ -10,21 +10,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import load_checkpoint, save_checkpoint
-from common.config import parse_with_config
+from common.checkpoint import NonFiniteError, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from common.config import bounded, parse_with_config, typed_flags
+from common.constants import MIN_IMG_SIZE
 from common.errors import UserError, run_cli
-from common.logger import RunLogger
+from common.logger import RunLogger, prepare_run_folder
 from common.metrics import format_scores
 from common.utils import configure_backends, resolve_device, rng_state, seed_everything, set_rng_state
 from data import (FixedEpisodes, TrainingEpisodes, add_dataset_args, build_dataset, build_loader, dataset_class,
                   dataset_options)
 from engine.factory import (add_method_args, add_plugin_args, build_model, method_options, plugin_record,
                             preparse_method, strip_plugin_keys)
-from engine.loops import evaluate, train_epoch
+from engine.loops import NonFiniteGuard, evaluate, train_epoch
 from model import BACKBONES, METHODS, method_class
 
 # Flags that may change when a run is resumed; every other value comes from the checkpoint.
-RESUMABLE = ('epochs', 'workers', 'device', 'log_every', 'resume', 'config')
+RESUMABLE = ('epochs', 'workers', 'device', 'log_every', 'save_every_steps', 'skip_nonfinite')
 
 
 def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
@@ -40,25 +41,31 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
     p.add_argument('--backbone', type=str, default=None, choices=BACKBONES,
                    help="default: the method's (resnet50 for hsnet and patnet)")
     p.add_argument('--backbone-weights', type=str, default='imagenet', help='imagenet | none | PATH to a .pth file')
-    p.add_argument('--bn-calibration', type=int, default=0,
-                   help='re-estimate the frozen backbone\'s BatchNorm statistics on this many source training images '
-                        'before training (0 = off). Makes --backbone-weights none usable (see README, demo)')
-    p.add_argument('--img-size', type=int, default=400)
-    p.add_argument('--bsz', type=int, default=20)
-    p.add_argument('--lr', type=float, default=None,
-                   help="base learning rate of the method's recipe (default: the method's, 1e-3 for hsnet and "
-                        "patnet; optimizer, schedule and parameter groups come from the method)")
-    p.add_argument('--epochs', type=int, default=50)
-    p.add_argument('--episodes-per-epoch', type=int, default=None,
-                   help='training episodes per epoch (default: one per (image, class) pair of the training split)')
-    p.add_argument('--val-episodes', type=int, default=1000, help='fixed, seeded validation episodes')
-    p.add_argument('--nshot', type=int, default=1)
-    p.add_argument('--workers', type=int, default=4)
-    p.add_argument('--seed', type=int, default=0)
+    bounded(p, '--bn-calibration', int, 0, low=0,
+            help="re-estimate the frozen backbone's BatchNorm statistics on this many source training images before "
+                 'training (0 = off). Makes --backbone-weights none usable (see README, demo)')
+    bounded(p, '--img-size', int, 400, low=MIN_IMG_SIZE, high=4096)
+    bounded(p, '--bsz', int, 20, low=1)
+    bounded(p, '--lr', float, None, low=0, low_open=True,
+            help="base learning rate of the method's recipe (default: the method's, 1e-3 for hsnet and patnet; "
+                 'optimizer, schedule and parameter groups come from the method)')
+    bounded(p, '--epochs', int, 50, low=1)
+    bounded(p, '--episodes-per-epoch', int, None, low=1,
+            help='training episodes per epoch (default: one per (image, class) pair of the training split)')
+    bounded(p, '--val-episodes', int, 1000, low=1, help='fixed, seeded validation episodes')
+    bounded(p, '--nshot', int, 1, low=1)
+    bounded(p, '--workers', int, 4, low=0)
+    bounded(p, '--seed', int, 0, low=0, high=2**63 - 1)
     p.add_argument('--logpath', type=str, default=None, help='run folder (default: logs/<method>-<benchmark>-<time>)')
     p.add_argument('--resume', action='store_true', help='continue the run in --logpath from its last.pt')
     p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
-    p.add_argument('--log-every', type=int, default=50, help='training steps between loss scalars')
+    bounded(p, '--log-every', int, 50, low=1, help='training steps between loss scalars')
+    bounded(p, '--save-every-steps', int, 0, low=0,
+            help='also write last.pt every N training steps within an epoch (0 = at epoch ends only); --resume '
+                 'continues from the exact step')
+    bounded(p, '--skip-nonfinite', int, 0, low=0,
+            help='skip up to N training steps whose loss or gradient is NaN/inf, with a warning (default 0: stop '
+                 'at the first one)')
     if method in METHODS:
         add_method_args(p, method)
     add_plugin_args(p, 'train')
@@ -71,37 +78,44 @@ def _check_source(name: str, role: str) -> None:
                         'touches training or checkpoint selection (evaluate it with test.py)')
 
 
-def _resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[dict, dict | None]:
+def _resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                    typed: set[str]) -> tuple[dict, dict | None]:
     logpath = Path(args.logpath) if args.logpath else None
     option_names = [f.name for f in dataclasses.fields(method_class(args.method).Options)]
     if args.resume:
         if logpath is None:
             raise UserError('--resume needs the --logpath of the run to continue')
-        ckpt = load_checkpoint(logpath / 'last.pt')
+        if not (logpath / 'last.pt').exists():
+            raise UserError(f'--resume: {logpath} holds no last.pt, so there is nothing to continue (start the run '
+                            'without --resume)')
+        ckpt = load_checkpoint(logpath / 'last.pt', require_finite=True)
         config = dict(ckpt['config'])
         config.setdefault('method_options', {})
-        changed = [k for k in option_names if getattr(args, k) is not None
-                   and getattr(args, k) != config['method_options'].get(k)]
-        if changed:
-            raise UserError(f'--resume continues the saved configuration; these method options differ from it: '
-                            f'{", ".join("--" + k.replace("_", "-") for k in changed)} (start a new --logpath instead)')
-        for key in RESUMABLE:               # taken from the command line only where given there
-            if getattr(args, key) != parser.get_default(key) or key not in config:
-                config[key] = getattr(args, key)
-        config['logpath'] = str(logpath)
-        ignored = [k for k, v in vars(args).items()
-                   if k not in RESUMABLE and k != 'logpath' and k not in option_names
-                   and v != parser.get_default(k) and v != config.get(k)]
-        if ignored:
+        for key in RESUMABLE:
+            config.setdefault(key, parser.get_default(key))
+        differ = []
+        for key in sorted(typed - {'resume', 'logpath'}):       # only what the user gave, never parser defaults
+            value = getattr(args, key)
+            if key in option_names:
+                if value != config['method_options'].get(key):
+                    differ.append(key)
+            elif key in RESUMABLE:
+                config[key] = value
+            elif value != config.get(key):
+                differ.append(key)
+        if differ:
             raise UserError(f'--resume continues the saved configuration; these flags differ from it: '
-                            f'{", ".join("--" + k.replace("_", "-") for k in ignored)} (start a new --logpath instead)')
+                            f'{", ".join("--" + k.replace("_", "-") for k in differ)} (only '
+                            f'{", ".join("--" + k.replace("_", "-") for k in RESUMABLE)} may change; start a new '
+                            '--logpath for anything else)')
+        config['logpath'] = str(logpath)
         return config, ckpt
     if logpath is None:
         logpath = Path('logs') / f'{args.method}-{args.benchmark}-{time.strftime("%Y%m%d-%H%M%S")}'
     if (logpath / 'last.pt').exists():
         raise UserError(f'{logpath} already holds a run (last.pt); pass --resume to continue it or choose another '
                         '--logpath')
-    config = {k: v for k, v in vars(args).items() if k not in option_names}
+    config = {k: v for k, v in vars(args).items() if k not in option_names and k != 'resume'}
     config['method_options'] = method_options(args.method, {k: getattr(args, k) for k in option_names})
     config['backbone'] = args.backbone or method_class(args.method).default_backbone
     config['logpath'] = str(logpath)
@@ -121,16 +135,29 @@ def _calibrate(model, dataset, config: dict, device: torch.device) -> None:
 def main(argv=None) -> dict:
     parser = build_parser(preparse_method(argv))
     args = parse_with_config(parser, argv)
-    config, ckpt = _resolve_config(args, parser)
-    for key in ('bsz', 'epochs', 'nshot', 'img_size', 'val_episodes'):
-        if config[key] is not None and config[key] < 1:
-            raise UserError(f'--{key.replace("_", "-")} must be >= 1')
-    if config['lr'] is not None and not config['lr'] > 0:
-        raise UserError(f'--lr must be > 0, got {config["lr"]}')
+    config, ckpt = _resolve_config(args, parser, typed_flags(parser, argv))
     val_benchmark = config['val_benchmark'] or config['benchmark']
     _check_source(config['benchmark'], 'training')
     _check_source(val_benchmark, 'model selection')
+    logpath = prepare_run_folder(config['logpath'])                   # before any data or model is built
+    stale = remove_stale_temp_files(logpath)
+    log = RunLogger(logpath, config)
+    try:
+        return _train(config, ckpt, val_benchmark, log, stale)
+    except NonFiniteError as err:
+        log.info(f'error: {err}')
+        raise
+    finally:
+        log.close()
 
+
+def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, stale: list) -> dict:
+    if stale:
+        log.info(f'removed {len(stale)} temp file(s) left by an interrupted save: {", ".join(p.name for p in stale)}')
+    if config['backbone_weights'] == 'none' and not config['bn_calibration']:
+        log.info('warning: --backbone-weights none without --bn-calibration: a random backbone with default '
+                 'BatchNorm statistics makes every pixel look alike, and the model will score near 0 mIoU. Pass '
+                 '--bn-calibration 256 (see README, "The demo"), or use ImageNet weights')
     device = resolve_device(config['device'])
     configure_backends(device)
     seed_everything(config['seed'])
@@ -141,11 +168,14 @@ def main(argv=None) -> dict:
     val_set = build_dataset(val_benchmark, config['datapath'], 'val', config['nshot'], config['img_size'],
                             **val_options)
 
+    for name, n in train_set.classes_short_of_shots().items():
+        log.info(f'warning: {train_set.name} class {name!r} has {n} images: its {config["nshot"]}-shot training '
+                 'supports repeat')
     model = build_model(config, None if ckpt else config['backbone_weights']).to(device)
     n_train = config['episodes_per_epoch'] or len(train_set.pairs)
     steps_per_epoch = -(-n_train // config['bsz'])
     recipe = model.configure_optimizers(lr=config['lr'], total_steps=config['epochs'] * steps_per_epoch)
-    start_epoch, best = 0, {'miou': -1.0, 'epoch': -1}
+    start_epoch, start_step, best, last_val = 0, 0, {'miou': -1.0, 'epoch': -1}, None
     if ckpt is None and config['bn_calibration'] > 0:
         _calibrate(model, train_set, config, device)
     if ckpt is not None:
@@ -153,10 +183,12 @@ def main(argv=None) -> dict:
         recipe.optimizer.load_state_dict(ckpt['optimizer'])
         if recipe.scheduler is not None and ckpt.get('scheduler') is not None:
             recipe.scheduler.load_state_dict(ckpt['scheduler'])
-        start_epoch, best = ckpt['epoch'] + 1, ckpt['best']
+        start_epoch, start_step = ckpt.get('next', (ckpt['epoch'] + 1, 0))
+        best, last_val = ckpt['best'], ckpt.get('val')
         set_rng_state(ckpt['rng'])
+        log.info(f'resumed from epoch {start_epoch}' + (f', step {start_step}' if start_step else '') +
+                 f' of {logpath_of(config)}/last.pt')
 
-    log = RunLogger(config['logpath'], config)
     plugin = plugin_record(model)
     log.info(f'training {config["method"]}{" + CD-TG" if plugin else ""} '
              f'({sum(p.numel() for p in model.trainable_parameters()):,} learnable parameters) on '
@@ -171,50 +203,63 @@ def main(argv=None) -> dict:
     train_loader = build_loader(train_set, sampler, config['bsz'], config['workers'], pin, drop_last=False)
     val_episodes = val_set.sample_episodes(config['val_episodes'], config['seed'])
     val_loader = build_loader(val_set, FixedEpisodes(val_episodes), config['bsz'], config['workers'], pin)
+    guard = NonFiniteGuard(config['skip_nonfinite'])
+
+    def checkpoint(epoch: int, next_step: tuple[int, int], val: dict | None) -> dict:
+        return {'model': model.state_dict(), 'method': config['method'], 'backbone': config['backbone'],
+                'config': config, 'epoch': epoch, 'next': next_step, 'optimizer': recipe.optimizer.state_dict(),
+                'scheduler': recipe.scheduler.state_dict() if recipe.scheduler is not None else None,
+                'rng': rng_state(), 'best': best, 'val': val, 'class_names': train_set.class_names,
+                'plugin': plugin}
 
     def on_step(step: int, loss: torch.Tensor, terms: dict) -> None:
         if step % config['log_every'] == 0:
-            # the only host sync of the training loop, every --log-every steps
+            # a host sync every --log-every steps (besides the non-finite guard's)
             global_step = epoch * steps_per_epoch + step
             log.scalar('train/loss_step', float(loss.detach()), global_step)
             if len(terms) > 1:
                 for name, value in terms.items():
                     log.scalar(f'train/loss_{name}_step', float(value.detach()), global_step)
+        every = config['save_every_steps']
+        if every and (step + 1) % every == 0 and step + 1 < steps_per_epoch:
+            save_checkpoint(checkpoint(epoch, (epoch, step + 1), last_val), logpath_of(config) / 'last.pt')
 
     history = []
-    try:
-        for epoch in range(start_epoch, config['epochs']):
-            sampler.set_epoch(epoch)
-            t0 = time.perf_counter()
-            model.hooks.bind(train_set.name, train_set.class_names)
-            trn = train_epoch(model, train_loader, recipe, device, train_set.class_names,
-                              desc=f'epoch {epoch} train', on_step=on_step)
-            model.hooks.bind(val_set.name, val_set.class_names)
-            val, _ = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val')
-            improved = val['miou'] > best['miou']
-            if improved:
-                best = {'miou': val['miou'], 'fbiou': val['fbiou'], 'dice': val['dice'], 'epoch': epoch}
-            log.info(f'epoch {epoch:3d} | train loss {trn["loss"]:.4f} mIoU {trn["miou"]:5.2f} | val loss '
-                     f'{val["loss"]:.4f} {format_scores(val)} | {time.perf_counter() - t0:.1f}s'
-                     f'{" | best" if improved else ""}')
-            for tag, scores in (('train', trn), ('val', val)):
-                for key in ('loss', 'miou', 'fbiou', 'dice'):
+    for epoch in range(start_epoch, config['epochs']):
+        first = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first * config['bsz'])
+        t0 = time.perf_counter()
+        model.hooks.bind(train_set.name, train_set.class_names)
+        trn = train_epoch(model, train_loader, recipe, device, train_set.class_names, desc=f'epoch {epoch} train',
+                          on_step=on_step, seed=config['seed'], epoch=epoch, start_step=first, guard=guard)
+        model.hooks.bind(val_set.name, val_set.class_names)
+        val, _ = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val')
+        last_val = val
+        improved = val['miou'] > best['miou']
+        if improved:
+            best = {'miou': val['miou'], 'fbiou': val['fbiou'], 'dice': val['dice'], 'epoch': epoch}
+        part = f' (steps {first}-{steps_per_epoch - 1} after resuming)' if first else ''
+        train_loss = 'n/a' if trn['loss'] is None else f'{trn["loss"]:.4f}'
+        log.info(f'epoch {epoch:3d} | train loss {train_loss} mIoU {trn["miou"]:5.2f}{part} | val loss '
+                 f'{val["loss"]:.4f} {format_scores(val)} | {time.perf_counter() - t0:.1f}s'
+                 f'{" | best" if improved else ""}')
+        for tag, scores in (('train', trn), ('val', val)):
+            for key in ('loss', 'miou', 'fbiou', 'dice'):
+                if scores[key] is not None:
                     log.scalar(f'{tag}/{key}', scores[key], epoch)
-            for name, value in trn.get('loss_terms', {}).items():
-                log.scalar(f'train/loss_{name}', value, epoch)
-            history.append({'epoch': epoch, 'train': trn, 'val': val})
-            state = {'model': model.state_dict(), 'method': config['method'], 'backbone': config['backbone'],
-                     'config': config, 'epoch': epoch, 'optimizer': recipe.optimizer.state_dict(),
-                     'scheduler': recipe.scheduler.state_dict() if recipe.scheduler is not None else None,
-                     'rng': rng_state(),
-                     'best': best, 'val': val, 'class_names': train_set.class_names, 'plugin': plugin}
-            if improved:
-                save_checkpoint(state, Path(config['logpath']) / 'best.pt')
-            save_checkpoint(state, Path(config['logpath']) / 'last.pt')
-        log.info(f'best val mIoU {best["miou"]:.2f} at epoch {best["epoch"]} -> {config["logpath"]}/best.pt')
-    finally:
-        log.close()
+        for name, value in trn.get('loss_terms', {}).items():
+            log.scalar(f'train/loss_{name}', value, epoch)
+        history.append({'epoch': epoch, 'train': trn, 'val': val})
+        state = checkpoint(epoch, (epoch + 1, 0), val)
+        if improved:
+            save_checkpoint(state, logpath_of(config) / 'best.pt')
+        save_checkpoint(state, logpath_of(config) / 'last.pt')
+    log.info(f'best val mIoU {best["miou"]:.2f} at epoch {best["epoch"]} -> {config["logpath"]}/best.pt')
     return {'best': best, 'history': history, 'logpath': config['logpath']}
+
+
+def logpath_of(config: dict) -> Path:
+    return Path(config['logpath'])
 
 
 if __name__ == '__main__':

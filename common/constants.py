@@ -5,3 +5,5 @@ IGNORE_INDEX = 255
 #: ImageNet normalisation of the backbones' inputs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The smallest input image side: the backbones' deepest taps are 1/32 of the image.
+MIN_IMG_SIZE = 32

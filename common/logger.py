@@ -1,18 +1,40 @@
 r"""A run folder: resolved config (YAML), text log, tensorboardX scalars, checkpoints and results.json."""
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from common.config import dump_config
+from common.errors import UserError
+
+
+def prepare_run_folder(logpath: str | Path) -> Path:
+    r"""Create the run folder up front (before any data or model is built) and check that it is writable; a
+    `UserError` says why not and suggests `--logpath`."""
+    folder = Path(logpath)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'.write-test-{os.getpid()}'
+        probe.write_text('')
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f'cannot write the run folder {folder} ({reason}); choose a writable folder with '
+                        '--logpath DIR') from err
+    return folder
 
 
 class RunLogger:
-    r"""Owns one run folder. Each instance has its own `logging.Logger`, so several runs can live in one process."""
+    r"""Owns one run folder. Each instance has its own `logging.Logger`, so several runs can live in one process.
+
+    While it is open, Python warnings are written to the log (terminal and log.txt) as one line `warning: ...`
+    without the source line they were raised from; `close()` restores the previous warning display.
+    """
 
     def __init__(self, logpath: str | Path, config: dict | None = None, tensorboard: bool = True, quiet: bool = False):
-        self.dir = Path(logpath)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = prepare_run_folder(logpath)
         if config is not None:
             dump_config(config, self.dir / 'config.yaml')
         self.log = logging.getLogger(f'cdtg.run.{self.dir.resolve()}')
@@ -30,6 +52,11 @@ class RunLogger:
             self.log.addHandler(console)
         self._writer = None
         self._tensorboard = tensorboard
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._warning
+
+    def _warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        self.log.warning(f'warning: {message}')
 
     def info(self, msg: str) -> None:
         self.log.info(msg)
@@ -50,6 +77,8 @@ class RunLogger:
         return path
 
     def close(self) -> None:
+        if warnings.showwarning == self._warning:
+            warnings.showwarning = self._showwarning
         if self._writer is not None:
             self._writer.close()
             self._writer = None

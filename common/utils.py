@@ -41,17 +41,39 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    r"""The seed of training step (epoch, step) of a run: a fixed function of the three, so every random draw of a
+    step (the plug-in's style augmentation, dropout, ...) is the same in a straight and in a resumed run, for any
+    number of loader workers."""
+    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_step(seed: int, epoch: int, step: int) -> None:
+    r"""Seed torch (all devices), Python and NumPy for one training step (see `step_seed`)."""
+    s = step_seed(seed, epoch, step)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
 def rng_state() -> dict:
-    r"""Everything needed to continue a run's random streams exactly."""
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    r"""The global random streams as plain values (tensors, ints, tuples), so checkpoints load with
+    `weights_only=True`."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(),
+             'numpy': (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    python = state['python']
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    keys = np.asarray(keys.numpy() if isinstance(keys, torch.Tensor) else keys).astype(np.uint32)
+    np.random.set_state((name, keys, int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state['cuda'])

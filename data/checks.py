@@ -66,6 +66,7 @@ class DataReport:
         self.notes: list[str] = []        # facts worth printing (e.g. where the classes came from)
         self.warnings: list[str] = []     # things the user should act on; loaders re-emit them as warnings
         self.files_checked = 0
+        self.zero_one_masks = 0           # binary masks coded 0/1 instead of 0/255 (recognised, not an error)
 
     def add(self, kind: str, path: Path | str, detail: str = '', key: str | None = None, hard: bool = True) -> None:
         if kind not in KIND_TITLES:
@@ -109,6 +110,9 @@ class DataReport:
         for name, n in self.counts().items():
             lines.append(f'  {name}: {n}')
         lines.extend(f'note: {n}' for n in self.notes)
+        if self.zero_one_masks:
+            lines.append(f'note: {self.zero_one_masks} binary masks are coded 0/1 instead of 0/255; they are read as '
+                         '1 = foreground')
         lines.extend(f'warning: {w}' for w in self.warnings)
         groups = self.by_kind()
         lines.append('checks:')
@@ -220,9 +224,26 @@ def check_pair(report: DataReport, key: str, image: Path, mask: Path, full: bool
         report.add('size_mismatch', mask, f'mask is {msize[0]}x{msize[1]} but image {image.name} is '
                                           f'{isize[0]}x{isize[1]}', key)
         return None
-    if mask_arr is not None and allowed is not None:
+    if mask_arr is not None and allowed == (0, 255):
+        binary = binary_mask(mask_arr)
+        if mask_arr.max() == 1:
+            report.zero_one_masks += 1                       # recognised (read as 1 = foreground), summarised once
+        else:
+            note_values(report, mask, mask_arr, allowed, key)
+        if not binary.any():
+            report.add('empty_mask', mask, 'no foreground pixel: as a support it carries no information, as a '
+                                           'query it scores 0 IoU', key, hard=False)
+    elif mask_arr is not None and allowed is not None:
         note_values(report, mask, mask_arr, allowed, key)
     return mask_arr
+
+
+def binary_mask(arr: np.ndarray) -> np.ndarray:
+    r"""Foreground of a binary mask as 0/1 uint8: masks coded 0/255 (or with stray values from resampling) are
+    binarised at >= 128; masks coded 0/1 (max value 1) are recognised as such instead of thresholding to empty."""
+    if arr.size and arr.max() == 1:
+        return arr.astype(np.uint8, copy=False)
+    return (arr >= 128).astype(np.uint8)
 
 
 def pair_by_stem(report: DataReport, images: dict[str, Path], masks: dict[str, Path], mask_dir: Path, prefix: str,

@@ -8,12 +8,11 @@ train2014 and val from val2014; derived lists are cached. Mask value = class ind
 import pickle
 from pathlib import Path
 
-import numpy as np
 
 from common.errors import UserError
-from data.episodic import (EpisodicDataset, cache_file, open_image, open_label, read_json, require_dirs,
+from data.episodic import (EpisodicDataset, cache_file, open_image, read_json, require_dirs,
                            write_json_atomic)
-from data.pascal import MIN_PIXELS, parse_fold, scan_masks
+from data.pascal import MIN_PIXELS, class_mask, parse_fold, scan_masks
 
 CLASSES = ['person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light',
            'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
@@ -25,6 +24,14 @@ CLASSES = ['person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train',
            'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book', 'clock', 'vase', 'scissors',
            'teddy bear', 'hair drier', 'toothbrush']
 LIST_VERSION = 1
+
+
+class PlainUnpickler(pickle.Unpickler):
+    r"""Unpickles plain containers only (dict, list, tuple, str, numbers): a split file that names any class or
+    function (which a crafted pickle needs to run code) is refused before anything is called."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f'it refers to {module}.{name}; only plain lists and dicts are accepted')
 
 
 class COCO(EpisodicDataset):
@@ -77,7 +84,7 @@ class COCO(EpisodicDataset):
                                 '{trn,val}/fold{0..3}.pkl)')
             try:
                 with open(path, 'rb') as fh:
-                    table = pickle.load(fh)
+                    table = PlainUnpickler(fh).load()
                 pairs += [(str(n).rsplit('.', 1)[0], int(c)) for c, names in table.items() for n in names]
             except Exception as err:  # noqa: BLE001 - any malformed pickle gets the same message
                 raise UserError(f'{path} is not an HSNet COCO split pickle (dict class -> image names): {err}') from err
@@ -101,4 +108,4 @@ class COCO(EpisodicDataset):
         return open_image(self.root / f'{key}.jpg')
 
     def read_mask(self, key, class_id):
-        return (open_label(self.root / 'annotations' / f'{key}.png') == class_id + 1).astype(np.uint8)
+        return class_mask(self.root / 'annotations' / f'{key}.png', class_id, len(CLASSES))

@@ -8,10 +8,9 @@ dropped). Masks are binarised at >= 128. 600 class-balanced episodes (episode i 
 """
 from pathlib import Path
 
-import numpy as np
 
-from data.checks import (CheckedDataset, DataReport, find_dataset_root, layout_error, list_files, open_mask, open_rgb,
-                         pair_by_stem)
+from data.checks import (CheckedDataset, DataReport, binary_mask, find_dataset_root, layout_error, list_files,
+                         open_mask, open_rgb, pair_by_stem)
 
 CLASSES = ['agriculture land', 'urban land', 'rangeland', 'forest land', 'water', 'barren land']
 ROOTS = ('Deepglobe', 'DeepGlobe', 'deepglobe')
@@ -52,4 +51,4 @@ class Deepglobe(CheckedDataset):
         return open_rgb(self._paths[key][0])
 
     def read_mask(self, key, class_id):
-        return (open_mask(self._paths[key][1]) >= 128).astype(np.uint8)
+        return binary_mask(open_mask(self._paths[key][1]))

@@ -5,6 +5,8 @@ they are identical for any number of workers and can be saved with the results; 
 each epoch from (seed, epoch), so a resumed run sees exactly the episodes it would have seen.
 """
 import json
+import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +95,12 @@ class EpisodicDataset(Dataset):
         replace = len(others) < self.nshot
         picks = rng.choice(len(others), size=self.nshot, replace=replace)
         return tuple(others[i] for i in picks)
+
+    def classes_short_of_shots(self) -> dict[str, int]:
+        r"""Usable classes with K or fewer images: their K supports cannot be K distinct images other than the
+        query, so supports repeat. {class name: number of images}."""
+        return {self.class_names[c]: len(self.class_items[c]) for c in self.usable_classes
+                if len(self.class_items[c]) <= self.nshot}
 
     def sample_episodes(self, n: int, seed: int) -> list['Episode']:
         r"""Class-balanced evaluation episodes: episode i takes class i % (number of usable classes)."""
@@ -217,7 +225,7 @@ def read_json(path: Path):
 
 def write_json_atomic(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{np.random.randint(1 << 30)}.tmp')
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{threading.get_ident()}.tmp')   # no global RNG draw
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
 
@@ -236,19 +244,20 @@ class FixedEpisodes(Sampler):
 
 
 class TrainingEpisodes(Sampler):
-    r"""Draws `n` fresh training episodes per epoch from (seed, epoch), in the main process."""
+    r"""Draws `n` fresh training episodes per epoch from (seed, epoch), in the main process. `set_epoch(epoch,
+    start)` skips the first `start` episodes of that epoch (a run resumed from a mid-epoch checkpoint)."""
 
     def __init__(self, dataset: EpisodicDataset, n: int, seed: int):
-        self.dataset, self.n, self.seed, self.epoch = dataset, n, seed, 0
+        self.dataset, self.n, self.seed, self.epoch, self.start = dataset, n, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        return iter(self.dataset.sample_training_episodes(self.n, self.seed, self.epoch))
+        return iter(self.dataset.sample_training_episodes(self.n, self.seed, self.epoch)[self.start:])
 
     def __len__(self) -> int:
-        return self.n
+        return self.n - self.start
 
 
 def collate_episodes(batch: list[dict]) -> dict:

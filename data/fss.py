@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
-from data.checks import CheckedDataset, DataReport, layout_error, list_files, open_mask, open_rgb, pair_by_stem
+from data.checks import (CheckedDataset, DataReport, binary_mask, layout_error, list_files, open_mask, open_rgb,
+                         pair_by_stem)
 from data.episodic import Episode
 
 ROOTS = ('FSS-1000', 'fewshot_data', 'fewshot_data/fewshot_data')
@@ -128,4 +129,4 @@ class FSS1000(CheckedDataset):
         return open_rgb(self._paths[key][0])
 
     def read_mask(self, key, class_id):
-        return (open_mask(self._paths[key][1]) >= 128).astype(np.uint8)
+        return binary_mask(open_mask(self._paths[key][1]))

@@ -14,11 +14,10 @@ import csv
 import re
 from pathlib import Path
 
-import numpy as np
 
 from common.errors import UserError
-from data.checks import CheckedDataset, DataReport, check_pair, find_dataset_root, list_files, \
-    open_mask, open_rgb
+from data.checks import (CheckedDataset, DataReport, binary_mask, check_pair, find_dataset_root, list_files,
+                         open_mask, open_rgb)
 
 CLASSES = ['melanoma', 'nevus', 'seborrheic keratosis']
 SINGLE_CLASS = 'lesion'
@@ -196,4 +195,4 @@ class ISIC(CheckedDataset):
         return open_rgb(self._paths[key][0])
 
     def read_mask(self, key, class_id):
-        return (open_mask(self._paths[key][1]) >= 128).astype(np.uint8)
+        return binary_mask(open_mask(self._paths[key][1]))

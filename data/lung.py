@@ -8,10 +8,9 @@ mask (96 Shenzhen images on the real data) are listed by the checker and not use
 """
 from pathlib import Path
 
-import numpy as np
 
-from data.checks import CheckedDataset, DataReport, check_pair, find_dataset_root, layout_error, list_files, \
-    open_mask, open_rgb
+from data.checks import (CheckedDataset, DataReport, binary_mask, check_pair, find_dataset_root, layout_error,
+                         list_files, open_mask, open_rgb)
 
 CLASSES = ['lung']
 ROOTS = ('LungSegmentation', 'Lung Segmentation')
@@ -69,4 +68,4 @@ class Lung(CheckedDataset):
         return open_rgb(self._paths[key][0])
 
     def read_mask(self, key, class_id):
-        return (open_mask(self._paths[key][1]) >= 128).astype(np.uint8)
+        return binary_mask(open_mask(self._paths[key][1]))

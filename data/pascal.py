@@ -37,12 +37,38 @@ def parse_fold(fold, nfolds: int = 4):
 
 
 def scan_masks(mask_dir: Path, names: list[str], nclass: int, desc: str) -> dict[str, list[int]]:
-    r"""name -> pixel count of each class 1..nclass (one pass over the masks)."""
-    counts = {}
+    r"""name -> pixel count of each class 1..nclass (one pass over the masks). Label maps with values other than
+    0..nclass and 255 (colour PNGs, wrong dataset) are an error naming them."""
+    counts, bad = {}, []
     for name in tqdm(names, desc=desc, leave=False, mininterval=2):
-        label = open_label(mask_dir / f'{name}.png')
-        counts[name] = np.bincount(label.ravel(), minlength=256)[1:nclass + 1].tolist()
+        path = mask_dir / f'{name}.png'
+        hist = np.bincount(open_label(path).ravel(), minlength=256)
+        stray = np.flatnonzero(hist[nclass + 1:255]) + nclass + 1
+        if stray.size:
+            bad.append(f'{path}: values {", ".join(map(str, stray[:5].tolist()))}{" ..." if stray.size > 5 else ""}')
+        counts[name] = hist[1:nclass + 1].tolist()
+    if bad:
+        raise label_error(bad, nclass)
     return counts
+
+
+def label_error(bad: list[str], nclass: int) -> UserError:
+    return UserError(f'{len(bad)} label map(s) hold values outside 0-{nclass} and 255 (class indices; 255 = '
+                     'ignore), e.g.\n  ' + '\n  '.join(bad[:5]) + '\nThese must be index masks (PASCAL: '
+                     'SegmentationClassAug; COCO: HSNet\'s class-index PNGs), not colour images; run '
+                     'scripts/check_data.py for the full list')
+
+
+def class_mask(path: Path, class_id: int, nclass: int) -> np.ndarray:
+    r"""A label map as the binary mask of one class (1), other pixels 0, 255 kept as ignore; values outside 0..nclass
+    and 255 are an error naming the file."""
+    label = open_label(path)
+    if label.max() > nclass and (label[label != 255] > nclass).any():
+        stray = sorted(set(np.unique(label[(label > nclass) & (label != 255)]).tolist()))
+        raise label_error([f'{path}: values {", ".join(map(str, stray[:5]))}'], nclass)
+    mask = (label == class_id + 1).astype(np.uint8)
+    mask[label == 255] = 255
+    return mask
 
 
 class PASCAL(EpisodicDataset):
@@ -126,7 +152,4 @@ class PASCAL(EpisodicDataset):
         return open_image(self.root / 'JPEGImages' / f'{key}.jpg')
 
     def read_mask(self, key, class_id):
-        label = open_label(self.root / 'SegmentationClassAug' / f'{key}.png')
-        mask = (label == class_id + 1).astype(np.uint8)
-        mask[label == 255] = 255
-        return mask
+        return class_mask(self.root / 'SegmentationClassAug' / f'{key}.png', class_id, len(CLASSES))

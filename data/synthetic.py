@@ -15,6 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:                  # not POSIX (Windows): generation is not locked against concurrent runs
+    fcntl = None
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -272,19 +277,30 @@ def _generate(benchmark: str, root: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_generated(benchmark: str, datapath: Path) -> Path:
-    r"""Generate `<datapath>/<benchmark>/` unless an up-to-date copy exists; returns that folder."""
-    root = datapath / benchmark
+def _up_to_date(root: Path) -> bool:
     manifest = root / 'manifest.json'
-    if manifest.is_file():
-        try:
-            if read_json(manifest).get('generator_version') == GENERATOR_VERSION:
-                return root
-        except ValueError:
-            pass
+    try:
+        return manifest.is_file() and read_json(manifest).get('generator_version') == GENERATOR_VERSION
+    except ValueError:
+        return False
+
+
+def ensure_generated(benchmark: str, datapath: Path) -> Path:
+    r"""Generate `<datapath>/<benchmark>/` unless an up-to-date copy exists; returns that folder.
+
+    Concurrent runs are safe: generation happens under an exclusive lock on `<datapath>/.<benchmark>.lock`, the
+    check is repeated once the lock is held (so a second run waits and then uses the first run's data), and the
+    finished folder is moved into place in one rename."""
+    root = datapath / benchmark
+    if _up_to_date(root):
+        return root
     try:
         datapath.mkdir(parents=True, exist_ok=True)
-        _generate(benchmark, root)
+        with open(datapath / f'.{benchmark}.lock', 'w') as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)             # released when the file closes
+            if not _up_to_date(root):
+                _generate(benchmark, root)
     except OSError as err:
         raise UserError(f'cannot write the generated {benchmark} data under {datapath} ({err}); pass a writable '
                         '--datapath') from err

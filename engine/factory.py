@@ -120,7 +120,7 @@ def load_model(path: str, device: torch.device, args: argparse.Namespace | None 
         expect_plugin: False asserts that the checkpoint carries no plug-in.
     Checkpoints written before method options existed load with the method's default options.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, require_finite=True)
     config = dict(ckpt['config'])
     config.setdefault('method_options', {})
     method_class(config['method'])                               # a clear error for an unknown method

@@ -1,12 +1,14 @@
 r"""The episode loops shared by train.py, test.py and the demo: every model call goes through the staged pipeline
 (`forward` for training, `encode` + `infer` at test time, so test-time adaptation can never be skipped)."""
 import time
+import warnings
 
 import torch
 from tqdm import tqdm
 
+from common.checkpoint import NonFiniteError
 from common.metrics import SegmentationMeter
-from common.utils import to_device
+from common.utils import seed_step, to_device
 
 
 def episode_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -18,24 +20,63 @@ def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(terms.values())
 
 
+class NonFiniteGuard:
+    r"""Stops training at the first non-finite loss or gradient (or skips up to `skips` such steps with a warning),
+    before the optimizer step, so no weight ever becomes NaN."""
+
+    def __init__(self, skips: int = 0):
+        self.skips, self.skipped = skips, 0
+
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, epoch: int, step: int) -> bool:
+        r"""True if the step may proceed; False to skip it; raises `NonFiniteError` to stop."""
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if bool(finite):                                    # one host sync per step
+            return True
+        what = 'loss' if not bool(torch.isfinite(loss)) else 'gradient'
+        where = f'epoch {epoch}, step {step}'
+        if self.skipped < self.skips:
+            self.skipped += 1
+            warnings.warn(f'non-finite {what} at {where}: step skipped ({self.skipped} of --skip-nonfinite '
+                          f'{self.skips})', stacklevel=2)
+            return False
+        raise NonFiniteError(
+            f'training stopped: the {what} became NaN/inf at {where}, before any weight changed. Likely causes: a '
+            'learning rate too high for this method (--lr), an empty or all-ignored mask batch, or fp16 overflow. '
+            'The last checkpoint written (last.pt) is intact and finite; lower --lr and start a new --logpath, or '
+            'pass --skip-nonfinite N to skip up to N such steps')
+
+
 def train_epoch(model, loader, recipe, device: torch.device, class_names: list[str], desc: str = 'train',
-                on_step=None) -> dict:
-    r"""One pass over the training episodes with the method's recipe (optimizer, per-step LR schedule, gradient
-    clipping). `on_step(step, loss, terms)` may log (and is the only place that reads the loss on the host, so
-    callers control synchronisation). Returns the epoch's scores, with the mean of each loss term."""
+                on_step=None, seed: int = 0, epoch: int = 0, start_step: int = 0,
+                guard: NonFiniteGuard | None = None) -> dict:
+    r"""One pass over the training episodes (from `start_step` on, when resuming mid-epoch) with the method's
+    recipe (optimizer, per-step LR schedule, gradient clipping).
+
+    Every step first seeds the random streams from (seed, epoch, step) (`common.utils.seed_step`), so its random
+    draws are the same in a straight and a resumed run, for any number of loader workers. The guard checks the loss
+    and the gradient norm before the optimizer step. `on_step(step, loss, terms)` may log or checkpoint (and is the
+    only place that reads the loss on the host besides the guard). Returns the scores of the steps run, with the
+    mean of each loss term.
+    """
     model.train()
+    guard = guard or NonFiniteGuard()
     meter = SegmentationMeter(class_names, device)
     term_sums: dict[str, torch.Tensor] = {}
-    params = model.trainable_parameters() if recipe.grad_clip else None
-    for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True)):
+    params = model.trainable_parameters()
+    clip = recipe.grad_clip if recipe.grad_clip else float('inf')
+    for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True),
+                                 start=start_step):
+        seed_step(seed, epoch, step)
         batch = to_device(batch, device)
         output = model(*episode_inputs(batch))
         terms = model.loss(output, batch)
         loss = total_loss(terms)
         recipe.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if recipe.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)          # the norm, clipped only if the recipe asks
+        if not guard.check(loss.detach(), grad_norm, epoch, step):
+            recipe.optimizer.zero_grad(set_to_none=True)
+            continue
         recipe.optimizer.step()
         if recipe.scheduler is not None:
             recipe.scheduler.step()
@@ -45,9 +86,10 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
                 term_sums[name] = term_sums.get(name, 0) + value.detach() * batch['class_id'].numel()
         if on_step is not None:
             on_step(step, loss, terms)
+    if not meter.loss_n:
+        return {'loss': None, 'miou': float('nan'), 'fbiou': float('nan'), 'dice': float('nan')}
     scores = meter.compute()
-    if meter.loss_n:
-        scores['loss_terms'] = {name: float(v) / meter.loss_n for name, v in term_sums.items()}
+    scores['loss_terms'] = {name: float(v) / meter.loss_n for name, v in term_sums.items()}
     return scores
 
 
@@ -61,8 +103,15 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
     meter = SegmentationMeter(class_names, device)
     kept: list[dict] = []
     start, n = time.perf_counter(), 0
+    empty, shots, example = 0, 0, None
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True):
         batch = to_device(batch, device)
+        blank = batch['support_masks'].flatten(2).amax(dim=2) == 0                      # [B,K] shots without fg
+        shots += blank.numel()
+        if bool(blank.any()):
+            empty += int(blank.sum())
+            b, k = blank.nonzero()[0].tolist()
+            example = example or batch['support_names'][b][k]
         output = model.infer(model.encode(*episode_inputs(batch)))
         pred = model.segment(output)
         meter.update(pred, batch['query_mask'], batch['class_id'], total_loss(model.loss(output, batch)))
@@ -76,4 +125,9 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
                          'class_id': int(batch['class_id'][i]), 'query_name': batch['query_name'][i]})
     scores = meter.compute()
     scores['seconds_per_episode'] = (time.perf_counter() - start) / max(n, 1)
+    scores['empty_support_masks'] = empty
+    if empty:
+        warnings.warn(f'{empty} of {shots} support masks have no foreground pixel at this image size (e.g. '
+                      f'{example}): those shots carry no information. scripts/check_data.py lists empty masks',
+                      stacklevel=2)
     return scores, kept

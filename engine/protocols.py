@@ -7,6 +7,7 @@ A protocol checks test.py's flags against the benchmark before any data is read 
 dataset, runs the model (always through its test-time entry point) and adds what it did to results.json.
 """
 import argparse
+import warnings
 
 import torch
 
@@ -27,7 +28,20 @@ class EpisodeProtocol:
 
     def __init__(self, dataset, args: argparse.Namespace, device: torch.device):
         self.dataset, self.args, self.device = dataset, args, device
+        short = dataset.classes_short_of_shots()
+        if short and getattr(args, 'strict_shots', False):
+            raise UserError(f'--strict-shots: {args.nshot}-shot episodes need {args.nshot + 1} distinct images per '
+                            f'class, but ' + ', '.join(f'{name} has {n}' for name, n in short.items())
+                            + ' (drop --strict-shots to let supports repeat, or lower --nshot)')
+        for name, n in short.items():
+            warnings.warn(f'{dataset.name}: class {name!r} has {n} images, so its {args.nshot}-shot supports repeat '
+                          '(recorded in results.json as repeated_supports; --strict-shots refuses this)', stacklevel=2)
         self.episodes = dataset.sample_episodes(args.episodes, args.seed)
+        self.repeated = {}
+        for e in self.episodes:
+            if len(set(e.supports)) < len(e.supports) or e.query in e.supports:
+                name = dataset.class_names[e.class_id]
+                self.repeated[name] = self.repeated.get(name, 0) + 1
 
     @property
     def unit(self) -> str:
@@ -40,7 +54,8 @@ class EpisodeProtocol:
                         keep_predictions=self.args.vis)
 
     def results(self, scores: dict) -> dict:
-        return {'episodes': [e.to_json(self.dataset.class_names) for e in self.episodes]}
+        return {'episodes': [e.to_json(self.dataset.class_names) for e in self.episodes],
+                'repeated_supports': self.repeated, 'empty_support_masks': scores.get('empty_support_masks', 0)}
 
 
 class VolumetricProtocol:

@@ -67,26 +67,6 @@ def test_five_shot_runs_the_backbone_once_per_query(tiny_checkpoint, datapath, t
     assert sizes == [12, 12]
 
 
-def test_resume_continues_exactly(datapath, tmp_path):
-    base = TINY_TRAIN + ['--datapath', str(datapath), '--episodes-per-epoch', '4']
-    straight = tmp_path / 'straight'
-    train_cli.main([a if a != '1' or i == 0 else a for i, a in enumerate(base)] + ['--logpath', str(straight)]
-                   + ['--epochs', '2'])
-    split = tmp_path / 'split'
-    train_cli.main(base + ['--logpath', str(split), '--epochs', '1'])
-    with pytest.raises(UserError, match='already holds a run'):
-        train_cli.main(base + ['--logpath', str(split), '--epochs', '1'])
-    with pytest.raises(UserError, match='--lr'):
-        train_cli.main(['--resume', '--logpath', str(split), '--epochs', '2', '--lr', '0.5'])
-    train_cli.main(['--resume', '--logpath', str(split), '--epochs', '2'])
-    a, b = load_checkpoint(straight / 'last.pt'), load_checkpoint(split / 'last.pt')
-    assert a['epoch'] == b['epoch'] == 1
-    for key, value in a['model'].items():
-        assert torch.equal(value, b['model'][key]), key
-    sa, sb = a['optimizer']['state'], b['optimizer']['state']
-    assert all(torch.equal(sa[i]['exp_avg'], sb[i]['exp_avg']) for i in sa)
-
-
 def test_checkpoint_errors(tmp_path, datapath):
     args = ['--benchmark', 'synthetic-med', '--datapath', str(datapath), '--episodes', '2', '--workers', '0']
     with pytest.raises(UserError, match='does not exist'):
