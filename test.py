@@ -9,15 +9,19 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from common.config import bounded, parse_with_config
 from common.constants import MIN_IMG_SIZE
 from common.errors import UserError, run_cli
-from common.logger import RunLogger, prepare_run_folder
+from common.dist import init_distributed, shutdown
+from common.logger import NullLogger, RunLogger, prepare_run_folder
 from common.metrics import format_scores
 from common.utils import configure_backends, resolve_device, seed_everything
 from data import add_dataset_args, build_dataset, dataset_class, dataset_options
 from engine.factory import add_plugin_args, load_model, plugin_record
 from engine.figures import save_episode_figure
+from engine.loops import PRECISIONS
 from engine.protocols import PROTOCOLS
 
 
@@ -49,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                  'after every episode)')
     bounded(p, '--finetune-lr', float, None, low=0, low_open=True,
             help="learning rate of test-time adaptation (default: the method's)")
+    p.add_argument('--precision', type=str, default='fp32', choices=tuple(PRECISIONS),
+                   help='fp32 (default), or bf16/fp16 autocast (faster on GPUs; see README "Running on GPUs")')
+    p.add_argument('--tf32', action='store_true',
+                   help='allow TF32 matmuls/convolutions on Ampere+ GPUs (off by default at test time: numbers stay '
+                        'comparable with the fp32 reference)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
     add_plugin_args(p, 'test')
     return p
 
@@ -63,34 +73,46 @@ def main(argv=None) -> dict:
     cls = dataset_class(args.benchmark)
     split = 'test' if 'test' in cls.splits else 'val'
     PROTOCOLS[args.protocol].check(cls, args)
-    device = resolve_device(args.device)
-    configure_backends(device)
+    dist, device_name = init_distributed(args.device)
+    try:
+        return _test(args, cls, split, dist, device_name)
+    finally:
+        shutdown(dist)
+
+
+def _test(args, cls, split: str, dist, device_name: str) -> dict:
+    device = resolve_device(device_name)
+    configure_backends(device, tf32=args.tf32)
     logpath = Path(args.logpath or Path(args.load).parent /
                    f'test-{args.benchmark}{PROTOCOLS[args.protocol].tag}-{args.nshot}shot-seed{args.seed}')
+    if dist.main:
+        try:
+            prepare_run_folder(logpath)                                 # before any data or model is built
+        except UserError as err:
+            if args.logpath:
+                raise
+            raise UserError(f'{err} (the default output folder is next to the checkpoint)') from err
+    log = RunLogger(logpath, vars(args), tensorboard=False) if dist.main else NullLogger()
     try:
-        prepare_run_folder(logpath)                                     # before any data or model is built
-    except UserError as err:
-        if args.logpath:
-            raise
-        raise UserError(f'{err} (the default output folder is next to the checkpoint)') from err
-    model, ckpt = load_model(args.load, device, args)
-    model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
-    train_config = ckpt['config']
-    img_size = args.img_size or train_config['img_size']
-    dataset = build_dataset(args.benchmark, args.datapath, split, args.nshot, img_size, **dataset_options(args))
-    model.hooks.bind(dataset.name, dataset.class_names)
-
-    seed_everything(args.seed)
-    log = RunLogger(logpath, vars(args), tensorboard=False)
-    try:
+        model, ckpt = load_model(args.load, device, args)
+        model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
+        if args.compile:
+            model.match = torch.compile(model.match)
+        train_config = ckpt['config']
+        img_size = args.img_size or train_config['img_size']
         if train_config.get('backbone_weights') == 'none' and not train_config.get('bn_calibration'):
             log.info(f'warning: {args.load} was trained on a random backbone without --bn-calibration; its features '
                      'barely tell pixels apart, so expect near-zero mIoU (see README, "The demo")')
-        protocol = PROTOCOLS[args.protocol](dataset, args, device)
+        dataset = build_dataset(args.benchmark, args.datapath, split, args.nshot, img_size, **dataset_options(args))
+        model.hooks.bind(dataset.name, dataset.class_names)
+        seed_everything(args.seed)
+        protocol = PROTOCOLS[args.protocol](dataset, args, device, dist, args.precision)
         adaptation = (f', test-time adaptation {model.adaptation.steps} steps at lr {model.adaptation.lr:g}'
                       if model.adaptation.steps else '')
+        processes = f', {dist.world} processes' if dist.enabled else ''
         log.info(f'{train_config["method"]} ({train_config["backbone"]}) from {args.load} on {dataset.describe()}, '
-                 f'{args.nshot}-shot, {protocol.unit}, seed {args.seed}, {img_size}x{img_size}{adaptation}')
+                 f'{args.nshot}-shot, {protocol.unit}, seed {args.seed}, {img_size}x{img_size}{adaptation}, '
+                 f'{args.precision}{processes}')
         start = time.perf_counter()
         scores, kept = protocol.run(model)
         results = {
@@ -104,10 +126,13 @@ def main(argv=None) -> dict:
             'test_time_adaptation': {'steps': model.adaptation.steps, 'lr': model.adaptation.lr},
             'protocol': args.protocol, 'plugin': plugin_record(model),
             'dataset_options': {k: v for k, v in dataset_options(args).items() if v is not None},
+            'precision': args.precision, 'tf32': args.tf32, 'world_size': dist.world,
         }
         results.update(protocol.results(scores))
         if getattr(dataset, 'skipped', None):
             results['skipped_items'] = dataset.skipped
+        if not dist.main:
+            return results
         log.write_json('results.json', results)
         if kept:
             fig = save_episode_figure(kept, dataset.class_names, logpath / 'predictions.png',

@@ -4,6 +4,7 @@ r"""Episodic training on a source benchmark; checkpoints are selected on a held-
 """
 import argparse
 import dataclasses
+import inspect
 import time
 from pathlib import Path
 
@@ -12,20 +13,25 @@ import torch
 
 from common.checkpoint import NonFiniteError, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from common.config import bounded, parse_with_config, typed_flags
+from common.dist import init_distributed, shutdown
 from common.constants import MIN_IMG_SIZE
 from common.errors import UserError, run_cli
-from common.logger import RunLogger, prepare_run_folder
+from common.logger import NullLogger, RunLogger, prepare_run_folder
 from common.metrics import format_scores
 from common.utils import configure_backends, resolve_device, rng_state, seed_everything, set_rng_state
 from data import (FixedEpisodes, TrainingEpisodes, add_dataset_args, build_dataset, build_loader, dataset_class,
                   dataset_options)
 from engine.factory import (add_method_args, add_plugin_args, build_model, method_options, plugin_record,
                             preparse_method, strip_plugin_keys)
-from engine.loops import NonFiniteGuard, evaluate, train_epoch
+from engine.loops import PRECISIONS, SCHEDULES, NonFiniteGuard, evaluate, override_recipe, train_epoch
 from model import BACKBONES, METHODS, method_class
 
+# The frozen BatchNorm statistics are identical on every process: no buffer synchronisation in the forward.
+NO_BUFFER_SYNC = ({'forward_sync_buffers': False}
+                  if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                  else {'broadcast_buffers': False})
 # Flags that may change when a run is resumed; every other value comes from the checkpoint.
-RESUMABLE = ('epochs', 'workers', 'device', 'log_every', 'save_every_steps', 'skip_nonfinite')
+RESUMABLE = ('epochs', 'workers', 'device', 'log_every', 'save_every_steps', 'skip_nonfinite', 'compile')
 
 
 def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
@@ -66,6 +72,17 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
     bounded(p, '--skip-nonfinite', int, 0, low=0,
             help='skip up to N training steps whose loss or gradient is NaN/inf, with a warning (default 0: stop '
                  'at the first one)')
+    p.add_argument('--lr-schedule', type=str, default='method', choices=SCHEDULES,
+                   help="method (default): the method's own schedule (constant for hsnet/patnet); none | cosine | "
+                        'poly replace it (per step, over the whole run)')
+    bounded(p, '--warmup-steps', int, 0, low=0, help='linear learning-rate warm-up steps (with --lr-schedule '
+                                                      'none|cosine|poly)')
+    bounded(p, '--grad-clip', float, None, low=0, low_open=True,
+            help="clip the gradient norm to this value (default: the method's recipe; none for hsnet/patnet)")
+    p.add_argument('--precision', type=str, default='fp32', choices=tuple(PRECISIONS),
+                   help='fp32 (default), bf16 or fp16 (autocast; fp16 with a gradient scaler); see README "Running '
+                        'on GPUs"')
+    p.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
     if method in METHODS:
         add_method_args(p, method)
     add_plugin_args(p, 'train')
@@ -139,26 +156,36 @@ def main(argv=None) -> dict:
     val_benchmark = config['val_benchmark'] or config['benchmark']
     _check_source(config['benchmark'], 'training')
     _check_source(val_benchmark, 'model selection')
-    logpath = prepare_run_folder(config['logpath'])                   # before any data or model is built
-    stale = remove_stale_temp_files(logpath)
-    log = RunLogger(logpath, config)
+    dist, device_name = init_distributed(config['device'])
     try:
-        return _train(config, ckpt, val_benchmark, log, stale)
-    except NonFiniteError as err:
-        log.info(f'error: {err}')
-        raise
+        if config['bsz'] % dist.world:
+            raise UserError(f'--bsz {config["bsz"]} is the global batch: it must be a multiple of the {dist.world} '
+                            'processes')
+        stale = []
+        if dist.main:
+            logpath = prepare_run_folder(config['logpath'])           # before any data or model is built
+            stale = remove_stale_temp_files(logpath)
+        log = RunLogger(config['logpath'], config) if dist.main else NullLogger()
+        try:
+            return _train(config, ckpt, val_benchmark, log, stale, dist, device_name)
+        except NonFiniteError as err:
+            log.info(f'error: {err}')
+            raise
+        finally:
+            log.close()
     finally:
-        log.close()
+        shutdown(dist)
 
 
-def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, stale: list) -> dict:
+def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, stale: list, dist,
+           device_name: str) -> dict:
     if stale:
         log.info(f'removed {len(stale)} temp file(s) left by an interrupted save: {", ".join(p.name for p in stale)}')
     if config['backbone_weights'] == 'none' and not config['bn_calibration']:
         log.info('warning: --backbone-weights none without --bn-calibration: a random backbone with default '
                  'BatchNorm statistics makes every pixel look alike, and the model will score near 0 mIoU. Pass '
                  '--bn-calibration 256 (see README, "The demo"), or use ImageNet weights')
-    device = resolve_device(config['device'])
+    device = resolve_device(device_name)
     configure_backends(device)
     seed_everything(config['seed'])
     options = dataset_options(argparse.Namespace(**config))
@@ -173,8 +200,19 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
                  'supports repeat')
     model = build_model(config, None if ckpt else config['backbone_weights']).to(device)
     n_train = config['episodes_per_epoch'] or len(train_set.pairs)
-    steps_per_epoch = -(-n_train // config['bsz'])
+    # a distributed run drops a last, incomplete global batch (every process takes the same number of steps)
+    steps_per_epoch = -(-n_train // config['bsz']) if not dist.enabled else n_train // config['bsz']
+    if steps_per_epoch < 1:
+        raise UserError(f'{n_train} training episodes per epoch do not fill one global batch of --bsz '
+                        f'{config["bsz"]}; raise --episodes-per-epoch or lower --bsz')
+    if dist.enabled and n_train % config['bsz']:
+        log.info(f'warning: {n_train % config["bsz"]} of {n_train} episodes per epoch do not fill a global batch '
+                 f'of {config["bsz"]} and are dropped in this {dist.world}-process run')
     recipe = model.configure_optimizers(lr=config['lr'], total_steps=config['epochs'] * steps_per_epoch)
+    recipe = override_recipe(recipe, config.get('lr_schedule', 'method'), config['epochs'] * steps_per_epoch,
+                             config.get('warmup_steps', 0), config.get('grad_clip'))
+    precision = config.get('precision', 'fp32')
+    scaler = torch.amp.GradScaler(device.type) if precision == 'fp16' else None
     start_epoch, start_step, best, last_val = 0, 0, {'miou': -1.0, 'epoch': -1}, None
     if ckpt is None and config['bn_calibration'] > 0:
         _calibrate(model, train_set, config, device)
@@ -183,6 +221,8 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
         recipe.optimizer.load_state_dict(ckpt['optimizer'])
         if recipe.scheduler is not None and ckpt.get('scheduler') is not None:
             recipe.scheduler.load_state_dict(ckpt['scheduler'])
+        if scaler is not None and ckpt.get('scaler') is not None:
+            scaler.load_state_dict(ckpt['scaler'])
         start_epoch, start_step = ckpt.get('next', (ckpt['epoch'] + 1, 0))
         best, last_val = ckpt['best'], ckpt.get('val')
         set_rng_state(ckpt['rng'])
@@ -198,30 +238,42 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
     log.info(f'model selection on {val_set.describe()}')
     if ckpt is None and config['bn_calibration'] > 0:
         log.info(f'backbone BatchNorm statistics re-estimated on {config["bn_calibration"]} source training images')
-    sampler = TrainingEpisodes(train_set, n_train, config['seed'])
+    sampler = TrainingEpisodes(train_set, n_train, config['seed']).shard(dist.rank, dist.world, config['bsz'])
     pin = device.type == 'cuda'
-    train_loader = build_loader(train_set, sampler, config['bsz'], config['workers'], pin, drop_last=False)
+    local_bsz = config['bsz'] // dist.world
+    train_loader = build_loader(train_set, sampler, local_bsz, config['workers'], pin, drop_last=False)
     val_episodes = val_set.sample_episodes(config['val_episodes'], config['seed'])
-    val_loader = build_loader(val_set, FixedEpisodes(val_episodes), config['bsz'], config['workers'], pin)
+    val_loader = build_loader(val_set, FixedEpisodes(dist.shard(val_episodes)), local_bsz, config['workers'], pin)
     guard = NonFiniteGuard(config['skip_nonfinite'])
+    forward = model
+    if dist.enabled:
+        # gradients of the learnable parameters are averaged over the processes; the frozen backbone has none
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None, **NO_BUFFER_SYNC)
+        log.info(f'{dist.world} processes (torchrun), global batch {config["bsz"]} = {dist.world} x {local_bsz}')
+    if config.get('compile'):
+        model.match = torch.compile(model.match)
 
     def checkpoint(epoch: int, next_step: tuple[int, int], val: dict | None) -> dict:
         return {'model': model.state_dict(), 'method': config['method'], 'backbone': config['backbone'],
                 'config': config, 'epoch': epoch, 'next': next_step, 'optimizer': recipe.optimizer.state_dict(),
                 'scheduler': recipe.scheduler.state_dict() if recipe.scheduler is not None else None,
+                'scaler': scaler.state_dict() if scaler is not None else None,
                 'rng': rng_state(), 'best': best, 'val': val, 'class_names': train_set.class_names,
-                'plugin': plugin}
+                'plugin': plugin, 'world_size': dist.world}
 
     def on_step(step: int, loss: torch.Tensor, terms: dict) -> None:
         if step % config['log_every'] == 0:
-            # a host sync every --log-every steps (besides the non-finite guard's)
+            # a host sync every --log-every steps (besides the non-finite guard's); the mean over the processes
             global_step = epoch * steps_per_epoch + step
-            log.scalar('train/loss_step', float(loss.detach()), global_step)
+            values = dist.all_reduce(torch.stack([loss.detach().float()] + [v.detach().float()
+                                                                             for v in terms.values()])) / dist.world
+            log.scalar('train/loss_step', float(values[0]), global_step)
             if len(terms) > 1:
-                for name, value in terms.items():
-                    log.scalar(f'train/loss_{name}_step', float(value.detach()), global_step)
+                for name, value in zip(terms, values[1:].tolist()):
+                    log.scalar(f'train/loss_{name}_step', value, global_step)
         every = config['save_every_steps']
-        if every and (step + 1) % every == 0 and step + 1 < steps_per_epoch:
+        if every and (step + 1) % every == 0 and step + 1 < steps_per_epoch and dist.main:
             save_checkpoint(checkpoint(epoch, (epoch, step + 1), last_val), logpath_of(config) / 'last.pt')
 
     history = []
@@ -231,9 +283,11 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
         t0 = time.perf_counter()
         model.hooks.bind(train_set.name, train_set.class_names)
         trn = train_epoch(model, train_loader, recipe, device, train_set.class_names, desc=f'epoch {epoch} train',
-                          on_step=on_step, seed=config['seed'], epoch=epoch, start_step=first, guard=guard)
+                          on_step=on_step, seed=config['seed'], epoch=epoch, start_step=first, guard=guard,
+                          forward=forward, dist=dist, precision=precision, scaler=scaler)
         model.hooks.bind(val_set.name, val_set.class_names)
-        val, _ = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val')
+        val, _ = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val', dist=dist,
+                          precision=precision)
         last_val = val
         improved = val['miou'] > best['miou']
         if improved:
@@ -250,10 +304,12 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
         for name, value in trn.get('loss_terms', {}).items():
             log.scalar(f'train/loss_{name}', value, epoch)
         history.append({'epoch': epoch, 'train': trn, 'val': val})
-        state = checkpoint(epoch, (epoch + 1, 0), val)
-        if improved:
-            save_checkpoint(state, logpath_of(config) / 'best.pt')
-        save_checkpoint(state, logpath_of(config) / 'last.pt')
+        if dist.main:
+            state = checkpoint(epoch, (epoch + 1, 0), val)
+            if improved:
+                save_checkpoint(state, logpath_of(config) / 'best.pt')
+            save_checkpoint(state, logpath_of(config) / 'last.pt')
+        dist.barrier()                              # nobody reads last.pt before it is complete
     log.info(f'best val mIoU {best["miou"]:.2f} at epoch {best["epoch"]} -> {config["logpath"]}/best.pt')
     return {'best': best, 'history': history, 'logpath': config['logpath']}
 

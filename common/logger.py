@@ -85,3 +85,19 @@ class RunLogger:
         for handler in list(self.log.handlers):
             self.log.removeHandler(handler)
             handler.close()
+
+
+class NullLogger:
+    r"""The logger of the non-main processes of a distributed run: rank 0 alone writes logs, TensorBoard and files."""
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        pass
+
+    def write_json(self, name: str, data: dict):
+        return None
+
+    def close(self) -> None:
+        pass

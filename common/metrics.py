@@ -50,6 +50,17 @@ class SegmentationMeter:
             self.loss_sum += loss.detach().to(self.loss_sum.device, torch.float64) * class_id.numel()
             self.loss_n += class_id.numel()
 
+    def all_reduce(self, dist) -> 'SegmentationMeter':
+        r"""Sum the buffers over the processes of a distributed run (`common.dist.Dist`; a no-op in one process), so
+        the scores are exactly those of a single process over all episodes (integer sums are order-independent)."""
+        if dist.enabled:
+            for t in (self.inter, self.union, self.count):
+                dist.all_reduce(t)
+            loss = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.loss_n))])
+            dist.all_reduce(loss)
+            self.loss_sum, self.loss_n = loss[0], int(loss[1])
+        return self
+
     def compute(self) -> dict:
         r"""Read the buffers once (one host sync) and return the scores in percent."""
         inter, union, count = self.inter.cpu().double(), self.union.cpu().double(), self.count.cpu()

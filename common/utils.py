@@ -26,14 +26,16 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f'--device {name!r} is not a valid device (use auto, cpu, cuda or cuda:N)') from err
 
 
-def configure_backends(device: torch.device, deterministic: bool = False) -> None:
-    r"""Set cuDNN/TF32 flags once per run (never per epoch). Deterministic mode is an explicit opt-in."""
+def configure_backends(device: torch.device, deterministic: bool = False, tf32: bool = True) -> None:
+    r"""Set cuDNN/TF32 flags once per run (never per epoch). Deterministic mode is an explicit opt-in; TF32 (on
+    Ampere+ GPUs) is on for training and off by default in test.py (`--tf32`), so test numbers stay comparable with
+    fp32 references."""
     if device.type != 'cuda':
         return
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cuda.matmul.allow_tf32 = not deterministic
-    torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32 and not deterministic
+    torch.backends.cudnn.allow_tf32 = tf32 and not deterministic
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -245,19 +245,38 @@ class FixedEpisodes(Sampler):
 
 class TrainingEpisodes(Sampler):
     r"""Draws `n` fresh training episodes per epoch from (seed, epoch), in the main process. `set_epoch(epoch,
-    start)` skips the first `start` episodes of that epoch (a run resumed from a mid-epoch checkpoint)."""
+    start)` skips the first `start` episodes of that epoch (a run resumed from a mid-epoch checkpoint).
+
+    In a distributed run (`shard(rank, world, global_bsz)`), the epoch's stream is cut into global batches of
+    `global_bsz` episodes and process `rank` takes its `global_bsz / world` consecutive episodes of each: the union
+    over the processes is exactly the single-process stream, step by step. A last, incomplete global batch is
+    dropped (every process must take the same number of steps)."""
 
     def __init__(self, dataset: EpisodicDataset, n: int, seed: int):
         self.dataset, self.n, self.seed, self.epoch, self.start = dataset, n, seed, 0, 0
+        self.rank, self.world, self.global_bsz = 0, 1, 1
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
+    def shard(self, rank: int, world: int, global_bsz: int) -> 'TrainingEpisodes':
+        if global_bsz % world:
+            raise ValueError(f'a global batch of {global_bsz} cannot be split over {world} processes')
+        self.rank, self.world, self.global_bsz = rank, world, global_bsz
+        return self
+
     def __iter__(self):
-        return iter(self.dataset.sample_training_episodes(self.n, self.seed, self.epoch)[self.start:])
+        episodes = self.dataset.sample_training_episodes(self.n, self.seed, self.epoch)[self.start:]
+        if self.world == 1:
+            return iter(episodes)
+        g, b = self.global_bsz, self.global_bsz // self.world
+        return iter([e for s in range(len(episodes) // g)
+                     for e in episodes[s * g + self.rank * b:s * g + (self.rank + 1) * b]])
 
     def __len__(self) -> int:
-        return self.n - self.start
+        if self.world == 1:
+            return self.n - self.start
+        return (self.n - self.start) // self.global_bsz * (self.global_bsz // self.world)
 
 
 def collate_episodes(batch: list[dict]) -> dict:

@@ -1,5 +1,6 @@
 r"""The episode loops shared by train.py, test.py and the demo: every model call goes through the staged pipeline
 (`forward` for training, `encode` + `infer` at test time, so test-time adaptation can never be skipped)."""
+import math
 import time
 import warnings
 
@@ -7,8 +8,19 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoint import NonFiniteError
+from common.dist import SINGLE, Dist
+from common.errors import UserError
 from common.metrics import SegmentationMeter
 from common.utils import seed_step, to_device
+
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    r"""Mixed-precision context for `precision` ('fp32' = off). Autocast keeps numerically delicate ops (norms,
+    softmax, group/layer norm, losses) in fp32; the PATNet/DMTNet rank-2 Gram is computed in float64 explicitly."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def episode_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -20,6 +32,37 @@ def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(terms.values())
 
 
+SCHEDULES = ('method', 'none', 'cosine', 'poly')
+
+
+def override_recipe(recipe, schedule: str = 'method', total_steps: int = 1, warmup_steps: int = 0,
+                    grad_clip: float | None = None):
+    r"""Apply train.py's recipe flags to a method's recipe.
+
+    schedule: 'method' keeps the method's own scheduler (its paper's); 'none' (constant), 'cosine' (to 0 at
+    `total_steps`) and 'poly' ((1 - t/T)^0.9) replace it, with a linear warm-up over `warmup_steps` (only with
+    these; combined with a method's own schedule it would be ambiguous). grad_clip: a max gradient norm that
+    replaces the method's (None keeps it).
+    """
+    if grad_clip is not None:
+        recipe.grad_clip = grad_clip
+    if schedule == 'method':
+        if warmup_steps:
+            raise UserError('--warmup-steps needs --lr-schedule none, cosine or poly (the method\'s own schedule is '
+                            'kept by default)')
+        return recipe
+    total = max(int(total_steps), 1)
+    shape = {'none': lambda t: 1.0,
+             'cosine': lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)),
+             'poly': lambda t: max(1 - t / total, 0.0) ** 0.9}[schedule]
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * shape(step)
+    recipe.scheduler = torch.optim.lr_scheduler.LambdaLR(recipe.optimizer, factor)
+    return recipe
+
+
 class NonFiniteGuard:
     r"""Stops training at the first non-finite loss or gradient (or skips up to `skips` such steps with a warning),
     before the optimizer step, so no weight ever becomes NaN."""
@@ -27,12 +70,14 @@ class NonFiniteGuard:
     def __init__(self, skips: int = 0):
         self.skips, self.skipped = skips, 0
 
-    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, epoch: int, step: int) -> bool:
-        r"""True if the step may proceed; False to skip it; raises `NonFiniteError` to stop."""
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if bool(finite):                                    # one host sync per step
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, epoch: int, step: int, dist: Dist = SINGLE) -> bool:
+        r"""True if the step may proceed; False to skip it; raises `NonFiniteError` to stop. In a distributed run
+        the verdict is agreed by all processes (so they skip or stop together)."""
+        flags = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)]).to(torch.int32)
+        flags = dist.all_reduce(flags, op='min')
+        if bool(flags.all()):                               # one host sync per step
             return True
-        what = 'loss' if not bool(torch.isfinite(loss)) else 'gradient'
+        what = 'loss' if not bool(flags[0]) else 'gradient'
         where = f'epoch {epoch}, step {step}'
         if self.skipped < self.skips:
             self.skipped += 1
@@ -48,7 +93,8 @@ class NonFiniteGuard:
 
 def train_epoch(model, loader, recipe, device: torch.device, class_names: list[str], desc: str = 'train',
                 on_step=None, seed: int = 0, epoch: int = 0, start_step: int = 0,
-                guard: NonFiniteGuard | None = None) -> dict:
+                guard: NonFiniteGuard | None = None, forward=None, dist: Dist = SINGLE, precision: str = 'fp32',
+                scaler=None) -> dict:
     r"""One pass over the training episodes (from `start_step` on, when resuming mid-epoch) with the method's
     recipe (optimizer, per-step LR schedule, gradient clipping).
 
@@ -57,8 +103,13 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
     and the gradient norm before the optimizer step. `on_step(step, loss, terms)` may log or checkpoint (and is the
     only place that reads the loss on the host besides the guard). Returns the scores of the steps run, with the
     mean of each loss term.
+
+    Distributed runs pass `forward`, the DDP-wrapped model (gradients averaged over the processes, each holding
+    its share of the global batch), and `dist`; the scores are all-reduced. `precision` 'bf16'/'fp16' runs the
+    forward under autocast; fp16 scales the loss with `scaler` (a `torch.amp.GradScaler`).
     """
     model.train()
+    forward = forward or model
     guard = guard or NonFiniteGuard()
     meter = SegmentationMeter(class_names, device)
     term_sums: dict[str, torch.Tensor] = {}
@@ -68,16 +119,27 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
                                  start=start_step):
         seed_step(seed, epoch, step)
         batch = to_device(batch, device)
-        output = model(*episode_inputs(batch))
-        terms = model.loss(output, batch)
-        loss = total_loss(terms)
+        with autocast(device, precision):
+            output = forward(*episode_inputs(batch))
+            terms = model.loss(output, batch)
+            loss = total_loss(terms)
         recipe.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(recipe.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)          # the norm, clipped only if the recipe asks
-        if not guard.check(loss.detach(), grad_norm, epoch, step):
+        if scaler is not None:                     # fp16: inf gradients are overflow; the scaler skips those steps
+            grad_norm = grad_norm.new_zeros(())
+        if not guard.check(loss.detach(), grad_norm, epoch, step, dist):
             recipe.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()
             continue
-        recipe.optimizer.step()
+        if scaler is not None:
+            scaler.step(recipe.optimizer)
+            scaler.update()
+        else:
+            recipe.optimizer.step()
         if recipe.scheduler is not None:
             recipe.scheduler.step()
         with torch.no_grad():
@@ -86,19 +148,24 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
                 term_sums[name] = term_sums.get(name, 0) + value.detach() * batch['class_id'].numel()
         if on_step is not None:
             on_step(step, loss, terms)
+    meter.all_reduce(dist)
     if not meter.loss_n:
         return {'loss': None, 'miou': float('nan'), 'fbiou': float('nan'), 'dice': float('nan')}
     scores = meter.compute()
-    scores['loss_terms'] = {name: float(v) / meter.loss_n for name, v in term_sums.items()}
+    names = sorted(term_sums)
+    sums = dist.all_reduce(torch.stack([torch.as_tensor(term_sums[k], dtype=torch.float64, device=device)
+                                        for k in names])) if names else []
+    scores['loss_terms'] = {name: float(v) / meter.loss_n for name, v in zip(names, sums)}
     return scores
 
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, class_names: list[str], desc: str = 'eval',
-             keep_predictions: int = 0) -> tuple[dict, list[dict]]:
+             keep_predictions: int = 0, dist: Dist = SINGLE, precision: str = 'fp32') -> tuple[dict, list[dict]]:
     r"""Predict every episode of `loader` through the test-time entry point (`infer`, which adapts per episode
-    when the method is set to) and return the scores and, for the first `keep_predictions` episodes, the CPU
-    tensors needed to draw them."""
+    when the method is set to) and return the scores and, for the first `keep_predictions` episodes of this
+    process, the CPU tensors needed to draw them. In a distributed run each process evaluates its share of the
+    episodes and the per-class sums are all-reduced, so every process returns the scores of all episodes."""
     model.eval()
     meter = SegmentationMeter(class_names, device)
     kept: list[dict] = []
@@ -112,9 +179,11 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
             empty += int(blank.sum())
             b, k = blank.nonzero()[0].tolist()
             example = example or batch['support_names'][b][k]
-        output = model.infer(model.encode(*episode_inputs(batch)))
+        with autocast(device, precision):
+            output = model.infer(model.encode(*episode_inputs(batch)))
+            loss = total_loss(model.loss(output, batch))
         pred = model.segment(output)
-        meter.update(pred, batch['query_mask'], batch['class_id'], total_loss(model.loss(output, batch)))
+        meter.update(pred, batch['query_mask'], batch['class_id'], loss)
         n += pred.shape[0]
         for i in range(pred.shape[0]):
             if len(kept) >= keep_predictions:
@@ -123,10 +192,12 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
                          'support_imgs': batch['support_imgs'][i].cpu(),
                          'support_masks': batch['support_masks'][i].cpu(), 'pred': pred[i].cpu(),
                          'class_id': int(batch['class_id'][i]), 'query_name': batch['query_name'][i]})
-    scores = meter.compute()
-    scores['seconds_per_episode'] = (time.perf_counter() - start) / max(n, 1)
+    counts = dist.all_reduce(torch.tensor([empty, shots, n], dtype=torch.int64, device=device)).tolist()
+    empty, shots = counts[0], counts[1]
+    scores = meter.all_reduce(dist).compute()
+    scores['seconds_per_episode'] = (time.perf_counter() - start) / max(counts[2], 1) * dist.world
     scores['empty_support_masks'] = empty
-    if empty:
+    if empty and dist.main:
         warnings.warn(f'{empty} of {shots} support masks have no foreground pixel at this image size (e.g. '
                       f'{example}): those shots carry no information. scripts/check_data.py lists empty masks',
                       stacklevel=2)

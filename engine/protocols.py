@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from common.dist import SINGLE, Dist
 from common.errors import UserError
 from data import FixedEpisodes, build_loader
 from engine.loops import evaluate
@@ -26,14 +27,15 @@ class EpisodeProtocol:
     def check(dataset_cls, args: argparse.Namespace) -> None:
         r"""Every benchmark has 2D episodes."""
 
-    def __init__(self, dataset, args: argparse.Namespace, device: torch.device):
-        self.dataset, self.args, self.device = dataset, args, device
+    def __init__(self, dataset, args: argparse.Namespace, device: torch.device, dist: Dist = SINGLE,
+                 precision: str = 'fp32'):
+        self.dataset, self.args, self.device, self.dist, self.precision = dataset, args, device, dist, precision
         short = dataset.classes_short_of_shots()
         if short and getattr(args, 'strict_shots', False):
             raise UserError(f'--strict-shots: {args.nshot}-shot episodes need {args.nshot + 1} distinct images per '
                             f'class, but ' + ', '.join(f'{name} has {n}' for name, n in short.items())
                             + ' (drop --strict-shots to let supports repeat, or lower --nshot)')
-        for name, n in short.items():
+        for name, n in short.items() if dist.main else ():
             warnings.warn(f'{dataset.name}: class {name!r} has {n} images, so its {args.nshot}-shot supports repeat '
                           '(recorded in results.json as repeated_supports; --strict-shots refuses this)', stacklevel=2)
         self.episodes = dataset.sample_episodes(args.episodes, args.seed)
@@ -48,13 +50,22 @@ class EpisodeProtocol:
         return f'{len(self.episodes)} episodes'
 
     def run(self, model) -> tuple[dict, list[dict]]:
-        loader = build_loader(self.dataset, FixedEpisodes(self.episodes), self.args.bsz, self.args.workers,
-                              self.device.type == 'cuda')
-        return evaluate(model, loader, self.device, self.dataset.class_names, desc='test',
-                        keep_predictions=self.args.vis)
+        r"""Each process evaluates episodes[rank::world]; scores are all-reduced; the drawn episodes are the first
+        `--vis` of the whole list, gathered from the processes."""
+        dist = self.dist
+        loader = build_loader(self.dataset, FixedEpisodes(dist.shard(self.episodes)), self.args.bsz,
+                              self.args.workers, self.device.type == 'cuda')
+        scores, kept = evaluate(model, loader, self.device, self.dataset.class_names, desc='test',
+                                keep_predictions=self.args.vis, dist=dist, precision=self.precision)
+        if dist.enabled:
+            gathered = dist.all_gather_object([(dist.rank + i * dist.world, k) for i, k in enumerate(kept)])
+            kept = [k for _, k in sorted((item for part in gathered for item in part), key=lambda x: x[0])]
+            kept = kept[:self.args.vis]
+        return scores, kept
 
     def results(self, scores: dict) -> dict:
         return {'episodes': [e.to_json(self.dataset.class_names) for e in self.episodes],
+                'episodes_per_rank': [len(self.episodes[r::self.dist.world]) for r in range(self.dist.world)],
                 'repeated_supports': self.repeated, 'empty_support_masks': scores.get('empty_support_masks', 0)}
 
 
@@ -70,15 +81,16 @@ class VolumetricProtocol:
         if args.vis:
             raise UserError('--vis draws 2D episodes; it does not apply to --protocol volumetric')
 
-    def __init__(self, dataset, args: argparse.Namespace, device: torch.device):
-        self.dataset, self.args, self.device = dataset, args, device
+    def __init__(self, dataset, args: argparse.Namespace, device: torch.device, dist: Dist = SINGLE,
+                 precision: str = 'fp32'):
+        self.dataset, self.args, self.device, self.dist, self.precision = dataset, args, device, dist, precision
         self.tasks: list[dict] = []
 
     unit = 'volumetric protocol (5 folds)'
 
     def run(self, model) -> tuple[dict, list[dict]]:
         scores, self.tasks = evaluate_volumetric(model, self.dataset, self.device, self.args.nshot, self.args.bsz,
-                                                 desc='test')
+                                                 desc='test', dist=self.dist, precision=self.precision)
         return scores, []
 
     def results(self, scores: dict) -> dict:

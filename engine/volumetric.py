@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.dist import SINGLE, Dist
 from common.errors import UserError
+from engine.loops import autocast
 
 N_FOLDS = 5
 FOLD_SIZE = 5
@@ -80,13 +82,15 @@ def _stack_supports(dataset, pid: str, chunks: list[list[int]], class_id: int) -
 
 @torch.no_grad()
 def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: int = 1,
-                        desc: str = 'volumetric') -> tuple[dict, list[dict]]:
+                        desc: str = 'volumetric', dist: Dist = SINGLE,
+                        precision: str = 'fp32') -> tuple[dict, list[dict]]:
     r"""Run the protocol on a dataset exposing `volumes`, `organ_slices(pid, c)`, `load_slice(pid, z, c)` and
     `class_names`. Returns (scores, tasks): scores in percent with the keys of `SegmentationMeter.compute` plus
     'per_fold'; one task per (fold, organ, query volume). The 3 chunks' support slices are encoded once per
     (fold, organ) and serve every query slice; query slices are batched `bsz` at a time across chunks and query
     volumes, each with its own chunk's supports, and predicted through the test-time entry point `model.infer`
-    (methods with per-episode adaptation adapt there)."""
+    (methods with per-episode adaptation adapt there). In a distributed run the (fold, organ) tasks are dealt out
+    to the processes round robin and their results gathered, so every process returns the same scores."""
     model.eval()
     volumes = dataset.volumes
     folds = volumetric_folds(len(volumes))
@@ -102,6 +106,8 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
         queries = [volumes[i] for k, i in enumerate(fold) if k != pos]
         for c, organ in enumerate(names):
             progress.update(1)
+            if (f * len(names) + c) % dist.world != dist.rank:            # another process's task
+                continue
             s_slices = dataset.organ_slices(support, c)
             chunks = ([[s_slices[i] for i in idx] for idx in support_slice_indices(len(s_slices), nshot)]
                       if s_slices else None)
@@ -129,7 +135,8 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
                 loaded = [dataset.load_slice(task['query'], z, c) for task, _, z in items]
                 query_img = torch.stack([x[0] for x in loaded]).to(device, non_blocking=True)
                 record = model.encode_query(query_img, supports.select([j for _, j, _ in items]))
-                pred = model.segment(model.infer(record)).cpu()                # [n,S,S]
+                with autocast(device, precision):
+                    pred = model.segment(model.infer(record)).cpu()            # [n,S,S]
                 for (task, _, _), (_, _, gt), p in zip(items, loaded, pred):
                     # prediction back to the prepared grid of the volume: [S,S] -> [H,W]
                     p = F.interpolate(p[None, None].float(), gt.shape, mode='nearest')[0, 0].bool()
@@ -146,6 +153,12 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
                     task['dice'] = 100.0 * 2 * tp / (2 * tp + fp + fn)   # > 0: the query slices hold the organ
                     task['iou'] = 100.0 * tp / (tp + fp + fn)
     progress.close()
+    if dist.enabled:
+        tasks = [t for part in dist.all_gather_object(tasks) for t in part]
+        tasks.sort(key=lambda t: (t['fold'], t['class_id'], volumes.index(t['query'])))
+        sums = dist.all_reduce(torch.cat([fb_inter, fb_union]))
+        fb_inter, fb_union = sums[:2], sums[2:]
+        n_slices = int(dist.all_reduce(torch.tensor(n_slices)))
     scores = summarise(tasks, names, len(folds))
     pooled = fb_inter.double() / fb_union.double().clamp(min=1)
     scores['fbiou'] = float(pooled.mean() * 100)
