@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from model.backbone import Backbone
 from model.base import Adaptation, EpisodeContext, EpisodeRecord, FewShotSegmenter, Output, option
-from model.layers import (HPNLearner, anchor_factor, dense_transform_matrix, masked_average_pooling,
+from model.layers import (HPNLearner, anchor_factor, at_least_fp32, dense_transform_matrix, masked_average_pooling,
                           multilayer_correlation, normalize_rows, rank2_coefficients, resize_mask)
 
 TRANSFORMS = ('rank2', 'pinv')
@@ -117,7 +117,16 @@ class PATNet(FewShotSegmenter):
         return masks
 
     def _rank2_maps(self, query_feats, support_feats, fg, bg, ctx):
-        r"""2-channel maps z = Lᵀ G⁺ Ĉ f whose cosine correlations equal those of the reference's Pᵀ f."""
+        r"""2-channel maps z = Lᵀ G⁺ Ĉ f whose cosine correlations equal those of the reference's Pᵀ f.
+
+        Computed in at least float32 also under autocast: the projection to 2 channels is cheap, and in bf16 the
+        2-channel cosines the learner sees would keep only ~2 significant digits."""
+        with torch.autocast(query_feats[0].device.type, enabled=False):
+            return self._rank2_maps_fp32([at_least_fp32(f) for f in query_feats],
+                                         [at_least_fp32(f) for f in support_feats],
+                                         [at_least_fp32(f) for f in fg], [at_least_fp32(b) for b in bg], ctx)
+
+    def _rank2_maps_fp32(self, query_feats, support_feats, fg, bg, ctx):
         nq, k = query_feats[0].shape[0], ctx.nshot
         masks = self._support_masks(support_feats, ctx)
         query_maps, support_maps = [None] * len(query_feats), [None] * len(query_feats)

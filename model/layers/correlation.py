@@ -2,6 +2,11 @@ r"""Multi-layer cosine correlation (HSNet's hypercorrelation), one batched matmu
 import torch
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    r"""x in float32 if it is in a lower precision (bf16/fp16 under autocast); float32/float64 unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _normalise(x: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
     # Same epsilon placement as HSNet: x / (||x||_2 + eps), so empty (masked-out) support pixels give 0.
     return x / (x.norm(dim=dim, keepdim=True) + eps)
@@ -33,7 +38,9 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
         q = _normalise(q.reshape(nq, nl, c, hq * wq), 2, eps)                      # [Nq,L,C,HWq]
         s = _normalise(s.reshape(nq, k, nl, c, hs * ws), 3, eps)                   # [Nq,K,L,C,HWs]
         if c <= SMALL_CHANNELS:
-            out.append(_small_channel_correlation(q, s, (hq, wq, hs, ws)))
+            # a few channels: cheap, and bf16 would leave ~2 significant digits of each cosine -> full precision
+            with torch.autocast(q.device.type, enabled=False):
+                out.append(_small_channel_correlation(at_least_fp32(q), at_least_fp32(s), (hq, wq, hs, ws)))
             continue
         q = q.reshape(nq * nl, c, hq * wq)                                          # [Nq*L,C,HWq]
         s = s.permute(0, 2, 3, 1, 4).reshape(nq * nl, c, k * hs * ws)              # [Nq*L,C,K*HWs]

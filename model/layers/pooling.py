@@ -28,10 +28,14 @@ def masked_average_pooling(feat: torch.Tensor, mask: torch.Tensor, eps: float = 
     size, or [N,H,W] at image size (then resized bilinearly). Returns [N,C] for one mask, [N,M,C] for M > 1.
 
     Computed as one batched matrix product [N,M,hw] x [N,hw,C]: the features are read once, in whatever memory
-    order they have (the backbone's channels-last maps need no copy), and no masked copy of them is made.
+    order they have (the backbone's channels-last maps need no copy), and no masked copy of them is made. A sum over
+    thousands of pixels: it runs in at least float32 also under autocast (prototypes feed PATNet's Gram, which
+    squares their conditioning).
     """
     if mask.dim() == 3:
         mask = resize_mask(mask, tuple(feat.shape[-2:]))
-    mask = mask.to(feat.dtype).flatten(2)                                          # [N,M,hw]
-    pooled = (mask @ feat.flatten(2).transpose(1, 2)) / (mask.sum(dim=2, keepdim=True) + eps)   # [N,M,C]
+    with torch.autocast(feat.device.type, enabled=False):
+        feat = feat if feat.dtype in (torch.float32, torch.float64) else feat.float()
+        mask = mask.to(feat.dtype).flatten(2)                                      # [N,M,hw]
+        pooled = (mask @ feat.flatten(2).transpose(1, 2)) / (mask.sum(dim=2, keepdim=True) + eps)   # [N,M,C]
     return pooled.squeeze(1) if pooled.shape[1] == 1 else pooled
