@@ -21,8 +21,8 @@ from common.metrics import format_scores
 from common.utils import configure_backends, resolve_device, rng_state, seed_everything, set_rng_state
 from data import (FixedEpisodes, TrainingEpisodes, add_dataset_args, build_dataset, build_loader, dataset_class,
                   dataset_options)
-from engine.factory import (add_method_args, add_plugin_args, build_model, method_options, plugin_record,
-                            preparse_method, strip_plugin_keys)
+from engine.factory import (add_method_args, add_plugin_args, build_model, checkpoint_model_state, method_options,
+                            plugin_record, preparse_method, strip_plugin_keys)
 from engine.loops import PRECISIONS, SCHEDULES, NonFiniteGuard, evaluate, override_recipe, train_epoch
 from model import BACKBONES, METHODS, method_class
 
@@ -198,7 +198,8 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
     for name, n in train_set.classes_short_of_shots().items():
         log.info(f'warning: {train_set.name} class {name!r} has {n} images: its {config["nshot"]}-shot training '
                  'supports repeat')
-    model = build_model(config, None if ckpt else config['backbone_weights']).to(device)
+    rebuild = ckpt is not None and ckpt.get('backbone_identity')        # a lean checkpoint: rebuild the backbone
+    model = build_model(config, 'imagenet' if rebuild else None if ckpt else config['backbone_weights']).to(device)
     n_train = config['episodes_per_epoch'] or len(train_set.pairs)
     # a distributed run drops a last, incomplete global batch (every process takes the same number of steps)
     steps_per_epoch = -(-n_train // config['bsz']) if not dist.enabled else n_train // config['bsz']
@@ -217,7 +218,14 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
     if ckpt is None and config['bn_calibration'] > 0:
         _calibrate(model, train_set, config, device)
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
+        if rebuild:
+            _, identity = checkpoint_model_state(model, config)
+            if identity != ckpt['backbone_identity']:
+                raise UserError(f'{logpath_of(config)}/last.pt stores its frozen backbone by identity, but the '
+                                'ImageNet weights on this machine differ from the ones it was trained with')
+        result = model.load_state_dict(ckpt['model'], strict=not rebuild)
+        if rebuild and result.unexpected_keys:
+            raise UserError(f'{logpath_of(config)}/last.pt does not fit this model: {result.unexpected_keys[:3]}')
         recipe.optimizer.load_state_dict(ckpt['optimizer'])
         if recipe.scheduler is not None and ckpt.get('scheduler') is not None:
             recipe.scheduler.load_state_dict(ckpt['scheduler'])
@@ -254,13 +262,17 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
     if config.get('compile'):
         model.match = torch.compile(model.match)
 
-    def checkpoint(epoch: int, next_step: tuple[int, int], val: dict | None) -> dict:
-        return {'model': model.state_dict(), 'method': config['method'], 'backbone': config['backbone'],
-                'config': config, 'epoch': epoch, 'next': next_step, 'optimizer': recipe.optimizer.state_dict(),
-                'scheduler': recipe.scheduler.state_dict() if recipe.scheduler is not None else None,
-                'scaler': scaler.state_dict() if scaler is not None else None,
-                'rng': rng_state(), 'best': best, 'val': val, 'class_names': train_set.class_names,
-                'plugin': plugin, 'world_size': dist.world}
+    def checkpoint(epoch: int, next_step: tuple[int, int], val: dict | None, resumable: bool = True) -> dict:
+        r"""What inference needs (best.pt), plus what resuming needs (last.pt: optimizer, schedule, RNG)."""
+        weights, identity = checkpoint_model_state(model, config)
+        state = {'model': weights, 'backbone_identity': identity, 'method': config['method'],
+                 'backbone': config['backbone'], 'config': config, 'epoch': epoch, 'next': next_step, 'best': best,
+                 'val': val, 'class_names': train_set.class_names, 'plugin': plugin, 'world_size': dist.world}
+        if resumable:
+            state.update(optimizer=recipe.optimizer.state_dict(), rng=rng_state(),
+                         scheduler=recipe.scheduler.state_dict() if recipe.scheduler is not None else None,
+                         scaler=scaler.state_dict() if scaler is not None else None)
+        return state
 
     def on_step(step: int, loss: torch.Tensor, terms: dict) -> None:
         if step % config['log_every'] == 0:
@@ -305,10 +317,9 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
             log.scalar(f'train/loss_{name}', value, epoch)
         history.append({'epoch': epoch, 'train': trn, 'val': val})
         if dist.main:
-            state = checkpoint(epoch, (epoch + 1, 0), val)
             if improved:
-                save_checkpoint(state, logpath_of(config) / 'best.pt')
-            save_checkpoint(state, logpath_of(config) / 'last.pt')
+                save_checkpoint(checkpoint(epoch, (epoch + 1, 0), val, resumable=False), logpath_of(config) / 'best.pt')
+            save_checkpoint(checkpoint(epoch, (epoch + 1, 0), val), logpath_of(config) / 'last.pt')
         dist.barrier()                              # nobody reads last.pt before it is complete
     log.info(f'best val mIoU {best["miou"]:.2f} at epoch {best["epoch"]} -> {config["logpath"]}/best.pt')
     return {'best': best, 'history': history, 'logpath': config['logpath']}

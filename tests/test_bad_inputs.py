@@ -64,8 +64,8 @@ def env(datapath, tiny_checkpoint, tmp_path_factory):
     # flip one byte inside the largest tensor's payload (the end of the zip holds the directory)
     flipped[len(flipped) // 2] ^= 0x40
     (root / 'flipped.pt').write_bytes(bytes(flipped))
-    old = dict(state, format='cdtg-checkpoint', version=1,
-               rng=dict(state['rng'], numpy=np.random.get_state()))
+    rng = load_checkpoint(tiny_checkpoint.parent / 'last.pt')['rng']
+    old = dict(state, format='cdtg-checkpoint', version=1, rng=dict(rng, numpy=np.random.get_state()))
     torch.save(old, root / 'old.pt')
     marker = root / 'PWNED'
 

@@ -23,13 +23,46 @@ def run_script(*args, timeout=300):
 
 
 def test_checkpoint_contents(tiny_checkpoint):
-    ckpt = load_checkpoint(tiny_checkpoint)
-    assert ckpt['method'] == 'hsnet' and ckpt['backbone'] == 'resnet50'
-    for key in ('model', 'optimizer', 'rng', 'epoch', 'config', 'best'):
-        assert key in ckpt
-    assert ckpt['config']['img_size'] == 64 and ckpt['config']['benchmark'] == 'synthetic'
+    best, last = load_checkpoint(tiny_checkpoint), load_checkpoint(tiny_checkpoint.parent / 'last.pt')
+    assert best['method'] == 'hsnet' and best['backbone'] == 'resnet50'
+    for key in ('model', 'epoch', 'config', 'best', 'checksum'):
+        assert key in best and key in last
+    for key in ('optimizer', 'rng', 'scheduler'):                 # what resuming needs: last.pt only
+        assert key in last and key not in best
+    assert best['config']['img_size'] == 64 and best['config']['benchmark'] == 'synthetic'
+    assert best['backbone_identity'] is None                       # random weights: stored by value
+    assert any(k.startswith('backbone.') for k in best['model'])
     assert not list(tiny_checkpoint.parent.glob('*.tmp'))
     assert (tiny_checkpoint.parent / 'config.yaml').is_file() and (tiny_checkpoint.parent / 'log.txt').is_file()
+
+
+def test_imagenet_backbone_is_stored_by_identity(datapath, tmp_path, monkeypatch):
+    r"""torchvision's ImageNet weights (simulated offline by a fixed state dict) are not copied into checkpoints:
+    they are rebuilt and verified by content digest on load and on resume."""
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    from engine.factory import load_model
+    torch.manual_seed(5)
+    fake = torchvision.models.resnet50().state_dict()
+    monkeypatch.setattr(WeightsEnum, 'get_state_dict', lambda self, *a, **k: fake)
+    run = tmp_path / 'lean'
+    argv = [a if a != 'none' else 'imagenet' for a in TINY_TRAIN] + ['--datapath', str(datapath), '--logpath',
+                                                                      str(run)]
+    train_cli.main(argv)
+    best = load_checkpoint(run / 'best.pt')
+    assert best['backbone_identity']['weights'] == 'imagenet'
+    assert not any(k.startswith('backbone.') for k in best['model'])
+    assert (run / 'best.pt').stat().st_size < 15e6                # the learner (2.6 M floats), not ResNet-50
+    model, _ = load_model(str(run / 'best.pt'), torch.device('cpu'))
+    assert torch.equal(model.state_dict()['backbone.net.conv1.weight'], fake['conv1.weight'])
+    assert torch.equal(model.state_dict()['learner.decoder2.2.weight'], best['model']['learner.decoder2.2.weight'])
+    train_cli.main(['--resume', '--logpath', str(run), '--epochs', '2'])            # a lean last.pt resumes
+    assert load_checkpoint(run / 'last.pt')['epoch'] == 1
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in fake.items()}
+    monkeypatch.setattr(WeightsEnum, 'get_state_dict', lambda self, *a, **k: other)
+    with pytest.raises(UserError, match='differ from the ones it was trained with'):
+        load_model(str(run / 'best.pt'), torch.device('cpu'))
 
 
 def test_test_cli_results_and_determinism(tiny_checkpoint, datapath, tmp_path, capsys):
