@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='allow TF32 matmuls/convolutions on Ampere+ GPUs (off by default at test time: numbers stay '
                         'comparable with the fp32 reference)')
     p.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
+    p.add_argument('--match-shots', type=str, default='auto', choices=('auto', 'all', 'one'),
+                   help="K-shot 'vote' methods: match the shots one at a time after the single backbone pass (one: "
+                        'same predictions, about half the peak memory), all at once (all), or auto (one on CPU, all '
+                        'on CUDA)')
     add_plugin_args(p, 'test')
     return p
 
@@ -96,6 +100,7 @@ def _test(args, cls, split: str, dist, device_name: str) -> dict:
     try:
         model, ckpt = load_model(args.load, device, args)
         model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
+        model.match_shots = args.match_shots
         if args.compile:
             model.match = torch.compile(model.match)
         train_config = ckpt['config']

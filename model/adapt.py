@@ -75,7 +75,7 @@ def _adapt_one(model: FewShotSegmenter, record: EpisodeRecord) -> Output:
                 record = model.encode(record.query_img, record.supports.imgs, record.supports.masks,
                                       record.ctx.class_id)
         with torch.no_grad():
-            return model.match(record)
+            return model.match_episode(record)
     finally:
         for p, r in zip(params, requires):
             p.requires_grad_(r)

@@ -104,6 +104,16 @@ class EpisodeRecord:
                                         sup.class_id[i:i + 1]),
                              EpisodeContext(self.ctx.class_id[i:i + 1], k, self.ctx.support_masks[sl]))
 
+    def shot(self, k: int) -> 'EpisodeRecord':
+        r"""The B episodes with their k-th support only (1-shot records sharing the encoded query)."""
+        n = self.nshot
+        rows = torch.arange(self.batch, device=self.query_img.device) * n + k
+        sup = self.supports
+        return EpisodeRecord(self.query_img, self.query_feats,
+                             SupportSet(sup.imgs[:, k:k + 1], sup.masks[:, k:k + 1], [f[rows] for f in sup.feats],
+                                        sup.class_id),
+                             EpisodeContext(self.ctx.class_id, 1, self.ctx.support_masks[rows]))
+
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> 'EpisodeRecord':
         r"""A record whose tensors are `fn(tensor)` (e.g. clones made outside inference mode)."""
         def apply(x):
@@ -282,6 +292,10 @@ class FewShotSegmenter(nn.Module):
     plugin_point: str = 'features'
     adaptation_defaults: Adaptation = Adaptation()
     default_lr: float = 1e-3
+    #: Test time, 'vote' methods with K > 1: match the shots one at a time after the single backbone pass ('one':
+    #: the same predictions at about half the peak memory, and faster on CPU), all K in one batch ('all'), or
+    #: 'auto' = one on CPU, all on CUDA (set by test.py --match-shots; scripts/bench.py measures both).
+    match_shots: str = 'auto'
 
     def __init__(self, backbone: Backbone, options=None):
         super().__init__()
@@ -354,7 +368,16 @@ class FewShotSegmenter(nn.Module):
         if self.adaptation.steps > 0:
             from model.adapt import adapt_and_match
             return adapt_and_match(self, record)
-        return self.match(record)
+        return self.match_episode(record)
+
+    def match_episode(self, record: EpisodeRecord) -> Output:
+        r"""`match`, shot by shot for the 'vote' policy when `match_shots` says so (see there)."""
+        mode = self.match_shots
+        if mode == 'auto':
+            mode = 'all' if record.query_img.device.type == 'cuda' else 'one'
+        if self.kshot != 'vote' or record.nshot == 1 or mode == 'all':
+            return self.match(record)
+        return Output(torch.cat([self.match(record.shot(k)).logits for k in range(record.nshot)], dim=1))
 
     def segment(self, output: Output) -> torch.Tensor:
         r"""Binary query mask [B,H,W] (int64) by the method's K-shot policy."""

@@ -149,3 +149,13 @@ def test_learner_handles_any_input_size(size):
     out = learner(corrs)
     assert out.shape == (1, 2, 2 * h2, 2 * h2)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('keep', [0.0, 0.3, 0.9])
+def test_correlation_skips_masked_out_support_pixels_exactly(keep):
+    from model.layers.correlation import _masked_bmm
+    g = torch.Generator().manual_seed(3)
+    q, s = torch.randn(3, 40, 16, generator=g), torch.randn(3, 16, 50, generator=g)
+    s = s * (torch.rand(50, generator=g) < keep).float()          # zero columns in every batch item
+    s[1, :, 7] = 0.5 if keep else 0.0                              # a column non-zero in one item only is kept
+    assert torch.equal(_masked_bmm(q, s), torch.bmm(q, s))

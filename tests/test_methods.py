@@ -267,6 +267,20 @@ def test_adaptation_resets_bit_for_bit_and_ignores_episode_order(name):
     assert torch.allclose(batched, torch.cat([first, second]), atol=1e-6)   # episodes of a batch adapt apart
 
 
+@pytest.mark.parametrize('name', [n for n in sorted(METHODS) if METHODS[n].kshot == 'vote'])
+def test_vote_methods_match_shot_by_shot_like_all_at_once(name):
+    model = make(name)
+    ep = inputs(3)
+    record = model.encode(ep['query_img'], ep['support_imgs'], ep['support_masks'], ep['class_id'])
+    with torch.no_grad():
+        model.match_shots = 'all'
+        together = model.infer(record).logits
+        model.match_shots = 'one'
+        apart = model.infer(record).logits
+    assert torch.allclose(together, apart, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.segment(Output(together)), model.segment(Output(apart)))
+
+
 def test_set_test_time_refuses_methods_without_adaptation():
     with pytest.raises(Exception, match='no test-time adaptation'):
         make('hsnet').set_test_time(finetune_steps=3)
