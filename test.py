@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='allow TF32 matmuls/convolutions on Ampere+ GPUs (off by default at test time: numbers stay '
                         'comparable with the fp32 reference)')
     p.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
+    bounded(p, '--cache-images', int, 0, low=0,
+            help='keep this many decoded and resized (image, mask) pairs in memory per loader process (0 = off); a '
+                 'target test set of a few hundred images is then decoded once, not once per episode')
     p.add_argument('--match-shots', type=str, default='auto', choices=('auto', 'all', 'one'),
                    help="K-shot 'vote' methods: match the shots one at a time after the single backbone pass (one: "
                         'same predictions, about half the peak memory), all at once (all), or auto (one on CPU, all '
@@ -109,6 +112,8 @@ def _test(args, cls, split: str, dist, device_name: str) -> dict:
             log.info(f'warning: {args.load} was trained on a random backbone without --bn-calibration; its features '
                      'barely tell pixels apart, so expect near-zero mIoU (see README, "The demo")')
         dataset = build_dataset(args.benchmark, args.datapath, split, args.nshot, img_size, **dataset_options(args))
+        dataset.as_uint8 = device.type == 'cuda'                        # normalised on the GPU: 4x fewer bytes
+        dataset.cache_size = args.cache_images
         model.hooks.bind(dataset.name, dataset.class_names)
         seed_everything(args.seed)
         protocol = PROTOCOLS[args.protocol](dataset, args, device, dist, args.precision)

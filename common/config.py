@@ -44,27 +44,33 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if value is None:
             continue
         flag = action.option_strings[-1] if action.option_strings else action.dest
-        if action.choices is not None and value not in action.choices:
-            raise UserError(f'{flag} {value!r}: choose one of {", ".join(map(str, action.choices))}')
-        kind = action.type
-        if kind in (int, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok and kind is int and (not isinstance(value, int)):
-                ok = False
-            if not ok:
-                raise UserError(f'{flag} must be {"an integer" if kind is int else "a number"}, got {value!r}'
-                                f' ({type(value).__name__})')
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f'{flag} must be a finite number, got {value!r}')
-            bounds = getattr(action, 'bounds', None)
-            if bounds is not None:
-                low, high, low_open = bounds
-                if (low is not None and (value < low or (low_open and value == low))) or \
-                        (high is not None and value > high):
-                    raise UserError(f'{flag} must be {_range_text(kind, low, high, low_open)}, got {value!r}')
-        elif kind is str and not isinstance(value, str):
-            raise UserError(f'{flag} must be a string, got {value!r} ({type(value).__name__})')
+        for item in (value if isinstance(value, list) and action.nargs not in (None, '?') else [value]):
+            _check_value(action, flag, item)
     return args
+
+
+def _check_value(action: argparse.Action, flag: str, value) -> None:
+    r"""One value of a flag (an element, for flags that take several) against its choices, type and range."""
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f'{flag} {value!r}: choose one of {", ".join(map(str, action.choices))}')
+    kind = action.type
+    if kind in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and kind is int and (not isinstance(value, int)):
+            ok = False
+        if not ok:
+            raise UserError(f'{flag} must be {"an integer" if kind is int else "a number"}, got {value!r}'
+                            f' ({type(value).__name__})')
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f'{flag} must be a finite number, got {value!r}')
+        bounds = getattr(action, 'bounds', None)
+        if bounds is not None:
+            low, high, low_open = bounds
+            if (low is not None and (value < low or (low_open and value == low))) or \
+                    (high is not None and value > high):
+                raise UserError(f'{flag} must be {_range_text(kind, low, high, low_open)}, got {value!r}')
+    elif kind is str and not isinstance(value, str):
+        raise UserError(f'{flag} must be a string, got {value!r} ({type(value).__name__})')
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -12,6 +12,7 @@ from common.dist import SINGLE, Dist
 from common.errors import UserError
 from common.metrics import SegmentationMeter
 from common.utils import seed_step, to_device
+from data.episodic import normalize_images
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -21,6 +22,16 @@ def autocast(device: torch.device, precision: str):
     softmax, group/layer norm, losses) in fp32; the PATNet/DMTNet rank-2 Gram is computed in float64 explicitly."""
     dtype = PRECISIONS[precision]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def episode_batch(batch: dict, device: torch.device) -> dict:
+    r"""A loader batch on `device` (non-blocking copies from pinned memory), with uint8 images (datasets set to
+    `as_uint8`, as on CUDA) normalised there."""
+    batch = to_device(batch, device)
+    for key in ('query_img', 'support_imgs'):
+        if batch[key].dtype == torch.uint8:
+            batch[key] = normalize_images(batch[key])
+    return batch
 
 
 def episode_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,7 +129,7 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
     for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True),
                                  start=start_step):
         seed_step(seed, epoch, step)
-        batch = to_device(batch, device)
+        batch = episode_batch(batch, device)
         with autocast(device, precision):
             output = forward(*episode_inputs(batch))
             terms = model.loss(output, batch)
@@ -172,7 +183,7 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
     start, n = time.perf_counter(), 0
     empty, shots, example = 0, 0, None
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True):
-        batch = to_device(batch, device)
+        batch = episode_batch(batch, device)
         blank = batch['support_masks'].flatten(2).amax(dim=2) == 0                      # [B,K] shots without fg
         shots += blank.numel()
         if bool(blank.any()):

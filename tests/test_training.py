@@ -110,3 +110,25 @@ def test_fp16_training_step_with_gradient_scaler(datapath):
         pytest.skip(f'fp16 autocast unavailable on this CPU build: {err}')
     assert math.isfinite(scores['loss'])
     assert any(not torch.equal(a, p) for a, p in zip(before, model.trainable_parameters()))
+
+
+def test_uint8_images_normalised_on_the_device_equal_the_float_path_and_the_cache_decodes_once(datapath,
+                                                                                                monkeypatch):
+    from data import build_dataset
+    from engine.loops import episode_batch
+    ds = build_dataset('synthetic-med', datapath, 'test', 2, 64)
+    ep = ds.sample_episodes(3, 0)[0]
+    plain = ds[ep]
+    ds.as_uint8, ds.cache_size = True, 8
+    reads = []
+    real = type(ds).read_image
+    monkeypatch.setattr(type(ds), 'read_image', lambda self, key: reads.append(key) or real(self, key))
+    raw = ds[ep]
+    again = ds[ep]
+    assert raw['query_img'].dtype == torch.uint8 and len(reads) == 3           # query + 2 supports, decoded once
+    assert torch.equal(raw['query_img'], again['query_img'])
+    batch = episode_batch({k: (v[None] if isinstance(v, torch.Tensor) else [v]) for k, v in raw.items()},
+                          torch.device('cpu'))
+    assert torch.equal(batch['query_img'][0], plain['query_img'])
+    assert torch.equal(batch['support_imgs'][0], plain['support_imgs'])
+    assert torch.equal(raw['support_masks'], plain['support_masks'])

@@ -1,0 +1,286 @@
+r"""Speed and memory of every method (and CD-TG) on fixed synthetic episodes: random weights, no download, no data.
+
+    python scripts/bench.py                                   # every method, +-CD-TG, 1/5-shot, 400x400, CPU
+    python scripts/bench.py --device cuda --precision bf16    # on a GPU
+    python scripts/bench.py --methods hsnet patnet --compare-reference
+    python scripts/bench.py --loader isic --datapath DATA     # data loading alone (episodes/s)
+    python scripts/bench.py --quick                           # tiny sizes, one repetition: a smoke run
+
+For each method x CD-TG x K it reports test episodes/s (the test-time entry point, batch 1, as test.py), training
+steps/s (1-shot, `--train-bsz` episodes per step, forward + backward + optimizer step), the peak memory of the test
+and of the training phase (CUDA: `max_memory_allocated`; CPU: the process's resident memory, sampled every 2 ms,
+minus what it held before the phase), and the CD-TG overhead relative to the same method without it.
+`--compare-reference` adds the reference formulations that live in the project, measured in the same process with
+the same weights: PATNet's SVD pseudo-inverse transform (`--transform pinv`) and, for the K-shot vote methods, the
+reference's per-shot query encoding (a full forward per shot, then the vote), and prints the ratios. Writes the
+table to stdout and everything to `--json`.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from common.config import bounded, parse_with_config  # noqa: E402
+from common.constants import MIN_IMG_SIZE  # noqa: E402
+from common.errors import UserError, run_cli  # noqa: E402
+from common.utils import resolve_device  # noqa: E402
+from engine.factory import build_model  # noqa: E402
+from engine.loops import PRECISIONS, autocast  # noqa: E402
+from model import METHODS, Output  # noqa: E402
+
+
+class PeakMemory:
+    r"""Peak memory of a code region: CUDA allocator peak, or on CPU the resident set size sampled by a thread."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss())
+        self.mb = (self.peak - self.base) / 2**20
+        self.total_mb = self.peak / 2**20
+
+
+def _rss() -> int:
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except OSError:                                       # not Linux: the process's peak so far
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def episode(size: int, shots: int, batch: int, seed: int, device: torch.device):
+    r"""Random images and elliptic masks (one fixed episode per configuration)."""
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, 3, size, size, generator=gen)
+    support = torch.randn(batch, shots, 3, size, size, generator=gen)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing='ij')
+    centre = 0.3 + 0.4 * torch.rand(batch, shots + 1, 2, generator=gen)
+    radius = 0.15 + 0.2 * torch.rand(batch, shots + 1, 2, generator=gen)
+    masks = (((yy - centre[..., 0, None, None]) / radius[..., 0, None, None]) ** 2
+             + ((xx - centre[..., 1, None, None]) / radius[..., 1, None, None]) ** 2 <= 1).float()
+    return {'query_img': query.to(device), 'support_imgs': support.to(device),
+            'support_masks': masks[:, 1:].to(device), 'query_mask': masks[:, 0].long().to(device),
+            'class_id': torch.zeros(batch, dtype=torch.long, device=device)}
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def build(method: str, cdtg: bool, device: torch.device, **options):
+    config = {'method': method, 'backbone': None, 'method_options': options}
+    if cdtg:
+        config.update(cdtg=True, clip='ViT-B-32', clip_weights='none', cdtg_attn='paper', alpha=0.7, fusion='fixed',
+                      no_style_aug=False, text_lora=0, seed=0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model = build_model(config, 'none').to(device).eval()
+        model.hooks.bind('synthetic-med', ['skin lesion', 'cell nucleus', 'cell cytoplasm', 'lung'])
+    return model
+
+
+def episode_runner(model, ep, precision, device):
+    def run():
+        with torch.no_grad(), autocast(device, precision):
+            return model.infer(model.encode(ep['query_img'], ep['support_imgs'], ep['support_masks'],
+                                            ep['class_id']))
+    return run
+
+
+def reference_kshot(model, ep, precision, device):
+    r"""The reference's K-shot: a whole forward (query encoded again) per shot, then HSNet's vote."""
+    def run():
+        with torch.no_grad(), autocast(device, precision):
+            logits = [model.infer(model.encode(ep['query_img'], ep['support_imgs'][:, k:k + 1],
+                                               ep['support_masks'][:, k:k + 1], ep['class_id'])).logits
+                      for k in range(ep['support_imgs'].shape[1])]
+            return model.segment(Output(torch.cat(logits, dim=1)))
+    return run
+
+
+def train_step(model, ep, precision, device):
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-5)
+
+    def run():
+        model.train()
+        with autocast(device, precision):
+            out = model(ep['query_img'], ep['support_imgs'], ep['support_masks'], ep['class_id'])
+            loss = sum(model.loss(out, ep).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.eval()
+    return run
+
+
+def bench_models(args, device) -> list[dict]:
+    rows = []
+    for method in args.methods:
+        for cdtg in args.cdtg:
+            model = build(method, cdtg == 'on', device)
+            for shots in args.shots:
+                ep = episode(args.img_size, shots, 1, args.seed, device)
+                with PeakMemory(device) as mem_test:
+                    t_test = timed(episode_runner(model, ep, args.precision, device), device, args.reps, args.warmup)
+                train_ep = episode(args.img_size, 1, args.train_bsz, args.seed, device)
+                with PeakMemory(device) as mem_train:
+                    t_train = timed(train_step(model, train_ep, args.precision, device), device,
+                                    args.train_reps, min(args.warmup, 1)) if shots == args.shots[0] else []
+                row = {'method': method, 'cdtg': cdtg, 'shots': shots, 'test_s': statistics.median(t_test),
+                       'test_times': t_test, 'test_peak_mb': mem_test.mb, 'test_peak_total_mb': mem_test.total_mb,
+                       'train_s': statistics.median(t_train) if t_train else None,
+                       'train_peak_mb': mem_train.mb if t_train else None}
+                if args.compare_reference and model.kshot == 'vote' and shots > 1:
+                    row['reference_kshot_s'] = statistics.median(timed(reference_kshot(model, ep, args.precision,
+                                                                                       device), device, args.reps, 0))
+                    model.match_shots = 'all'
+                    row['batched_shots_s'] = statistics.median(timed(episode_runner(model, ep, args.precision, device),
+                                                                     device, args.reps, 0))
+                    model.match_shots = 'auto'
+                if args.compare_reference and method == 'patnet':
+                    pinv = build(method, cdtg == 'on', device, transform='pinv')
+                    pinv.load_state_dict(model.state_dict())
+                    row['pinv_s'] = statistics.median(timed(episode_runner(pinv, ep, args.precision, device), device,
+                                                            args.reps, 0))
+                    del pinv
+                rows.append(row)
+                print(_line(row, rows), flush=True)
+            del model
+    return rows
+
+
+def _line(row: dict, rows: list[dict]) -> str:
+    plain = next((r for r in rows if r['method'] == row['method'] and r['shots'] == row['shots']
+                  and r['cdtg'] == 'off'), None)
+    overhead = (f'{100 * (row["test_s"] / plain["test_s"] - 1):+6.1f}%'
+                if row['cdtg'] == 'on' and plain else '       ')
+    train = f'{1 / row["train_s"]:7.2f}' if row['train_s'] else '      -'
+    train_mb = f'{row["train_peak_mb"]:8.0f}' if row['train_peak_mb'] is not None else '       -'
+    text = (f'{row["method"]:7s} {row["cdtg"]:4s} {row["shots"]:2d} | {1 / row["test_s"]:8.2f} '
+            f'{1000 * row["test_s"]:9.1f} {row["test_peak_mb"]:8.0f} {overhead} | {train} {train_mb}')
+    extra = []
+    if 'reference_kshot_s' in row:
+        extra.append(f'vs per-shot query encoding {row["test_s"] / row["reference_kshot_s"]:.2f}x, '
+                     f'shots batched {row["batched_shots_s"] / row["reference_kshot_s"]:.2f}x')
+    if 'pinv_s' in row:
+        extra.append(f'pinv/rank2 {row["pinv_s"] / row["test_s"]:.2f}')
+    return text + (' | ' + '; '.join(extra) if extra else '')
+
+
+HEADER = ('method  cdtg  K |  test ep/s  ms/episode  peak MB  CD-TG  | train st/s  peak MB | reference\n'
+          + '-' * 110)
+
+
+def bench_loader(args) -> dict:
+    from data import FixedEpisodes, build_dataset, build_loader
+    dataset = build_dataset(args.loader, args.datapath, 'test', args.shots[0], args.img_size)
+    episodes = dataset.sample_episodes(args.loader_episodes, args.seed)
+    loader = build_loader(dataset, FixedEpisodes(episodes), 1, args.workers)
+    start = time.perf_counter()
+    n = sum(1 for _ in loader)
+    seconds = time.perf_counter() - start
+    print(f'loader {args.loader}: {n} episodes ({args.shots[0]}-shot, {args.img_size}px, {args.workers} workers) in '
+          f'{seconds:.1f}s = {n / seconds:.1f} episodes/s')
+    return {'benchmark': args.loader, 'episodes': n, 'seconds': seconds, 'workers': args.workers}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--methods', nargs='+', default=None, help='default: every method of model.METHODS')
+    p.add_argument('--cdtg', nargs='+', default=['off', 'on'], choices=['off', 'on'])
+    p.add_argument('--shots', nargs='+', type=int, default=[1, 5])
+    bounded(p, '--img-size', int, 400, low=MIN_IMG_SIZE, high=4096)
+    bounded(p, '--reps', int, 3, low=1, help='timed test episodes per configuration')
+    bounded(p, '--train-reps', int, 2, low=1, help='timed training steps per method')
+    bounded(p, '--warmup', int, 1, low=0)
+    bounded(p, '--train-bsz', int, 2, low=1, help='episodes per training step')
+    p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N | auto')
+    p.add_argument('--precision', default='fp32', choices=tuple(PRECISIONS))
+    bounded(p, '--threads', int, None, low=1, help='torch CPU threads (default: all cores available)')
+    p.add_argument('--compare-reference', action='store_true',
+                   help='also time PATNet --transform pinv and the per-shot query encoding of K-shot votes')
+    p.add_argument('--quick', action='store_true', help='64x64, one repetition, no warm-up (a smoke run)')
+    p.add_argument('--loader', default=None, help='also time data loading alone for this benchmark')
+    p.add_argument('--datapath', default='datasets')
+    bounded(p, '--loader-episodes', int, 50, low=1)
+    bounded(p, '--workers', int, 4, low=0)
+    bounded(p, '--seed', int, 0, low=0)
+    p.add_argument('--json', default=None, help='write the results here')
+    args = parse_with_config(p, argv)
+    args.methods = args.methods or sorted(METHODS)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise UserError(f'--methods {", ".join(unknown)}: unknown; choose from {", ".join(sorted(METHODS))}')
+    if any(k < 1 for k in args.shots):
+        raise UserError('--shots must be >= 1')
+    if args.quick:
+        args.img_size, args.reps, args.train_reps, args.warmup = 64, 1, 1, 0
+    device = resolve_device(args.device)
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
+    torch.set_num_threads(threads)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
+    print(f'{args.img_size}x{args.img_size}, {args.precision}, {where}, random weights; test: median of {args.reps} '
+          f'episodes (batch 1) after {args.warmup} warm-up; train: 1-shot, {args.train_bsz} episodes per step')
+    print(HEADER)
+    out = {'img_size': args.img_size, 'device': where, 'precision': args.precision, 'torch': torch.__version__,
+           'rows': bench_models(args, device)}
+    if args.loader:
+        out['loader'] = bench_loader(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f'wrote {args.json}')
+    return out
+
+
+if __name__ == '__main__':
+    run_cli(main)
