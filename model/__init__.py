@@ -8,10 +8,15 @@ from model.base import (Adaptation, EpisodeContext, EpisodeRecord, FewShotSegmen
                         SupportSet, option)
 from model.hsnet import HSNet
 from model.patnet import PATNet
+from model.pmms import PMMs, RPMMs
+from model.qnet import QNet
 
 METHODS: dict[str, type[FewShotSegmenter]] = {
     'hsnet': HSNet,
     'patnet': PATNet,
+    'pmms': PMMs,
+    'rpmms': RPMMs,
+    'qnet': QNet,
 }
 
 

@@ -40,7 +40,8 @@ class BackboneSpec:
         trainable: ResNet parts fine-tuned with the method ('stem', 'layer1'..'layer4', 'fc'); their BatchNorm
             layers stay frozen (running statistics and affine parameters). Everything else is frozen and runs
             without gradient.
-        keep_fc: keep the ImageNet classifier `net.fc` (Q-Net derives its threshold from its 1000 logits).
+        keep_fc: keep the classifier `net.fc` (Q-Net derives its threshold from its 1000 outputs). Weight files never
+            load it: it keeps its random initialisation, as in Q-Net, whose DeepLabv3 weights have no fc.
     """
     taps: str | tuple[str, ...] = 'bottlenecks'
     tap_relu: bool = True
@@ -291,7 +292,11 @@ def _load_weights(net: nn.Module, name: str, enum, weights: str) -> None:
             state = state['state_dict']
         if not isinstance(state, dict):
             raise UserError(f'{path} does not hold a state dict for {name}')
-    state = {k: v for k, v in strip_prefixes(state).items() if not k.startswith(('fc.', 'classifier.'))}
+    state = strip_prefixes(state)
+    if state and all(k.startswith(('backbone.', 'classifier.', 'aux_classifier.')) for k in state):
+        # a torchvision segmentation model (e.g. deeplabv3_resnet101_coco, Q-Net's initialisation): its backbone
+        state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    state = {k: v for k, v in state.items() if not k.startswith(('fc.', 'classifier.'))}
     expected = {k for k in net.state_dict() if not k.startswith(('fc.', 'classifier.'))}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -87,3 +87,19 @@ def test_bad_specs_are_clear_errors():
         build(trainable=('head',))
     with pytest.raises(UserError, match='vgg16 supports only'):
         build('vgg16', taps=('layer3',))
+
+
+def test_torchvision_segmentation_checkpoints_load_their_backbone(tmp_path):
+    r"""A DeepLabv3 / FCN state dict (`backbone.*`, `classifier.*`, `aux_classifier.*`; Q-Net's initialisation)."""
+    src = build(taps=('layer3', 'layer4'), dilate=(False, True, True)).net
+    state = {f'backbone.{k}': v for k, v in src.state_dict().items() if not k.startswith('fc.')}
+    state.update({'classifier.4.weight': torch.zeros(21, 256, 1, 1), 'aux_classifier.4.bias': torch.zeros(21)})
+    torch.save(state, tmp_path / 'deeplabv3.pth')
+    bb = Backbone('resnet50', str(tmp_path / 'deeplabv3.pth'),
+                  BackboneSpec(taps=('layer3', 'layer4'), dilate=(False, True, True), keep_fc=True))
+    assert torch.equal(bb.net.conv1.weight, src.conv1.weight)
+    assert torch.equal(bb.net.layer4[2].conv3.weight, src.layer4[2].conv3.weight)
+    state['backbone.extra.weight'] = torch.zeros(1)
+    torch.save(state, tmp_path / 'bad.pth')
+    with pytest.raises(UserError, match='unexpected'):
+        Backbone('resnet50', str(tmp_path / 'bad.pth'))

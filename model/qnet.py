@@ -1,0 +1,234 @@
+r"""Q-Net: query-informed few-shot medical image segmentation (Shen, Li, Qiao, Ma & Zhou, 2022/2023).
+
+A ResNet-101 (or ResNet-50) with dilated layer3 and layer4 gives two paths, each reduced to 512 channels by a 1x1
+conv without bias; one foreground prototype per path (masked average pooling at image resolution, averaged over the
+shots; there is no background prototype); a threshold T from the *query's* pooled layer4 features through the
+ResNet's 1000-way fc and a Linear(1000, 1); per path
+
+    p_fg = 1 - σ(0.5 · (-20 · cos(f_q, FP) - T)) = σ(0.5 · (20 · cos(f_q, FP) + T)),
+
+upsampled to the image and mixed with path weights 0.9 / 0.1. Training: weighted NLL (background 0.1) plus the
+prototype alignment loss (query prototype from the predicted mask, predicting each support). Test time: the
+query-informed prototype refinement, a few Adam steps per episode on the prototypes (`adaptation_loss`).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.constants import IGNORE_INDEX
+from model.backbone import Backbone, BackboneSpec
+from model.base import Adaptation, EpisodeRecord, FewShotSegmenter, Output, Recipe, option
+
+WIDTH = 512           # width of both paths (reduce1, reduce2)
+SCALE = 20.0          # cosine scale (`scaler`)
+PROTO_EPS = 1e-5      # masked average pooling Σ f·m / (Σ m + 1e-5), as `getFeatures`
+BG_WEIGHT = 0.1       # NLL weight of background pixels (config `bg_wt`)
+# SGD of the reference (config.py, train.py): momentum, weight decay; LR × 0.98 every 1000 steps
+MOMENTUM, WEIGHT_DECAY, LR_GAMMA, LR_EVERY = 0.9, 5e-4, 0.98, 1000
+LOG_EPS = torch.finfo(torch.float32).eps   # probabilities are clamped to [eps, 1 - eps] before the log
+
+
+# --- the maths ------------------------------------------------------------------------------------------------------
+def foreground_probability(cos: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    r"""Q-Net's `getPred`: p = 1 - σ(0.5 (-20 cos - T)), written as σ(0.5 (20 cos + T)) (the same number, without
+    the cancellation of 1 - σ near 1). cos [N,h,w], threshold [N] (one T per query)."""
+    return torch.sigmoid(0.5 * (SCALE * cos + threshold.view(-1, 1, 1)))
+
+
+def interpolation_matrix(n_out: int, n_in: int, dtype: torch.dtype, device) -> torch.Tensor:
+    r"""[n_out, n_in] matrix A of 1-D linear interpolation without aligned corners: A @ v = F.interpolate(v)."""
+    eye = torch.eye(n_in, dtype=dtype, device=device).unsqueeze(0)                       # [1,n_in(ch),n_in]
+    return F.interpolate(eye, size=n_out, mode='linear', align_corners=False)[0].transpose(0, 1)
+
+
+def upsampled_average_pooling(feat: torch.Tensor, mask: torch.Tensor, eps: float = PROTO_EPS) -> torch.Tensor:
+    r"""MAP of the features bilinearly upsampled to the mask's size, Σ_xy up(f)·m / (Σ_xy m + eps) (Q-Net's
+    `getFeatures`, align_corners=False), computed at feature resolution.
+
+    Bilinear upsampling is separable, up(f) = A f Bᵀ, so Σ_xy up(f)_xy m_xy = Σ_ij f_ij (Aᵀ m B)_ij: the mask is
+    pulled back to the feature grid once and no C x H x W map is made (at 400² that map is 330 MB per support).
+    feat [N,C,h,w], mask [N,H,W] -> [N,C].
+    """
+    h, w = feat.shape[-2:]
+    a = interpolation_matrix(mask.shape[-2], h, feat.dtype, feat.device)                 # [H,h]
+    b = interpolation_matrix(mask.shape[-1], w, feat.dtype, feat.device)                 # [W,w]
+    weights = a.transpose(0, 1) @ mask.to(feat.dtype) @ b                                # [N,h,w]
+    pooled = (feat.flatten(2) @ weights.flatten(1).unsqueeze(-1)).squeeze(-1)           # [N,C]
+    return pooled / (mask.flatten(1).sum(dim=1, keepdim=True).to(feat.dtype) + eps)
+
+
+def log_probabilities(p_fg: torch.Tensor) -> torch.Tensor:
+    r"""[N,H,W] foreground probability -> [N,2,H,W] log([1 - p, p]) with the reference's clamp to [eps, 1 - eps]."""
+    prob = torch.stack([1 - p_fg, p_fg], dim=1)
+    return prob.clamp(LOG_EPS, 1 - LOG_EPS).log()
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    r"""(x - min) / (max - min) over all elements (global scalars, as the reference)."""
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def refinement_loss(feat: torch.Tensor, proto: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    r"""The released refinement objective (models/fewshot.py `updatePrototype`) of one path.
+
+    feat [1,C,h,w] query features, proto [1,C] the prototype being refined, fg [1,h,w] the current hard prediction.
+    The predicted-foreground feature vectors are replaced by the prototype, f̃ = f (1 - M) + FP M, and
+    loss = BCE(input = σ(minmax f), target = σ(minmax f̃)) with global min/max; the gradient reaches the prototype
+    through the *target* (argument order as the reference; swapping them changes the objective).
+    """
+    m = fg.unsqueeze(1).to(feat.dtype)
+    new = feat * (1 - m) + proto[:, :, None, None] * m
+    return F.binary_cross_entropy(torch.sigmoid(_minmax(feat)), torch.sigmoid(_minmax(new)))
+
+
+# --- the method -----------------------------------------------------------------------------------------------------
+@dataclass
+class QNetOptions:
+    path_weight: float = option(0.9, help='weight of the layer3 path in the mix of the two paths (layer4: 1 - w; '
+                                          "the paper's setting 2 uses 0.6)", low=0.0, high=1.0)
+
+
+class QNet(FewShotSegmenter):
+    r"""Q-Net trained with ground-truth masks (PASCAL or any source benchmark).
+
+    Deviations from the public code (README, "Q-Net"): torchvision ImageNet initialisation (not DeepLabv3-COCO) with
+    dilated layer3/layer4 (output stride 8 for both paths), BatchNorm frozen (statistics and affine); episodes of a
+    batch and their K shots are indexed correctly and each query uses its own T (the reference mixes episodes
+    when B > 1 and K > 1 and broadcasts the whole batch's T); query pixels labelled 255 are ignored.
+
+    Test-time adaptation (on by default, `test.py --finetune-steps/--finetune-lr`): 30 Adam steps at lr 2e-3 per
+    episode on the two path prototypes (after a plug-in has fused them), with the released refinement objective
+    (`refinement_loss`), the prediction recomputed after every step; nothing carries over to the next episode.
+    """
+
+    kshot = 'joint'
+    Options = QNetOptions
+    backbone_spec = BackboneSpec(taps=('layer3', 'layer4'), dilate=(False, True, True), keep_fc=True,
+                                 trainable=('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc'))
+    default_backbone = 'resnet101'
+    plugin_point = 'prototypes'       # CD-TG fuses text into the foreground prototypes (no background prototype)
+    adaptation_defaults = Adaptation(steps=30, lr=2e-3)
+    default_lr = 1e-3
+
+    def __init__(self, backbone: Backbone, options: QNetOptions | None = None):
+        super().__init__(backbone, options)
+        self.reduce = nn.ModuleList([nn.Conv2d(c, WIDTH, 1, bias=False) for c in backbone.channels])
+        for conv in self.reduce:      # the reference's `_init_weights`
+            nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')
+        # reduce1d: T = Linear(1000, 1)(fc(pool(layer4))); no nonlinearity in between, as the reference
+        self.threshold_head = nn.Linear(backbone.net.fc.out_features, 1)
+        w = self.options.path_weight
+        self.register_buffer('path_weights', torch.tensor([w, 1.0 - w]), persistent=False)
+
+    @property
+    def feature_channels(self) -> list[int]:
+        return [WIDTH] * len(self.reduce)
+
+    @property
+    def feature_levels(self) -> list[int]:
+        return list(self.backbone.stage_ids)
+
+    # --- forward ------------------------------------------------------------------------------------------------
+    def paths(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
+        r"""The two 512-d paths [N,512,h,w] from the layer3 and layer4 taps."""
+        return [reduce(tap) for reduce, tap in zip(self.reduce, taps)]
+
+    def threshold(self, query_taps: list[torch.Tensor]) -> torch.Tensor:
+        r"""T [B] of each query: Linear(1000, 1) of the ResNet's fc of its globally pooled layer4 map."""
+        pooled = query_taps[-1].mean(dim=(2, 3))
+        return self.threshold_head(self.backbone.net.fc(pooled)).squeeze(1)
+
+    def prototypes(self, support_paths: list[torch.Tensor], record: EpisodeRecord) -> list[torch.Tensor]:
+        r"""Per path FP [B,512]: MAP at image resolution per support, averaged over the K shots, then the plug-in's
+        `prototypes` hook (sets of one prototype per episode; no background prototype)."""
+        b, k = record.batch, record.nshot
+        fg = [upsampled_average_pooling(s, record.ctx.support_masks).view(b, k, -1).mean(dim=1, keepdim=True)
+              for s in support_paths]
+        fg, _ = self.hooks.prototypes(fg, [None] * len(fg), support_paths, record.ctx)
+        return [f[:, 0] for f in fg]
+
+    def predict_paths(self, paths: list[torch.Tensor], protos: list[torch.Tensor],
+                      threshold: torch.Tensor) -> list[torch.Tensor]:
+        r"""p_fg per path at feature resolution [N,h,w]."""
+        return [foreground_probability(F.cosine_similarity(f, p[:, :, None, None], dim=1, eps=1e-8), threshold)
+                for f, p in zip(paths, protos)]
+
+    def combine(self, probs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        r"""Path probabilities upsampled to `size` (bilinear, aligned corners) and mixed: Σ w_n p_n / Σ w_n."""
+        ups = [F.interpolate(p.unsqueeze(1), size, mode='bilinear', align_corners=True)[:, 0] for p in probs]
+        weights = self.path_weights.to(ups[0].dtype)
+        return sum(wt * p for wt, p in zip(weights, ups)) / weights.sum()
+
+    def match(self, record: EpisodeRecord) -> Output:
+        query = self.paths(record.query_feats)
+        support = self.paths(record.support_feats)
+        threshold = self.threshold(record.query_feats)
+        protos = record.state.get('prototypes')                # refined by test-time adaptation
+        if protos is None:
+            protos = self.prototypes(support, record)
+        p_fg = self.combine(self.predict_paths(query, protos, threshold), record.image_size)
+        aux = {'query_paths': query, 'support_paths': support, 'threshold': threshold, 'p_fg': p_fg}
+        return Output(log_probabilities(p_fg), aux)
+
+    # --- training -----------------------------------------------------------------------------------------------
+    def loss(self, output: Output, batch: dict) -> dict[str, torch.Tensor]:
+        r"""'nll': NLL of the log-probabilities with class weights [0.1, 1] (pixels labelled 255 ignored);
+        'align': the prototype alignment loss (when the output carries what it needs; outputs of test-time
+        adaptation do not)."""
+        weight = output.logits.new_tensor([BG_WEIGHT, 1.0])
+        terms = {'nll': F.nll_loss(output.logits, batch['query_mask'].long(), weight=weight,
+                                   ignore_index=IGNORE_INDEX)}
+        if 'p_fg' in output.aux:
+            terms['align'] = self.alignment_loss(output.aux, batch['support_masks'])
+        return terms
+
+    def alignment_loss(self, aux: dict, support_masks: torch.Tensor) -> torch.Tensor:
+        r"""Q-Net's `alignLoss` for B episodes of K shots.
+
+        Per episode: the predicted query mask ŷ = argmax([1 - p, p]) at image size (no foreground: the episode adds
+        0); per path the query prototype MAP(up(f_q), ŷ); each support predicted from it with the *query's* T,
+        upsampled, mixed like the query; unweighted NLL against the support mask, averaged over pixels, summed over
+        shots / K; the sum over episodes / B.
+        """
+        b, k = support_masks.shape[:2]
+        size = tuple(support_masks.shape[-2:])
+        pred = (aux['p_fg'] > 0.5).to(aux['p_fg'].dtype)                       # argmax: ties go to background
+        q_protos = [upsampled_average_pooling(f, pred).repeat_interleave(k, dim=0) for f in aux['query_paths']]
+        t = aux['threshold'].repeat_interleave(k)
+        p_sup = self.combine(self.predict_paths(aux['support_paths'], q_protos, t), size)   # [B*K,H,W]
+        target = support_masks.flatten(0, 1).long()
+        nll = F.nll_loss(log_probabilities(p_sup), target, reduction='none').flatten(1).mean(dim=1)   # [B*K]
+        has_fg = (pred.flatten(1).sum(dim=1) > 0).to(nll.dtype)
+        return (nll.view(b, k).sum(dim=1) / k * has_fg).sum() / b
+
+    def configure_optimizers(self, lr: float | None = None, total_steps: int = 1) -> Recipe:
+        r"""The reference's SGD (lr 1e-3, momentum 0.9, weight decay 5e-4) on every trainable parameter; the LR is
+        multiplied by 0.98 every 1000 steps (milestones 1000, 2000, ... below `total_steps`), stepped per step."""
+        optimizer = torch.optim.SGD(self.trainable_parameters(), lr=lr or self.default_lr, momentum=MOMENTUM,
+                                    weight_decay=WEIGHT_DECAY)
+        milestones = list(range(LR_EVERY, max(int(total_steps), 1), LR_EVERY))
+        return Recipe(optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=LR_GAMMA))
+
+    # --- test-time query-informed prototype refinement ------------------------------------------------------------
+    def adaptation_parameters(self, record: EpisodeRecord) -> list[torch.Tensor]:
+        r"""The episode's path prototypes (after the plug-in hook), as fresh leaf tensors in `record.state`; the query
+        paths and T are fixed during refinement and kept there too."""
+        with torch.no_grad():
+            protos = self.prototypes(self.paths(record.support_feats), record)
+            record.state['query_paths'] = self.paths(record.query_feats)
+            record.state['threshold'] = self.threshold(record.query_feats)
+        record.state['prototypes'] = [p.detach().clone().requires_grad_(True) for p in protos]
+        return record.state['prototypes']
+
+    def adaptation_loss(self, record: EpisodeRecord, step: int) -> torch.Tensor:
+        r"""One refinement step: per path, the hard mask of the current prediction (p_fg > 0.5 at feature
+        resolution, this path only), then `refinement_loss`; summed over the paths (Adam is element-wise, so this
+        equals the reference's separate optimisation of each path)."""
+        state = record.state
+        with torch.no_grad():
+            probs = self.predict_paths(state['query_paths'], state['prototypes'], state['threshold'])
+        return sum(refinement_loss(f, p, (prob > 0.5))
+                   for f, p, prob in zip(state['query_paths'], state['prototypes'], probs))
