@@ -6,12 +6,14 @@ from common.errors import UserError
 from model.backbone import BACKBONES, Backbone, BackboneSpec
 from model.base import (Adaptation, EpisodeContext, EpisodeRecord, FewShotSegmenter, Hooks, Output, Recipe,
                         SupportSet, option)
+from model.dmtnet import DMTNet
 from model.hsnet import HSNet
 from model.patnet import PATNet
 
 METHODS: dict[str, type[FewShotSegmenter]] = {
     'hsnet': HSNet,
     'patnet': PATNet,
+    'dmtnet': DMTNet,
 }
 
 
