@@ -8,12 +8,14 @@ from model.base import (Adaptation, EpisodeContext, EpisodeRecord, FewShotSegmen
                         SupportSet, option)
 from model.dmtnet import DMTNet
 from model.hsnet import HSNet
+from model.ifa import IFA
 from model.patnet import PATNet
 
 METHODS: dict[str, type[FewShotSegmenter]] = {
     'hsnet': HSNet,
     'patnet': PATNet,
     'dmtnet': DMTNet,
+    'ifa': IFA,
 }
 
 
