@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from common.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from model.backbone import BackboneSpec
 from model.base import Adaptation, EpisodeRecord, FewShotSegmenter, Output, Recipe, option
-from model.layers import masked_average_pooling, resize_mask
+from model.layers import masked_average_pooling
 
 SCALE = 10.0                         # logits = 10 · cosine (I:186-191)
 FG_THRESHOLD, BG_THRESHOLD = 0.7, 0.6  # SSP's confident pixels (I:137-148) ...
@@ -92,7 +92,9 @@ class IFA(FewShotSegmenter):
         (out_i, supp_out_i for i >= 2), 'query_feat' (for the self-prediction term), 'support_masks'."""
         fq, fs = record.query_feats[0], record.support_feats[0]
         b, k = record.batch, record.nshot
-        mask = resize_mask(record.ctx.support_masks, tuple(fs.shape[-2:])).to(fs.dtype)
+        # bilinear (aligned corners) in the features' dtype, as the reference's MAP
+        mask = F.interpolate(record.ctx.support_masks.unsqueeze(1).to(fs.dtype), tuple(fs.shape[-2:]),
+                             mode='bilinear', align_corners=True)
         pooled = masked_average_pooling(fs, torch.cat([mask, 1 - mask], dim=1), eps=PROTOTYPE_EPS)   # [B*K,2,C]
         fp = pooled[:, 0].view(b, k, -1).mean(dim=1, keepdim=True)                                   # [B,1,C]
         bp = pooled[:, 1].view(b, k, -1).mean(dim=1, keepdim=True)
