@@ -6,7 +6,9 @@ from common.errors import UserError
 from model.backbone import BACKBONES, Backbone, BackboneSpec
 from model.base import (Adaptation, EpisodeContext, EpisodeRecord, FewShotSegmenter, Hooks, Output, Recipe,
                         SupportSet, option)
+from model.dmtnet import DMTNet
 from model.hsnet import HSNet
+from model.ifa import IFA
 from model.patnet import PATNet
 from model.pmms import PMMs, RPMMs
 from model.qnet import QNet
@@ -17,6 +19,8 @@ METHODS: dict[str, type[FewShotSegmenter]] = {
     'pmms': PMMs,
     'rpmms': RPMMs,
     'qnet': QNet,
+    'dmtnet': DMTNet,
+    'ifa': IFA,
 }
 
 

@@ -53,6 +53,35 @@ def cholesky_2x2(m: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([l11, zero], -1), torch.stack([l21, l22], -1)], -2)
 
 
+def cholesky_psd(m: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    r"""Lower-triangular L with L Lᵀ = M for a batch of small symmetric positive semi-definite matrices [...,n,n].
+
+    Column by column (Cholesky-Crout) in closed form, elementwise over the batch: no LAPACK call and no error check,
+    so no host synchronisation, and differentiable (DMTNet trains its anchors through it). A pivot below
+    rtol * max(diag M) (default n * eps of the dtype) marks a row that depends linearly on the previous ones: its
+    column is set to 0, which still factors a PSD M (up to that tolerance), and its gradient is 0, never NaN. Meant for
+    n <= 4 (DMTNet's 4x4 anchor Gram); use float64. `cholesky_2x2` is the n = 2 case written out.
+    """
+    n = m.shape[-1]
+    if m.shape[-2] != n:
+        raise ValueError(f'cholesky_psd expects square [...,n,n] matrices, got {tuple(m.shape)}')
+    rtol = n * torch.finfo(m.dtype).eps if rtol is None else rtol
+    with torch.no_grad():
+        floor = rtol * m.diagonal(dim1=-2, dim2=-1).amax(dim=-1)
+    zero = torch.zeros_like(m[..., 0, 0])
+    cols: list[list[torch.Tensor]] = []                 # cols[j][i] = L[i, j] for i >= j
+    for j in range(n):
+        pivot = m[..., j, j] - sum((cols[p][j] ** 2 for p in range(j)), zero)
+        ok = pivot > floor
+        diag = torch.where(ok, pivot, torch.ones_like(pivot)).sqrt()
+        col = [torch.where(ok, diag, zero)]
+        for i in range(j + 1, n):
+            off = m[..., i, j] - sum((cols[p][i] * cols[p][j] for p in range(j)), zero)
+            col.append(torch.where(ok, off / diag, zero))
+        cols.append([zero] * j + col)
+    return torch.stack([torch.stack(c, dim=-1) for c in cols], dim=-1)        # [...,i,j] = cols[j][i]
+
+
 def rank2_coefficients(stack: torch.Tensor, eps: float = ROW_EPS) -> torch.Tensor:
     r"""Coefficient map of the anchor transform, in float64.
 
