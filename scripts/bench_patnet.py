@@ -18,10 +18,14 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common.errors import UserError, run_cli  # noqa: E402
+import bench  # noqa: E402  (scripts/bench.py: the shared fixed episode and timing helpers)
+from common.config import bounded, parse_with_config  # noqa: E402
+from common.constants import MIN_IMG_SIZE  # noqa: E402
+from common.errors import run_cli  # noqa: E402
 from common.utils import resolve_device  # noqa: E402
 from model import BACKBONES, build_method  # noqa: E402
 from model.layers import multilayer_correlation  # noqa: E402
@@ -30,22 +34,9 @@ PARTS = ('backbone', 'prototypes', 'transform', 'correlation', 'learner')
 
 
 def episode(img_size: int, shots: int, batch: int, seed: int, device: torch.device):
-    r"""Random images and elliptic support masks of varied size and position (one fixed episode per run)."""
-    gen = torch.Generator().manual_seed(seed)
-    query = torch.randn(batch, 3, img_size, img_size, generator=gen)
-    support = torch.randn(batch, shots, 3, img_size, img_size, generator=gen)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, img_size), torch.linspace(0, 1, img_size), indexing='ij')
-    centre = 0.3 + 0.4 * torch.rand(batch, shots, 2, generator=gen)
-    radius = 0.15 + 0.2 * torch.rand(batch, shots, 2, generator=gen)
-    masks = (((yy - centre[..., 0, None, None]) / radius[..., 0, None, None]) ** 2
-             + ((xx - centre[..., 1, None, None]) / radius[..., 1, None, None]) ** 2 <= 1).float()
-    class_id = torch.zeros(batch, dtype=torch.long)
-    return query.to(device), support.to(device), masks.to(device), class_id.to(device)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+    r"""The fixed random episode of scripts/bench.py, as the positional inputs of the pipeline."""
+    ep = bench.episode(img_size, shots, batch, seed, device)
+    return ep['query_img'], ep['support_imgs'], ep['support_masks'], ep['class_id']
 
 
 def timed_parts(model, inputs, device: torch.device) -> dict:
@@ -53,10 +44,10 @@ def timed_parts(model, inputs, device: torch.device) -> dict:
     times, marks = {}, [time.perf_counter()]
 
     def mark(name):
-        sync(device)
+        bench.sync(device)
         marks.append(time.perf_counter())
         times[name] = marks[-1] - marks[-2]
-    sync(device)
+    bench.sync(device)
     marks[0] = time.perf_counter()
     record = model.encode(*inputs)
     ctx, query_feats, support_feats = record.ctx, record.query_feats, record.support_feats
@@ -77,27 +68,18 @@ def main(argv=None) -> dict:
     p.add_argument('--backbone', default='resnet50', choices=BACKBONES)
     p.add_argument('--backbone-weights', default='none',
                    help='none (random; default, no download) | imagenet | PATH to a .pth file')
-    p.add_argument('--img-size', type=int, default=400)
-    p.add_argument('--shots', type=int, default=1)
-    p.add_argument('--batch', type=int, default=1)
-    p.add_argument('--reps', type=int, default=7, help='timed forwards per variant')
-    p.add_argument('--warmup', type=int, default=1, help='untimed forwards per variant first')
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores available)')
+    bounded(p, '--img-size', int, 400, low=MIN_IMG_SIZE, high=4096)
+    bounded(p, '--shots', int, 1, low=1)
+    bounded(p, '--batch', int, 1, low=1)
+    bounded(p, '--reps', int, 7, low=1, help='timed forwards per variant')
+    bounded(p, '--warmup', int, 1, low=0, help='untimed forwards per variant first')
+    bounded(p, '--threads', int, None, low=1, help='torch CPU threads (default: all cores available)')
     p.add_argument('--device', default='auto', help='auto | cpu | cuda | cuda:N')
     p.add_argument('--tf32', action='store_true', help='allow TF32 on CUDA (off by default: parity is checked)')
     p.add_argument('--breakdown', action='store_true',
                    help='also time backbone / prototypes / transform / correlation / learner separately')
-    p.add_argument('--seed', type=int, default=0)
-    args = p.parse_args(argv)
-    for key in ('img_size', 'shots', 'batch', 'reps'):
-        if getattr(args, key) < 1:
-            raise UserError(f'--{key.replace("_", "-")} must be >= 1')
-    if args.img_size < 32:
-        raise UserError('--img-size must be >= 32 (the deepest taps are 1/32 of the input)')
-    if args.warmup < 0:
-        raise UserError('--warmup must be >= 0')
-    if args.threads is not None and args.threads < 1:
-        raise UserError('--threads must be >= 1 (leave it out to use all cores)')
+    bounded(p, '--seed', int, 0, low=0)
+    args = parse_with_config(p, argv)
     device = resolve_device(args.device)
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -127,10 +109,10 @@ def main(argv=None) -> dict:
                 outputs[name] = run(model)
         for _ in range(args.reps):
             for name, model in models.items():
-                sync(device)
+                bench.sync(device)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 outputs[name] = run(model)
-                sync(device)
+                bench.sync(device)
                 times[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
         parts = {name: [timed_parts(model, inputs, device) for _ in range(args.reps if args.breakdown else 0)]

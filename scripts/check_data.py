@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config import bounded, parse_with_config  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
 from data import DATASETS  # noqa: E402
 from data.checks import CheckedDataset  # noqa: E402
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--datapath', required=True, help='the folder passed to test.py --datapath')
     p.add_argument('--split', default=None, help='split to check (default: the benchmark\'s test split)')
     p.add_argument('--quick', action='store_true', help='headers and file tails only (what a loader checks)')
-    p.add_argument('--limit', type=int, default=20, help='problems listed per kind (default 20)')
+    bounded(p, '--limit', int, 20, low=1, help='problems listed per kind (default 20)')
     p.add_argument('--json', default=None, help='also write the report as JSON to this file')
     p.add_argument('--split-file', default=None, help='fss: folder with HSNet\'s {trn,val,test}.txt')
     p.add_argument('--isic-classes', default=None, help='isic: class CSV or folder names (as for test.py)')
@@ -42,11 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_config(build_parser(), argv)
     if args.benchmark not in checkable():
         raise UserError(f'check_data.py checks {", ".join(checkable())}; {args.benchmark!r} is not one of them')
-    if args.limit < 1:
-        raise UserError('--limit must be >= 1')
     cls = DATASETS[args.benchmark]
     options = {k: getattr(args, k) for k in OPTION_FLAGS if getattr(args, k) is not None}
     foreign = sorted(set(options) - set(cls.options))

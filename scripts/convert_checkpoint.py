@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common.config import parse_with_config  # noqa: E402
 from common.checkpoint import FORMAT, load_checkpoint, save_checkpoint  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
 
@@ -41,7 +42,7 @@ def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('checkpoint', help='the old best.pt / last.pt (a file you trust)')
     p.add_argument('--out', default=None, help='where to write the converted file (default: <name>.v2.pt beside it)')
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     src = Path(args.checkpoint)
     if not src.is_file():
         raise UserError(f'{src} does not exist')

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 import test as test_cli  # noqa: E402
 import train as train_cli  # noqa: E402
+from common.config import bounded, parse_with_config  # noqa: E402
 from common.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from common.errors import run_cli  # noqa: E402
 from engine.factory import build_model  # noqa: E402
@@ -37,10 +38,10 @@ def main(argv=None) -> dict:
     p.add_argument('--datapath', default='datasets', help='where the synthetic benchmarks are generated')
     p.add_argument('--logpath', default='logs/demo')
     p.add_argument('--device', default='auto')
-    p.add_argument('--epochs', type=int, default=2)
-    p.add_argument('--episodes-per-epoch', type=int, default=1000)
-    p.add_argument('--test-episodes', type=int, default=200)
-    args = p.parse_args(argv)
+    bounded(p, '--epochs', int, 2, low=1)
+    bounded(p, '--episodes-per-epoch', int, 1000, low=1)
+    bounded(p, '--test-episodes', int, 200, low=1)
+    args = parse_with_config(p, argv)
     logpath = Path(args.logpath)
     run = logpath / 'train'
     if (run / 'last.pt').exists():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config import bounded, parse_with_config  # noqa: E402
 from common.errors import run_cli  # noqa: E402
 from text.descriptions import load_descriptions  # noqa: E402
 from text.encoder import CLIP_MODELS, TextBank  # noqa: E402
@@ -27,8 +28,8 @@ def main(argv=None) -> dict:
     p.add_argument('--datapath', default=None,
                    help='take the class list from the dataset under DATA (needed for fss, whose 1000 classes use '
                         'generic captions) instead of the description file')
-    p.add_argument('--seed', type=int, default=0, help='seed of a random (--clip-weights none) text encoder')
-    args = p.parse_args(argv)
+    bounded(p, '--seed', int, 0, low=0, help='seed of a random (--clip-weights none) text encoder')
+    args = parse_with_config(p, argv)
     desc = load_descriptions(args.benchmark)
     if args.datapath:
         from data import build_dataset, dataset_class

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config import bounded, parse_with_config  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
 from text.descriptions import (DESCRIPTIONS_DIR, MAX_WORDS, Descriptions, Template, class_record,  # noqa: E402
                                load_description_file, load_template, write_description_file)
@@ -223,16 +224,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--model', default='gpt-4', help='chat model name (default gpt-4, as in the paper)')
     p.add_argument('--api-key', default=os.environ.get('OPENAI_API_KEY'),
                    help='API key sent as "Authorization: Bearer KEY" (env OPENAI_API_KEY)')
-    p.add_argument('--temperature', type=float, default=0.2)
-    p.add_argument('--timeout', type=float, default=120.0, help='seconds to wait for each answer')
-    p.add_argument('--retries', type=int, default=2,
-                   help='extra attempts after a malformed answer, HTTP 429/5xx or a timeout (default 2)')
+    bounded(p, '--temperature', float, 0.2, low=0, high=2)
+    bounded(p, '--timeout', float, 120.0, low=0, low_open=True, help='seconds to wait for each answer')
+    bounded(p, '--retries', int, 2, low=0,
+            help='extra attempts after a malformed answer, HTTP 429/5xx or a timeout (default 2)')
     p.add_argument('--template', default=None, help='question template (default text/template.yaml)')
     p.add_argument('--dry-run', action='store_true', help='print the requests as JSON lines and send nothing')
-    args = p.parse_args(argv)
-    if args.retries < 0 or args.timeout <= 0 or not 0 <= args.temperature <= 2:
-        raise UserError('--retries must be >= 0, --timeout > 0 and --temperature within [0, 2]')
-    return args
+    return parse_with_config(p, argv)
 
 
 def main(argv=None) -> Descriptions | None:

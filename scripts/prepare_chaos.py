@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config import parse_with_config  # noqa: E402
 from common.errors import run_cli  # noqa: E402
 from data.chaos import MANIFEST, ORGANS, prepare  # noqa: E402
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_with_config(build_parser(), argv)
     out = prepare(args.datapath, args.out, skip_bad=args.skip_bad, overwrite=args.overwrite)
     manifest = json.loads((out / MANIFEST).read_text())
     vols = manifest['volumes']
