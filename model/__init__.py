@@ -1,30 +1,38 @@
 r"""Method registry: name -> class. Adding a method = one file in model/ plus one line here (see README, "Adding a
 method", and the toy prototype method of tests/test_methods.py)."""
 import dataclasses
+import importlib
 
 from common.errors import UserError
-from model.backbone import BACKBONES, Backbone, BackboneSpec
-from model.base import (Adaptation, EpisodeContext, EpisodeRecord, FewShotSegmenter, Hooks, Output, Recipe,
-                        SupportSet, option)
-from model.dmtnet import DMTNet
-from model.hsnet import HSNet
-from model.ifa import IFA
-from model.patnet import PATNet
-from model.pmms import PMMs, RPMMs
-from model.qnet import QNet
+from common.registry import LazyRegistry
 
-METHODS: dict[str, type[FewShotSegmenter]] = {
-    'hsnet': HSNet,
-    'patnet': PATNet,
-    'pmms': PMMs,
-    'rpmms': RPMMs,
-    'qnet': QNet,
-    'dmtnet': DMTNet,
-    'ifa': IFA,
-}
+METHODS = LazyRegistry({
+    'hsnet': 'model.hsnet:HSNet',
+    'patnet': 'model.patnet:PATNet',
+    'pmms': 'model.pmms:PMMs',
+    'rpmms': 'model.pmms:RPMMs',
+    'qnet': 'model.qnet:QNet',
+    'dmtnet': 'model.dmtnet:DMTNet',
+    'ifa': 'model.ifa:IFA',
+})
+
+#: The backbones (model/backbone.py builds them; the names are here so that command lines need no torch import).
+BACKBONES = ('resnet50', 'resnet101', 'vgg16')
+
+# The interface, imported on first use (PEP 562): `from model import FewShotSegmenter` works as usual.
+_EXPORTS = {'Backbone': 'model.backbone', 'BackboneSpec': 'model.backbone', 'Adaptation': 'model.base',
+            'EpisodeContext': 'model.base', 'EpisodeRecord': 'model.base', 'FewShotSegmenter': 'model.base',
+            'Hooks': 'model.base', 'Output': 'model.base', 'Recipe': 'model.base', 'SupportSet': 'model.base',
+            'option': 'model.base'}
 
 
-def method_class(name: str) -> type[FewShotSegmenter]:
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def method_class(name: str):
     if name not in METHODS:
         raise UserError(f'unknown method {name!r}; choose one of {", ".join(METHODS)}')
     return METHODS[name]
@@ -42,10 +50,10 @@ def build_options(name: str, options: dict | None = None):
     return cls.Options(**options)
 
 
-def build_method(name: str, backbone: str | None = None, backbone_weights: str | None = 'imagenet',
-                 **options) -> FewShotSegmenter:
+def build_method(name: str, backbone: str | None = None, backbone_weights: str | None = 'imagenet', **options):
     r"""Method `name` on its backbone. `backbone=None` takes the method's default; `backbone_weights=None` builds
     without initialising the backbone (a checkpoint supplies it); `options` are the method's own options."""
+    from model.backbone import Backbone
     cls = method_class(name)
     opts = build_options(name, options)
     return cls(Backbone(backbone or cls.default_backbone, backbone_weights, cls.backbone_spec), opts)

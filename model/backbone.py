@@ -18,7 +18,7 @@ _SPECS = {
     'resnet101': (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1, [3, 4, 23, 3]),
     'vgg16': (models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, None),
 }
-BACKBONES = tuple(_SPECS)
+BACKBONES = tuple(_SPECS)      # model/__init__.py repeats the names (no torch import there); a test checks it
 
 # VGG-16 taps as in HSNet: conv4_1..4_3 and conv5_1..5_3 before their ReLU, and pool5.
 _VGG_TAPS = {17: 2, 19: 2, 21: 2, 24: 3, 26: 3, 28: 3, 30: 4}

@@ -103,3 +103,9 @@ def test_torchvision_segmentation_checkpoints_load_their_backbone(tmp_path):
     torch.save(state, tmp_path / 'bad.pth')
     with pytest.raises(UserError, match='unexpected'):
         Backbone('resnet50', str(tmp_path / 'bad.pth'))
+
+
+def test_backbone_names_of_the_registry_match_the_builders():
+    import model
+    from model.backbone import BACKBONES
+    assert model.BACKBONES == BACKBONES
