@@ -111,7 +111,7 @@ def test_checker_flag_errors():
         check_data.main(['--benchmark', 'pascal', '--datapath', 'x'])
     with pytest.raises(UserError, match='--wbc-subset does not apply'):
         check_data.main(['--benchmark', 'isic', '--datapath', 'x', '--wbc-subset', '1'])
-    with pytest.raises(UserError, match='--limit must be >= 1'):
+    with pytest.raises(UserError, match='--limit must be an integer >= 1, got 0'):
         check_data.main(['--benchmark', 'isic', '--datapath', 'x', '--limit', '0'])
     with pytest.raises(UserError, match="no 'trn' split"):
         check_data.main(['--benchmark', 'isic', '--datapath', 'x', '--split', 'trn'])
