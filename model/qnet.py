@@ -10,6 +10,10 @@ ResNet's 1000-way fc and a Linear(1000, 1); per path
 upsampled to the image and mixed with path weights 0.9 / 0.1. Training: weighted NLL (background 0.1) plus the
 prototype alignment loss (query prototype from the predicted mask, predicting each support). Test time: the
 query-informed prototype refinement, a few Adam steps per episode on the prototypes (`adaptation_loss`).
+
+The log-probabilities are computed exactly in log space (`mixture_log_probabilities`); the reference takes
+log(clamp(p, ε, 1 - ε)), whose gradient is exactly zero wherever a path saturates, so a threshold that overshoots
+(T reached -1e5 within 40 steps of a synthetic run) can never be corrected.
 """
 from dataclasses import dataclass
 
@@ -27,14 +31,51 @@ PROTO_EPS = 1e-5      # masked average pooling Σ f·m / (Σ m + 1e-5), as `getF
 BG_WEIGHT = 0.1       # NLL weight of background pixels (config `bg_wt`)
 # SGD of the reference (config.py, train.py): momentum, weight decay; LR × 0.98 every 1000 steps
 MOMENTUM, WEIGHT_DECAY, LR_GAMMA, LR_EVERY = 0.9, 5e-4, 0.98, 1000
-LOG_EPS = torch.finfo(torch.float32).eps   # probabilities are clamped to [eps, 1 - eps] before the log
 
 
 # --- the maths ------------------------------------------------------------------------------------------------------
-def foreground_probability(cos: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    r"""Q-Net's `getPred`: p = 1 - σ(0.5 (-20 cos - T)), written as σ(0.5 (20 cos + T)) (the same number, without
-    the cancellation of 1 - σ near 1). cos [N,h,w], threshold [N] (one T per query)."""
-    return torch.sigmoid(0.5 * (SCALE * cos + threshold.view(-1, 1, 1)))
+def path_logit(cos: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    r"""x = 0.5 (20 cos + T), so that Q-Net's `getPred` p = 1 - σ(0.5 (-20 cos - T)) = σ(x). cos [N,h,w], threshold
+    [N] (one T per query)."""
+    return 0.5 * (SCALE * cos + threshold.view(-1, 1, 1))
+
+
+def _corners(n_out: int, n_in: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Source indices i0, i1 and weight of i1 of 1-D linear interpolation with aligned corners."""
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = torch.arange(n_out, dtype=torch.float64, device=device) * scale
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    return i0, (i0 + 1).clamp(max=n_in - 1), src - i0
+
+
+def log_upsample(log_p: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    r"""log(bilinear upsampling (aligned corners) of exp(log_p)), exactly and stably: the interpolation is separable
+    and positive, so per axis log(a e^u + b e^v) = logaddexp(log a + u, log b + v). [N,h,w] -> [N,H,W]."""
+    for dim, n_out in ((1, size[0]), (2, size[1])):
+        n_in = log_p.shape[dim]
+        if n_in == n_out:
+            continue
+        i0, i1, frac = _corners(n_out, n_in, log_p.device)
+        view = [1, 1, 1]
+        view[dim] = n_out
+        w0 = torch.log1p(-frac).to(log_p.dtype).view(view)
+        w1 = torch.log(frac).to(log_p.dtype).view(view)                    # -inf where the weight is 0: exact
+        log_p = torch.logaddexp(log_p.index_select(dim, i0) + w0, log_p.index_select(dim, i1) + w1)
+    return log_p
+
+
+def mixture_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor,
+                              size: tuple[int, int]) -> torch.Tensor:
+    r"""[log(1 - p), log p] [N,2,H,W] of p = Σ_n w_n up(σ(x_n)) / Σ w (Q-Net's path mix of bilinearly upsampled
+    probabilities), in log space: log up(σ(x)) = log_upsample(logsigmoid(x)), and 1 - p = Σ_n w_n up(σ(-x_n)) / Σ w
+    because the interpolation and mixing weights sum to 1. Equal to the reference's log(clamp(p, ε, 1 - ε)) wherever
+    that does not clamp, with a gradient everywhere (bounded: |∂ log σ(x) / ∂x| <= 1)."""
+    log_w = (weights / weights.sum()).log()
+    out = []
+    for sign in (-1.0, 1.0):                                                # background, foreground
+        terms = [lw + log_upsample(F.logsigmoid(sign * x), size) for lw, x in zip(log_w, logits)]
+        out.append(torch.logsumexp(torch.stack(terms), dim=0))
+    return torch.stack(out, dim=1)
 
 
 def interpolation_matrix(n_out: int, n_in: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -57,12 +98,6 @@ def upsampled_average_pooling(feat: torch.Tensor, mask: torch.Tensor, eps: float
     weights = a.transpose(0, 1) @ mask.to(feat.dtype) @ b                                # [N,h,w]
     pooled = (feat.flatten(2) @ weights.flatten(1).unsqueeze(-1)).squeeze(-1)           # [N,C]
     return pooled / (mask.flatten(1).sum(dim=1, keepdim=True).to(feat.dtype) + eps)
-
-
-def log_probabilities(p_fg: torch.Tensor) -> torch.Tensor:
-    r"""[N,H,W] foreground probability -> [N,2,H,W] log([1 - p, p]) with the reference's clamp to [eps, 1 - eps]."""
-    prob = torch.stack([1 - p_fg, p_fg], dim=1)
-    return prob.clamp(LOG_EPS, 1 - LOG_EPS).log()
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
@@ -150,17 +185,15 @@ class QNet(FewShotSegmenter):
         fg, _ = self.hooks.prototypes(fg, [None] * len(fg), support_paths, record.ctx)
         return [f[:, 0] for f in fg]
 
-    def predict_paths(self, paths: list[torch.Tensor], protos: list[torch.Tensor],
-                      threshold: torch.Tensor) -> list[torch.Tensor]:
-        r"""p_fg per path at feature resolution [N,h,w]."""
-        return [foreground_probability(F.cosine_similarity(f, p[:, :, None, None], dim=1, eps=1e-8), threshold)
+    def path_logits(self, paths: list[torch.Tensor], protos: list[torch.Tensor],
+                    threshold: torch.Tensor) -> list[torch.Tensor]:
+        r"""x per path at feature resolution [N,h,w], p_fg = σ(x)."""
+        return [path_logit(F.cosine_similarity(f, p[:, :, None, None], dim=1, eps=1e-8), threshold)
                 for f, p in zip(paths, protos)]
 
-    def combine(self, probs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        r"""Path probabilities upsampled to `size` (bilinear, aligned corners) and mixed: Σ w_n p_n / Σ w_n."""
-        ups = [F.interpolate(p.unsqueeze(1), size, mode='bilinear', align_corners=True)[:, 0] for p in probs]
-        weights = self.path_weights.to(ups[0].dtype)
-        return sum(wt * p for wt, p in zip(weights, ups)) / weights.sum()
+    def log_probabilities(self, logits: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        r"""[log(1 - p), log p] [N,2,H,W] of the paths upsampled to `size` and mixed with the path weights."""
+        return mixture_log_probabilities(logits, self.path_weights.to(logits[0].dtype), size)
 
     def match(self, record: EpisodeRecord) -> Output:
         query = self.paths(record.query_feats)
@@ -169,9 +202,8 @@ class QNet(FewShotSegmenter):
         protos = record.state.get('prototypes')                # refined by test-time adaptation
         if protos is None:
             protos = self.prototypes(support, record)
-        p_fg = self.combine(self.predict_paths(query, protos, threshold), record.image_size)
-        aux = {'query_paths': query, 'support_paths': support, 'threshold': threshold, 'p_fg': p_fg}
-        return Output(log_probabilities(p_fg), aux)
+        logits = self.log_probabilities(self.path_logits(query, protos, threshold), record.image_size)
+        return Output(logits, {'query_paths': query, 'support_paths': support, 'threshold': threshold})
 
     # --- training -----------------------------------------------------------------------------------------------
     def loss(self, output: Output, batch: dict) -> dict[str, torch.Tensor]:
@@ -181,11 +213,11 @@ class QNet(FewShotSegmenter):
         weight = output.logits.new_tensor([BG_WEIGHT, 1.0])
         terms = {'nll': F.nll_loss(output.logits, batch['query_mask'].long(), weight=weight,
                                    ignore_index=IGNORE_INDEX)}
-        if 'p_fg' in output.aux:
-            terms['align'] = self.alignment_loss(output.aux, batch['support_masks'])
+        if 'threshold' in output.aux:
+            terms['align'] = self.alignment_loss(output.aux, output.logits, batch['support_masks'])
         return terms
 
-    def alignment_loss(self, aux: dict, support_masks: torch.Tensor) -> torch.Tensor:
+    def alignment_loss(self, aux: dict, logits: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
         r"""Q-Net's `alignLoss` for B episodes of K shots.
 
         Per episode: the predicted query mask ŷ = argmax([1 - p, p]) at image size (no foreground: the episode adds
@@ -195,12 +227,12 @@ class QNet(FewShotSegmenter):
         """
         b, k = support_masks.shape[:2]
         size = tuple(support_masks.shape[-2:])
-        pred = (aux['p_fg'] > 0.5).to(aux['p_fg'].dtype)                       # argmax: ties go to background
+        pred = (logits[:, 1] > logits[:, 0]).to(logits.dtype)                   # argmax: ties go to background
         q_protos = [upsampled_average_pooling(f, pred).repeat_interleave(k, dim=0) for f in aux['query_paths']]
         t = aux['threshold'].repeat_interleave(k)
-        p_sup = self.combine(self.predict_paths(aux['support_paths'], q_protos, t), size)   # [B*K,H,W]
+        log_p = self.log_probabilities(self.path_logits(aux['support_paths'], q_protos, t), size)   # [B*K,2,H,W]
         target = support_masks.flatten(0, 1).long()
-        nll = F.nll_loss(log_probabilities(p_sup), target, reduction='none').flatten(1).mean(dim=1)   # [B*K]
+        nll = F.nll_loss(log_p, target, reduction='none').flatten(1).mean(dim=1)                     # [B*K]
         has_fg = (pred.flatten(1).sum(dim=1) > 0).to(nll.dtype)
         return (nll.view(b, k).sum(dim=1) / k * has_fg).sum() / b
 
@@ -229,6 +261,6 @@ class QNet(FewShotSegmenter):
         equals the reference's separate optimisation of each path)."""
         state = record.state
         with torch.no_grad():
-            probs = self.predict_paths(state['query_paths'], state['prototypes'], state['threshold'])
-        return sum(refinement_loss(f, p, (prob > 0.5))
-                   for f, p, prob in zip(state['query_paths'], state['prototypes'], probs))
+            logits = self.path_logits(state['query_paths'], state['prototypes'], state['threshold'])
+        return sum(refinement_loss(f, p, x > 0)                                 # p_fg = σ(x) > 0.5
+                   for f, p, x in zip(state['query_paths'], state['prototypes'], logits))

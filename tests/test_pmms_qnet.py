@@ -15,8 +15,10 @@ import train as train_cli
 from model import Hooks, build_method
 from model.pmms import (KAPPA, LR_MULT, dense_comparison, em_init, em_prototypes, l2_normalize, poly_schedule,
                         probability_map)
-from model.qnet import (BG_WEIGHT, LOG_EPS, SCALE, foreground_probability, refinement_loss,
+from model.qnet import (BG_WEIGHT, SCALE, log_upsample, mixture_log_probabilities, path_logit, refinement_loss,
                         upsampled_average_pooling)
+
+LOG_EPS = torch.finfo(torch.float32).eps              # the reference clamps probabilities to [eps, 1 - eps]
 
 f64 = torch.float64
 SIZE = 64
@@ -269,12 +271,35 @@ def test_threshold_and_probability_against_hand_computation():
             probs.append(F.interpolate(p[:, None], (SIZE, SIZE), mode='bilinear', align_corners=True)[:, 0])
         p = 0.9 * probs[0] + 0.1 * probs[1]
     assert torch.allclose(model.threshold(rec.query_feats), t[:, 0], atol=1e-10)
-    assert torch.allclose(out.aux['p_fg'], p, atol=1e-10)
+    # the reference's output, log(clamp([1 - p, p])), where nothing is clamped
     assert torch.allclose(out.logits, torch.stack([1 - p, p], 1).clamp(LOG_EPS, 1 - LOG_EPS).log(), atol=1e-9)
     assert 0.05 < float(p.mean()) < 0.95 and float(p.std()) > 0.01     # not saturated: the test can fail
     cos = torch.tensor([[[0.3, -0.2]]], dtype=f64)
-    assert torch.allclose(foreground_probability(cos, torch.tensor([1.5], dtype=f64)),
+    assert torch.allclose(torch.sigmoid(path_logit(cos, torch.tensor([1.5], dtype=f64))),
                           1 - torch.sigmoid(0.5 * (-20 * cos - 1.5)), atol=1e-15)
+
+
+def test_log_probabilities_equal_the_reference_and_keep_a_gradient_where_it_clamps():
+    g = torch.Generator().manual_seed(15)
+    xs = [torch.randn(2, 5, 6, generator=g, dtype=f64) * 4, torch.randn(2, 3, 4, generator=g, dtype=f64) * 4]
+    xs[0][1], xs[1][1] = xs[0][1] - 60, xs[1][1] - 60                  # episode 1 saturated: p < 1e-20
+    xs = [x.requires_grad_(True) for x in xs]
+    w = torch.tensor([0.9, 0.1], dtype=f64)
+    ours = mixture_log_probabilities(xs, w, (17, 19))
+    ups = [F.interpolate(torch.sigmoid(x)[:, None], (17, 19), mode='bilinear', align_corners=True)[:, 0] for x in xs]
+    p = 0.9 * ups[0] + 0.1 * ups[1]                                    # the reference
+    ref = torch.stack([1 - p, p], 1).clamp(LOG_EPS, 1 - LOG_EPS).log()
+    assert torch.allclose(ours.exp().sum(dim=1), torch.ones(2, 17, 19, dtype=f64), atol=1e-12)
+    unclamped = (p > 1e-6) & (p < 1 - 1e-6)
+    assert unclamped[0].all() and not unclamped[1].all()
+    assert torch.allclose(ours.permute(1, 0, 2, 3)[:, unclamped], ref.permute(1, 0, 2, 3)[:, unclamped], atol=1e-9)
+    assert torch.allclose(log_upsample(torch.sigmoid(xs[1]).log(), (17, 19)).exp(), ups[1], atol=1e-12)
+    # where the reference clamps, its gradient is exactly zero; ours is not, and stays bounded
+    mask = ~unclamped[1]
+    ref_grad = torch.autograd.grad(ref[1, 1][mask].sum(), xs)
+    our_grad = torch.autograd.grad(ours[1, 1][mask].sum(), xs)
+    assert all(r.abs().max() == 0 for r in ref_grad) and our_grad[0].abs().max() > 0.1
+    assert all(torch.isfinite(o).all() for o in our_grad)
 
 
 def test_qnet_query_loss_is_the_weighted_nll():
@@ -286,19 +311,19 @@ def test_qnet_query_loss_is_the_weighted_nll():
     assert set(terms) == {'nll', 'align'}
     target = ep['query_mask']
     keep = target != 255
-    p = out.aux['p_fg'].clamp(LOG_EPS, 1 - LOG_EPS)
-    nll = torch.where(target == 1, -p.log(), -(1 - out.aux['p_fg']).clamp(LOG_EPS, 1 - LOG_EPS).log())
+    p = out.logits[:, 1].exp()
+    nll = torch.where(target == 1, -p.log(), -(1 - p).log())
     w = torch.where(target == 1, 1.0, BG_WEIGHT)
     assert torch.allclose(terms['nll'], (w * nll)[keep].sum() / w[keep].sum(), rtol=1e-5)
     assert set(model.loss(type(out)(out.logits), ep)) == {'nll'}       # adapted outputs carry no aux
 
 
-def reference_align_loss(model, aux, support_masks):
+def reference_align_loss(model, aux, logits, support_masks):
     r"""Q-Net's alignLoss written as the reference (features upsampled to the image, loops over episodes/shots)."""
     b, k, size = support_masks.shape[0], support_masks.shape[1], support_masks.shape[-2:]
     total = 0
     for epi in range(b):
-        p = aux['p_fg'][epi]
+        p = logits[epi, 1].exp()
         pred = torch.stack([1 - p, p]).argmax(dim=0).to(p.dtype)
         if pred.sum() == 0:
             continue
@@ -323,12 +348,13 @@ def test_alignment_loss_equals_the_reference_loops():
     b, k, h = 3, 2, 6
     aux = {'query_paths': [torch.randn(b, 512, h, h, generator=g, dtype=f64) for _ in range(2)],
            'support_paths': [torch.randn(b * k, 512, h, h, generator=g, dtype=f64) for _ in range(2)],
-           'threshold': torch.randn(b, generator=g, dtype=f64),
-           'p_fg': torch.rand(b, 20, 20, generator=g, dtype=f64)}
-    aux['p_fg'][1] *= 0.4                                              # no predicted foreground: skipped
+           'threshold': torch.randn(b, generator=g, dtype=f64)}
+    p = torch.rand(b, 20, 20, generator=g, dtype=f64)
+    p[1] *= 0.4                                                        # no predicted foreground: skipped
+    logits = torch.stack([1 - p, p], dim=1).log()
     masks = (torch.rand(b, k, 20, 20, generator=g) > 0.5).to(f64)
-    ours = model.alignment_loss(aux, masks)
-    assert torch.allclose(ours, reference_align_loss(model, aux, masks), atol=1e-10) and ours > 0
+    ours = model.alignment_loss(aux, logits, masks)
+    assert torch.allclose(ours, reference_align_loss(model, aux, logits, masks), atol=1e-10) and ours > 0
 
 
 def test_episodes_of_a_batch_and_their_shots_are_not_mixed():
