@@ -20,7 +20,7 @@ from data import (FixedEpisodes, TrainingEpisodes, add_dataset_args, build_datas
                   dataset_options)
 from engine.factory import (add_method_args, add_plugin_args, build_model, method_options, plugin_record,
                             preparse_method, strip_plugin_keys)
-from engine.loops import evaluate, train_epoch
+from engine.loops import BOUNDARY_POLICIES, evaluate, train_epoch
 from model import BACKBONES, METHODS, method_class
 
 # Flags that may change when a run is resumed; every other value comes from the checkpoint.
@@ -53,6 +53,10 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
                    help='training episodes per epoch (default: one per (image, class) pair of the training split)')
     p.add_argument('--val-episodes', type=int, default=1000, help='fixed, seeded validation episodes')
     p.add_argument('--nshot', type=int, default=1)
+    p.add_argument('--train-boundary', type=str, default='background', choices=BOUNDARY_POLICIES,
+                   help='label-255 pixels of the training query masks (PASCAL\'s object boundaries): background '
+                        '(default; HSNet/PATNet train them as background) or ignore (left out of the loss); '
+                        'evaluation always ignores them')
     p.add_argument('--workers', type=int, default=4)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--logpath', type=str, default=None, help='run folder (default: logs/<method>-<benchmark>-<time>)')
@@ -162,7 +166,8 @@ def main(argv=None) -> dict:
              f'({sum(p.numel() for p in model.trainable_parameters()):,} learnable parameters) on '
              f'{train_set.describe()}')
     if plugin:
-        log.info(f'CD-TG plug-in: {plugin["config"]}, text encoder {plugin["text_encoder"]}')
+        log.info(f'CD-TG plug-in ({plugin["parameters"]:,} learnable parameters): {plugin["config"]}, text encoder '
+                 f'{plugin["text_encoder"]}, reading {plugin["reading"]}')
     log.info(f'model selection on {val_set.describe()}')
     if ckpt is None and config['bn_calibration'] > 0:
         log.info(f'backbone BatchNorm statistics re-estimated on {config["bn_calibration"]} source training images')
@@ -187,8 +192,10 @@ def main(argv=None) -> dict:
             sampler.set_epoch(epoch)
             t0 = time.perf_counter()
             model.hooks.bind(train_set.name, train_set.class_names)
+            # runs started before the flag existed left 255 out of the loss
             trn = train_epoch(model, train_loader, recipe, device, train_set.class_names,
-                              desc=f'epoch {epoch} train', on_step=on_step)
+                              desc=f'epoch {epoch} train', on_step=on_step,
+                              boundary=config.get('train_boundary', 'ignore'))
             model.hooks.bind(val_set.name, val_set.class_names)
             val, _ = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val')
             improved = val['miou'] > best['miou']
@@ -207,7 +214,8 @@ def main(argv=None) -> dict:
                      'config': config, 'epoch': epoch, 'optimizer': recipe.optimizer.state_dict(),
                      'scheduler': recipe.scheduler.state_dict() if recipe.scheduler is not None else None,
                      'rng': rng_state(),
-                     'best': best, 'val': val, 'class_names': train_set.class_names, 'plugin': plugin}
+                     'best': best, 'val': val, 'class_names': train_set.class_names,
+                     'plugin': plugin_record(model)}     # after bind: includes the descriptions used
             if improved:
                 save_checkpoint(state, Path(config['logpath']) / 'best.pt')
             save_checkpoint(state, Path(config['logpath']) / 'last.pt')

@@ -1,7 +1,7 @@
 r"""Evaluation protocols of test.py: what episodes a benchmark is scored on, and how.
 
     '2d'          pre-sampled 2D episodes (every benchmark): class-wise accumulated IoU, FB-IoU, Dice.
-    'volumetric'  CHAOS's 5-fold volumetric protocol with 3D Dice per organ (engine/volumetric.py).
+    'volumetric'  CHAOS's 5-fold volumetric protocol with 3D Dice per organ (Q-Net's; engine/volumetric.py).
 
 A protocol checks test.py's flags against the benchmark before any data is read (`check`), is then built from the
 dataset, runs the model (always through its test-time entry point) and adds what it did to results.json.
@@ -17,17 +17,22 @@ from engine.volumetric import evaluate_volumetric
 
 
 class EpisodeProtocol:
-    r"""`--episodes` class-balanced 2D episodes pre-sampled from `--seed` in the main process."""
+    r"""`--episodes` class-balanced 2D episodes pre-sampled from `--seed` in the main process (default: the
+    benchmark's number, 600, or what its protocol fixes, e.g. every image once for `--wbc-protocol cdtg`)."""
     name = '2d'
     tag = ''
 
     @staticmethod
     def check(dataset_cls, args: argparse.Namespace) -> None:
         r"""Every benchmark has 2D episodes."""
+        if getattr(args, 'volumetric_support', None) is not None:
+            raise UserError('--volumetric-support chooses the support volume of --protocol volumetric (chaos); it '
+                            'does not apply to 2D episodes')
 
     def __init__(self, dataset, args: argparse.Namespace, device: torch.device):
         self.dataset, self.args, self.device = dataset, args, device
-        self.episodes = dataset.sample_episodes(args.episodes, args.seed)
+        n = args.episodes if args.episodes is not None else dataset.default_episodes
+        self.episodes = dataset.sample_episodes(n, args.seed)
 
     @property
     def unit(self) -> str:
@@ -37,7 +42,10 @@ class EpisodeProtocol:
         loader = build_loader(self.dataset, FixedEpisodes(self.episodes), self.args.bsz, self.args.workers,
                               self.device.type == 'cuda')
         return evaluate(model, loader, self.device, self.dataset.class_names, desc='test',
-                        keep_predictions=self.args.vis)
+                        keep_predictions=self.args.vis, miou_over=self.args.miou_over)
+
+    def conventions(self) -> dict:
+        return {}
 
     def results(self, scores: dict) -> dict:
         return {'episodes': [e.to_json(self.dataset.class_names) for e in self.episodes]}
@@ -57,14 +65,21 @@ class VolumetricProtocol:
 
     def __init__(self, dataset, args: argparse.Namespace, device: torch.device):
         self.dataset, self.args, self.device = dataset, args, device
+        self.support_rule = args.volumetric_support or 'qnet'
         self.tasks: list[dict] = []
 
-    unit = 'volumetric protocol (5 folds)'
+    @property
+    def unit(self) -> str:
+        return f'volumetric protocol (5 folds, {self.support_rule} support volume)'
 
     def run(self, model) -> tuple[dict, list[dict]]:
         scores, self.tasks = evaluate_volumetric(model, self.dataset, self.device, self.args.nshot, self.args.bsz,
-                                                 desc='test')
+                                                 desc='test', support_rule=self.support_rule,
+                                                 miou_over=self.args.miou_over)
         return scores, []
+
+    def conventions(self) -> dict:
+        return {'volumetric_support': self.support_rule}
 
     def results(self, scores: dict) -> dict:
         return {'episodes': self.tasks, 'tasks': self.tasks, 'per_fold': scores['per_fold']}
