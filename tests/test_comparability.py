@@ -259,3 +259,31 @@ def test_import_captions_and_use_them_with_descriptions(tmp_path):
         CDTG([8], [2], 'prototypes', CDTGConfig(**cfg)).bind('wbc', ['nucleus', 'cytoplasm'])
     with pytest.raises(UserError, match='captions only'):
         CDTG([8], [2], 'prototypes', CDTGConfig(attn='attributes', **cfg)).bind('isic', ['melanoma'])
+
+
+# --- the grid -------------------------------------------------------------------------------------------------------
+def test_grid_runs_chaos_in_both_protocols_and_sweeps_alpha_on_prototype_hosts_only(tmp_path, monkeypatch):
+    import scripts.grid as grid
+    for name in ('patnet-cdtg', 'hsnet-cdtg'):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'best.pt').write_bytes(b'')                   # trained already: only test.py runs
+    calls = []
+
+    def fake_test(cmd):
+        calls.append(cmd)
+        (tmp_path / cmd[cmd.index('--logpath') + 1]).mkdir(parents=True, exist_ok=True)
+        alpha = float(cmd[cmd.index('--alpha') + 1]) if '--alpha' in cmd else 0.7
+        return {'miou': 1.0, 'fbiou': 2.0, 'dice': 3.0, 'plugin': {'config': {'alpha': alpha}}}
+    monkeypatch.setattr(grid.test_cli, 'main', fake_test)
+    rows = grid.main(['--methods', 'patnet', 'hsnet', '--cdtg', 'on', '--targets', 'chaos', 'lung', '--shots', '1',
+                      '--logroot', str(tmp_path), '--alphas', '0.5'])
+    cells = [(r['method'], r['target'], r['protocol'], r['alpha']) for r in rows]
+    assert cells == [('patnet', 'chaos', '2d', 0.7), ('patnet', 'chaos', '2d', 0.5),
+                     ('patnet', 'chaos', 'volumetric', 0.7), ('patnet', 'chaos', 'volumetric', 0.5),
+                     ('patnet', 'lung', '2d', 0.7), ('patnet', 'lung', '2d', 0.5),
+                     ('hsnet', 'chaos', '2d', 0.7), ('hsnet', 'chaos', 'volumetric', 0.7), ('hsnet', 'lung', '2d', 0.7)]
+    volumetric = [c for c in calls if '--protocol' in c]
+    assert len(volumetric) == 3 and all(c[c.index('--protocol') + 1] == 'volumetric' for c in volumetric)
+    assert all('--episodes' not in c for c in calls)                      # test.py's default unless given
+    table = (tmp_path / 'grid.md').read_text()
+    assert '| chaos | volumetric (Q-Net), 3D Dice |' in table and '| chaos | 2D episodes |' in table
