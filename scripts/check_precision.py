@@ -9,7 +9,9 @@ kernel ("before": one float32 pass over each group, as the learner ran until thi
 learner's own GroupNormLast ("after"); the same weights cast to float64 give the reference. Prints, per method and
 variant, the relative error ||l32 - l64|| / ||l64|| of the logits, their largest absolute error, the number of mask
 pixels that differ from the float64 prediction, and the learner's forward time (median of --repeats runs,
-alternating the two variants so that load from other processes hits both alike).
+alternating the two variants so that load from other processes hits both alike), and last, per method, a line
+`learner after/before: X.XX`: the median of the paired ratios (each pair measured back to back, which is robust to
+bursts of load on a shared machine).
 """
 import argparse
 import copy
@@ -98,8 +100,10 @@ def check(method: str, args) -> list[dict]:
             start = time.perf_counter()
             model.learner(corrs)
             times[name].append(time.perf_counter() - start)
+    ratio = statistics.median(a / b for a, b in zip(times['after'], times['before']))
     for row in rows:
         row['learner_s'] = statistics.median(times[row['variant']])
+        row['ratio'] = ratio
     use_variant('after')
     return rows
 
@@ -126,6 +130,7 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             print(f'{row["method"]:7s} {row["variant"]:6s}  rel {row["rel"]:.2e}  max abs {row["max_abs"]:.2e}  '
                   f'flipped pixels {row["flipped"]:5d}  learner {row["learner_s"]:.3f} s')
+        print(f'{method:7s} learner after/before: {rows[-1]["ratio"]:.2f}')
     return rows
 
 

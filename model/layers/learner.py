@@ -16,7 +16,8 @@ class GroupNormLast(nn.GroupNorm):
     large, against ~1e-7 for nn.GroupNorm on NCHW). Here (`group_moments`): each column of the [B,rows,inner]
     view is summed with PyTorch's cascade reduction after subtracting the column's first value (no cancellation in
     the sum of squares), the column moments are combined per group in float64 (Chan et al.'s pairwise formula),
-    and y = x·scale + shift is one fused pass. The backward is PyTorch's own group-norm backward with these
+    and y = x·scale + shift is one fused pass into the buffer that held the shifted copy (one allocation, as the
+    native kernel). The backward is PyTorch's own group-norm backward with these
     statistics. Other devices use F.group_norm on the NHWC view (their kernels accumulate with Welford's method).
     """
 
@@ -34,20 +35,19 @@ class GroupNormLast(nn.GroupNorm):
 
 #: Column sums over [B,rows,cols] vectorise well from about this many columns on.
 _MIN_COLUMNS = 256
-#: Rows are summed in blocks of about this many values (1 MiB of float32), so the shifted copy of a block is still in
-#: the CPU cache when it is squared and summed: x is read from memory once.
-_BLOCK = 1 << 18
 
 
-def group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_moments(x: torch.Tensor, groups: int, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Mean and biased variance, in float64, per (batch item, group) of x [B,*dims,C] (contiguous, channels last).
 
     x is viewed as [B,R,J] with the J values of its trailing dims (J >= `_MIN_COLUMNS` where the dims allow) as
     columns; a column holds one channel. Per column j, shifted by its first value s_j: S1_j = Σ(x - s_j) and
-    S2_j = Σ(x - s_j)² by PyTorch's cascade summation over blocks of rows, blocks added in float64;
-    mean_j = s_j + S1_j / R and M2_j = S2_j - S1_j² / R (the shift keeps S2_j free of cancellation). Per group of
-    columns (Chan et al.'s pairwise update): mean = avg_j mean_j, M2 = Σ_j M2_j + R Σ_j (mean_j - mean)²,
-    var = M2 / (R · #columns).
+    S2_j = Σ(x - s_j)² by PyTorch's cascade summation over the R rows, mean_j = s_j + S1_j / R and
+    M2_j = S2_j - S1_j² / R (the shift keeps S2_j free of cancellation). Per group of columns (Chan et al.'s
+    pairwise update): mean = avg_j mean_j, M2 = Σ_j M2_j + R Σ_j (mean_j - mean)², var = M2 / (R · #columns).
+    `work`, a contiguous tensor of x's size, holds the shifted copy (default: a new one). Whole-tensor operations
+    only: a handful of parallel regions per call, which matters on a busy machine (a loop over cache-sized blocks
+    was faster alone but several times slower than this under load).
     """
     bsz, ch = x.shape[0], x.shape[-1]
     dims = list(x.shape[1:-1])
@@ -57,12 +57,9 @@ def group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Ten
     rows = x[0].numel() // cols
     xc = x.reshape(bsz, rows, cols)                                                 # [B,R,J]
     shift = xc[:, :1]                                                               # [B,1,J]
-    s1 = torch.zeros(bsz, cols, dtype=torch.float64, device=x.device)
-    s2 = torch.zeros_like(s1)
-    for block in xc.split(max(1, _BLOCK // (bsz * cols)), dim=1):
-        dev = block - shift
-        s1 += dev.sum(dim=1)
-        s2 += dev.mul_(dev).sum(dim=1)
+    dev = torch.sub(xc, shift, out=work.view(bsz, rows, cols)) if work is not None else xc - shift
+    s1 = dev.sum(dim=1).double()                                                    # [B,J]
+    s2 = dev.mul_(dev).sum(dim=1).double()
     mean_col = (shift[:, 0].double() + s1 / rows).view(bsz, cols // ch, groups, ch // groups)   # [B,J/C,G,C/G]
     m2_col = (s2 - s1 * s1 / rows).clamp_(min=0).view(bsz, cols // ch, groups, ch // groups)
     mean = mean_col.mean(dim=(1, 3))                                                # [B,G]
@@ -77,7 +74,8 @@ class _GroupNormChannelsLast(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int, eps: float):
         bsz, ch = x.shape[0], x.shape[-1]
         with torch.no_grad():
-            mean, var = group_moments(x, groups)
+            y = torch.empty_like(x, memory_format=torch.contiguous_format)
+            mean, var = group_moments(x, groups, work=y)                            # y: scratch, then the output
             rstd = (var + eps).rsqrt()                                              # [B,G] float64
             per_ch = ch // groups
             w = weight.double() if weight is not None else torch.ones(ch, dtype=torch.float64, device=x.device)
@@ -86,7 +84,7 @@ class _GroupNormChannelsLast(torch.autograd.Function):
             shift = b - mean.repeat_interleave(per_ch, dim=1) * scale
             # one fused pass: y = x * scale + shift, written in x's shape (a view would clash with in-place ReLUs)
             per_channel = (bsz,) + (1,) * (x.dim() - 2) + (ch,)
-            y = torch.addcmul(shift.to(x.dtype).view(per_channel), x, scale.to(x.dtype).view(per_channel))
+            torch.addcmul(shift.to(x.dtype).view(per_channel), x, scale.to(x.dtype).view(per_channel), out=y)
         ctx.groups = groups
         ctx.save_for_backward(x, weight, mean.to(x.dtype), rstd.to(x.dtype))
         return y
