@@ -11,8 +11,9 @@ For volumes sorted by patient id:
       - 'ssl-alpnet': SSL-ALPNet (cheng-01037/Self-supervised-Fewshot-Medical-Image-Segmentation,
         `SUPP_ID='[4]'` in examples/test_ssl_abdominal_mri.sh) takes the fold's fifth scan in its circular order,
         the one the fold shares with the next: volumes 4, 8, 12, 16, 0;
-    the other four volumes of the fold are the queries (SSL-ALPNet's own script also evaluates a z-margin around
-    the organ and splits folds differently in its sacred config; only its support choice is offered here);
+    the other four volumes of the fold are the queries (SSL-ALPNet's folds have the same members, `_SEP` 0, 4, ...
+    20 plus one scan; its validation also counts slices within a `z_margin` of the organ's range and z-scores each
+    volume; only its support choice is offered here);
   * each organ is a separate binary task. Only the query slices that contain the organ are evaluated (the ground
     truth selects them; this is part of the protocol). They are split into 3 chunks at
     `linspace(0, C_q, 4).astype(int)`;
