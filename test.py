@@ -7,6 +7,7 @@ episode list) into --logpath.
 """
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,13 +17,14 @@ from common.constants import MIN_IMG_SIZE
 from common.errors import UserError, run_cli
 from common.dist import init_distributed, shutdown
 from common.logger import NullLogger, RunLogger, prepare_run_folder
-from common.metrics import format_scores
+from common.metrics import MIOU_OVER, format_scores
 from common.utils import configure_backends, resolve_device, seed_everything
 from data import add_dataset_args, build_dataset, dataset_class, dataset_options
 from engine.factory import add_plugin_args, load_model, plugin_record
 from engine.figures import save_episode_figure
 from engine.loops import PRECISIONS
 from engine.protocols import PROTOCOLS
+from engine.volumetric import SUPPORT_RULES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help='refuse episodes whose K supports cannot be distinct (a class with K images or fewer); by '
                         'default such supports repeat, with a warning, and results.json counts them')
     p.add_argument('--protocol', type=str, default='2d', choices=tuple(PROTOCOLS),
-                   help='2d: pre-sampled 2D episodes (every benchmark); volumetric: the SSL-ALPNet/Q-Net 5-fold '
-                        'protocol with 3D Dice per organ (chaos; see engine/volumetric.py)')
-    bounded(p, '--episodes', int, 600, low=1, help='number of pre-sampled test episodes (2d protocol)')
+                   help='2d: pre-sampled 2D episodes (every benchmark); volumetric: Q-Net\'s 5-fold protocol with '
+                        '3D Dice per organ (chaos; see engine/volumetric.py)')
+    p.add_argument('--volumetric-support', type=str, default=None, choices=SUPPORT_RULES,
+                   help='support volume of each fold in the volumetric protocol: qnet (default; Q-Net\'s supp_idx 2) '
+                        'or ssl-alpnet (the fold\'s extra fifth scan, SSL-ALPNet\'s SUPP_ID [4])')
+    bounded(p, '--episodes', int, None, low=1,
+            help='number of pre-sampled test episodes (2d protocol; default 600, or what the benchmark\'s protocol '
+                 'fixes)')
+    p.add_argument('--miou-over', type=str, default='all', choices=MIOU_OVER,
+                   help='all (default, as HSNet/PATNet): mIoU and Dice average over every class of the split, a class '
+                        'without episodes counting 0; seen: over the classes that had episodes')
     bounded(p, '--seed', int, 0, low=0, high=2**63 - 1, help='seeds the episode list (saved with the results)')
     bounded(p, '--img-size', int, None, low=MIN_IMG_SIZE, high=4096, help='default: the training image size')
     bounded(p, '--bsz', int, 1, low=1, help='episodes per forward pass')
@@ -56,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--precision', type=str, default='fp32', choices=tuple(PRECISIONS),
                    help='fp32 (default), or bf16/fp16 autocast (faster on GPUs; see README "Running on GPUs")')
     p.add_argument('--tf32', action='store_true',
-                   help='allow TF32 matmuls/convolutions on Ampere+ GPUs (off by default at test time: numbers stay '
-                        'comparable with the fp32 reference)')
+                   help='allow TF32 matmuls/convolutions on CUDA (faster; ~1e-3 relative error in the correlations). '
+                        'Off by default, so evaluation matches float32 reference code')
     p.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
     bounded(p, '--cache-images', int, 0, low=0,
             help='keep this many decoded and resized (image, mask) pairs in memory per loader process (0 = off); a '
@@ -112,6 +122,7 @@ def _test(args, cls, split: str, dist, device_name: str) -> dict:
             log.info(f'warning: {args.load} was trained on a random backbone without --bn-calibration; its features '
                      'barely tell pixels apart, so expect near-zero mIoU (see README, "The demo")')
         dataset = build_dataset(args.benchmark, args.datapath, split, args.nshot, img_size, **dataset_options(args))
+        img_size = dataset.img_size                  # a benchmark protocol may fix it (--wbc-protocol cdtg: 321)
         dataset.as_uint8 = device.type == 'cuda'                        # normalised on the GPU: 4x fewer bytes
         dataset.cache_size = args.cache_images
         model.hooks.bind(dataset.name, dataset.class_names)
@@ -125,16 +136,36 @@ def _test(args, cls, split: str, dist, device_name: str) -> dict:
                  f'{args.precision}{processes}')
         start = time.perf_counter()
         scores, kept = protocol.run(model)
+        missing = scores['classes_without_episodes']
+        if missing:
+            effect = ('they count 0 in mIoU and Dice (--miou-over all, as HSNet/PATNet)' if args.miou_over == 'all'
+                      else 'they are left out of mIoU and Dice (--miou-over seen)')
+            message = f'{len(missing)} class(es) of {args.benchmark} had no episode ({", ".join(missing)}): {effect}'
+            warnings.warn(message, UserWarning, stacklevel=1)
+            log.info(f'warning: {message}')
+        plugin = plugin_record(model)
+        # every comparability choice behind the numbers (None: does not apply to this run); see README,
+        # "Comparing with published numbers"
+        conventions = {
+            'metric': scores['metric'], 'lung_subset': None, 'wbc_protocol': None, 'volumetric_support': None,
+            'train_boundary': train_config.get('train_boundary', 'ignore'),
+            'tf32': bool(args.tf32 and device.type == 'cuda'),
+            'cdtg_reading': plugin['reading'] if plugin else None,
+            'text_encoder': plugin['text_encoder'] if plugin else None,
+        }
+        conventions.update(dataset.conventions())
+        conventions.update(protocol.conventions())
         results = {
             'miou': scores['miou'], 'fbiou': scores['fbiou'], 'dice': scores['dice'],
             'per_class': scores['per_class'], 'per_class_dice': scores['per_class_dice'],
             'episodes_per_class': scores['episodes_per_class'],
+            'classes_without_episodes': missing, 'conventions': conventions,
             'nshot': args.nshot, 'seed': args.seed, 'benchmark': args.benchmark, 'split': split,
             'img_size': img_size, 'checkpoint': str(args.load), 'method': train_config['method'],
             'method_options': train_config['method_options'], 'backbone': train_config['backbone'],
             'trained_on': train_config['benchmark'], 'seconds': time.perf_counter() - start,
             'test_time_adaptation': {'steps': model.adaptation.steps, 'lr': model.adaptation.lr},
-            'protocol': args.protocol, 'plugin': plugin_record(model),
+            'protocol': args.protocol, 'plugin': plugin,
             'dataset_options': {k: v for k, v in dataset_options(args).items() if v is not None},
             'precision': args.precision, 'tf32': args.tf32, 'world_size': dist.world,
         }

@@ -23,7 +23,8 @@ from data import (FixedEpisodes, TrainingEpisodes, add_dataset_args, build_datas
                   dataset_options)
 from engine.factory import (add_method_args, add_plugin_args, build_model, checkpoint_model_state, method_options,
                             plugin_record, preparse_method, strip_plugin_keys)
-from engine.loops import PRECISIONS, SCHEDULES, NonFiniteGuard, evaluate, override_recipe, train_epoch
+from engine.loops import (BOUNDARY_POLICIES, PRECISIONS, SCHEDULES, NonFiniteGuard, evaluate, override_recipe,
+                          train_epoch)
 from model import BACKBONES, METHODS, method_class
 
 # The frozen BatchNorm statistics are identical on every process: no buffer synchronisation in the forward.
@@ -60,6 +61,10 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
             help='training episodes per epoch (default: one per (image, class) pair of the training split)')
     bounded(p, '--val-episodes', int, 1000, low=1, help='fixed, seeded validation episodes')
     bounded(p, '--nshot', int, 1, low=1)
+    p.add_argument('--train-boundary', type=str, default='background', choices=BOUNDARY_POLICIES,
+                   help='label-255 pixels of the training query masks (PASCAL\'s object boundaries): background '
+                        '(default; HSNet/PATNet train them as background) or ignore (left out of the loss); '
+                        'evaluation always ignores them')
     bounded(p, '--workers', int, 4, low=0)
     bounded(p, '--seed', int, 0, low=0, high=2**63 - 1)
     p.add_argument('--logpath', type=str, default=None, help='run folder (default: logs/<method>-<benchmark>-<time>)')
@@ -243,7 +248,8 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
              f'({sum(p.numel() for p in model.trainable_parameters()):,} learnable parameters) on '
              f'{train_set.describe()}')
     if plugin:
-        log.info(f'CD-TG plug-in: {plugin["config"]}, text encoder {plugin["text_encoder"]}')
+        log.info(f'CD-TG plug-in ({plugin["parameters"]:,} learnable parameters): {plugin["config"]}, text encoder '
+                 f'{plugin["text_encoder"]}, reading {plugin["reading"]}')
     log.info(f'model selection on {val_set.describe()}')
     if ckpt is None and config['bn_calibration'] > 0:
         log.info(f'backbone BatchNorm statistics re-estimated on {config["bn_calibration"]} source training images')
@@ -297,7 +303,8 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
         model.hooks.bind(train_set.name, train_set.class_names)
         trn = train_epoch(model, train_loader, recipe, device, train_set.class_names, desc=f'epoch {epoch} train',
                           on_step=on_step, seed=config['seed'], epoch=epoch, start_step=first, guard=guard,
-                          forward=forward, dist=dist, precision=precision, scaler=scaler)
+                          forward=forward, dist=dist, precision=precision, scaler=scaler,
+                          boundary=config.get('train_boundary', 'ignore'))   # older runs left 255 out of the loss
         model.hooks.bind(val_set.name, val_set.class_names)
         val, _ = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val', dist=dist,
                           precision=precision)

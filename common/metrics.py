@@ -3,13 +3,23 @@ r"""Class-wise accumulated IoU (mIoU), FB-IoU and Dice, as defined by HSNet/PATN
 Per episode we count background and foreground intersection and union over the pixels that are not ignored, and
 add them into per-class int64 buffers (no host synchronisation per episode; float32 buffers lose exactness after
 ~2^24 pixels). At the end:
-  * class IoU_c   = ΣI_c / max(ΣU_c, 1) for the foreground, and mIoU = mean_c IoU_c  (classes that appeared);
-  * FB-IoU        = mean over {bg, fg} of (Σ_c I / Σ_c U)  (pooled over the classes that appeared);
-  * class Dice_c  = 2ΣI_c / (ΣI_c + ΣU_c) for the foreground (ΣI + ΣU = |pred| + |gt|), Dice = mean_c Dice_c.
+  * class IoU_c   = ΣI_c / max(ΣU_c, 1) for the foreground;
+  * mIoU          = mean_c IoU_c over the classes of the split (`over='all'`, the reference's convention: HSNet's
+                    and PATNet's evaluator average over every class of interest, so a class without episodes counts
+                    0), or over the classes that had at least one episode (`over='seen'`);
+  * FB-IoU        = mean over {bg, fg} of (Σ_c I / Σ_c U), pooled over the classes (a class without episodes adds
+                    nothing, so both conventions agree);
+  * class Dice_c  = 2ΣI_c / (ΣI_c + ΣU_c) for the foreground (ΣI + ΣU = |pred| + |gt|), Dice = mean_c Dice_c
+                    under the same convention as mIoU.
+With the default episode lists (episode i takes class i mod #classes) every class has episodes as soon as there
+are at least as many episodes as classes; the conventions differ only for shorter lists or unusable classes.
 """
 import torch
 
 from common.constants import IGNORE_INDEX
+
+#: How mIoU and Dice average over classes (see the module docstring).
+MIOU_OVER = ('all', 'seen')
 
 
 def intersection_union(pred: torch.Tensor, gt: torch.Tensor, ignore_index: int = IGNORE_INDEX):
@@ -28,10 +38,19 @@ def intersection_union(pred: torch.Tensor, gt: torch.Tensor, ignore_index: int =
 
 
 class SegmentationMeter:
-    r"""Accumulates per-class intersection/union on the metric's device and reports mIoU, FB-IoU and Dice (%)."""
+    r"""Accumulates per-class intersection/union on the metric's device and reports mIoU, FB-IoU and Dice (%).
 
-    def __init__(self, class_names: list[str], device: torch.device | str = 'cpu', ignore_index: int = IGNORE_INDEX):
+    Args:
+        class_names: every class of the split (the classes mIoU averages over with `over='all'`).
+        over: 'all' (the reference's convention) or 'seen' (see the module docstring).
+    """
+
+    def __init__(self, class_names: list[str], device: torch.device | str = 'cpu', ignore_index: int = IGNORE_INDEX,
+                 over: str = 'all'):
+        if over not in MIOU_OVER:
+            raise ValueError(f'mIoU convention must be one of {MIOU_OVER}, got {over!r}')
         self.class_names = list(class_names)
+        self.over = over
         self.ignore_index = ignore_index
         n = len(self.class_names)
         self.inter = torch.zeros(n, 2, dtype=torch.int64, device=device)
@@ -62,24 +81,36 @@ class SegmentationMeter:
         return self
 
     def compute(self) -> dict:
-        r"""Read the buffers once (one host sync) and return the scores in percent."""
+        r"""Read the buffers once (one host sync) and return the scores in percent, with the averaging convention
+        (`metric`) and the classes that had no episode (`classes_without_episodes`)."""
         inter, union, count = self.inter.cpu().double(), self.union.cpu().double(), self.count.cpu()
         seen = count > 0
         if not bool(seen.any()):
             raise ValueError('no episode was evaluated')
-        iou = inter[:, 1] / union[:, 1].clamp(min=1)
+        iou = inter[:, 1] / union[:, 1].clamp(min=1)           # 0 for a class without episodes
         dice = 2 * inter[:, 1] / (inter[:, 1] + union[:, 1]).clamp(min=1)
         pooled_i, pooled_u = inter[seen].sum(0), union[seen].sum(0)
         fbiou = (pooled_i / pooled_u.clamp(min=1)).mean()
+        averaged = seen if self.over == 'seen' else torch.ones_like(seen)
         return {
-            'miou': float(iou[seen].mean() * 100),
+            'miou': float(iou[averaged].mean() * 100),
             'fbiou': float(fbiou * 100),
-            'dice': float(dice[seen].mean() * 100),
+            'dice': float(dice[averaged].mean() * 100),
+            'metric': metric_record(self.over, len(self.class_names)),
+            'classes_without_episodes': [name for c, name in enumerate(self.class_names) if not seen[c]],
             'per_class': {name: float(iou[c] * 100) for c, name in enumerate(self.class_names) if seen[c]},
             'per_class_dice': {name: float(dice[c] * 100) for c, name in enumerate(self.class_names) if seen[c]},
             'episodes_per_class': {name: int(count[c]) for c, name in enumerate(self.class_names) if seen[c]},
             'loss': float(self.loss_sum / self.loss_n) if self.loss_n else None,
         }
+
+
+def metric_record(over: str, n_classes: int) -> dict:
+    r"""How a score was computed, for results.json."""
+    return {'miou_over': over, 'classes': n_classes, 'ignore_label': IGNORE_INDEX,
+            'definition': 'class-wise accumulated foreground IoU, mean over '
+                          + ('every class of the split (no episodes: 0)' if over == 'all' else
+                             'the classes with episodes')}
 
 
 def format_scores(scores: dict) -> str:

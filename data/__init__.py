@@ -48,7 +48,14 @@ def add_dataset_args(parser) -> None:
     parser.add_argument('--isic-classes', type=str, default=None,
                         help='isic: class CSV "ID,Class" (default ISIC2018/class_id.csv), or the diagnoses of the '
                              'class folders 1,2,3 in order, e.g. "nevus,melanoma,seborrheic keratosis"')
+    parser.add_argument('--lung-subset', type=str, default=None,
+                        help='lung: shenzhen (566 pairs; what the released PATNet/CD-TG loaders can read), montgomery '
+                             '(138) or all (704; default)')
     parser.add_argument('--wbc-subset', type=str, default=None, help='wbc: 1, 2 or all (default: all, pooled)')
+    parser.add_argument('--wbc-protocol', type=str, default=None,
+                        help='wbc: ours (default: cytoplasm = the 128 ring, nucleus = 255, 600 class-balanced '
+                             'episodes at --img-size) or cdtg (the CD-TG release: cytoplasm = mask >= 128, i.e. the '
+                             'whole cell, nucleus = 255, 321x321, every image once as the query)')
     parser.add_argument('--chaos-cache', type=str, default=None,
                         help='chaos: prepared cache folder (default <datapath>/CHAOS/prepared_T2SPIR, written by '
                              'scripts/prepare_chaos.py)')
@@ -60,7 +67,8 @@ def add_dataset_args(parser) -> None:
 def dataset_options(args) -> dict:
     # getattr: configurations saved before a flag existed (resumed runs) simply lack it
     return {'fold': args.fold, 'split_file': args.split_file,
-            **{k: getattr(args, k, None) for k in ('isic_classes', 'wbc_subset', 'chaos_cache', 'skip_bad')}}
+            **{k: getattr(args, k, None) for k in ('isic_classes', 'lung_subset', 'wbc_subset', 'wbc_protocol',
+                                                   'chaos_cache', 'skip_bad')}}
 
 
 def build_dataset(name: str, datapath: str, split: str, nshot: int, img_size: int, **options) -> EpisodicDataset:

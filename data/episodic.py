@@ -49,6 +49,8 @@ class EpisodicDataset(Dataset):
     splits: tuple[str, ...] = ('test',)
     options: tuple[str, ...] = ()
     layout = ''
+    #: Evaluation episodes when test.py's --episodes is not given.
+    default_episodes = 600
 
     def __init__(self, datapath: str | Path, split: str = 'test', nshot: int = 1, img_size: int = 400):
         if split not in self.splits:
@@ -180,6 +182,10 @@ class EpisodicDataset(Dataset):
     def transform_mask(self, mask: np.ndarray) -> torch.Tensor:
         m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
         return F.interpolate(m, (self.img_size, self.img_size), mode='nearest')[0, 0].to(torch.uint8)
+
+    def conventions(self) -> dict:
+        r"""The benchmark's comparability choices (e.g. Chest X-ray's population) as recorded in results.json."""
+        return {}
 
     def describe(self) -> str:
         counts = ', '.join(f'{self.class_names[c]}: {len(self.class_items[c])}' for c in self.usable_classes)

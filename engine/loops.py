@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoint import NonFiniteError
+from common.constants import IGNORE_INDEX
 from common.dist import SINGLE, Dist
 from common.errors import UserError
 from common.metrics import SegmentationMeter
@@ -32,6 +33,12 @@ def episode_batch(batch: dict, device: torch.device) -> dict:
         if batch[key].dtype == torch.uint8:
             batch[key] = normalize_images(batch[key])
     return batch
+
+
+#: What the training loss does with label-255 pixels (PASCAL's object boundaries): 'background' trains them as
+#: background, as HSNet's and PATNet's reference training does (plain cross-entropy, no ignore index); 'ignore'
+#: leaves them out of the loss. Evaluation always ignores them.
+BOUNDARY_POLICIES = ('background', 'ignore')
 
 
 def episode_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,10 +109,21 @@ class NonFiniteGuard:
             'pass --skip-nonfinite N to skip up to N such steps')
 
 
+def training_batch(batch: dict, boundary: str) -> dict:
+    r"""The batch the training loss sees: with boundary 'background', label-255 query pixels become background (0);
+    with 'ignore' they stay 255, which every method's loss ignores. The metrics keep reading the original mask."""
+    if boundary not in BOUNDARY_POLICIES:
+        raise ValueError(f'boundary policy must be one of {BOUNDARY_POLICIES}, got {boundary!r}')
+    if boundary == 'ignore':
+        return batch
+    mask = batch['query_mask']
+    return dict(batch, query_mask=mask.masked_fill(mask == IGNORE_INDEX, 0))
+
+
 def train_epoch(model, loader, recipe, device: torch.device, class_names: list[str], desc: str = 'train',
                 on_step=None, seed: int = 0, epoch: int = 0, start_step: int = 0,
                 guard: NonFiniteGuard | None = None, forward=None, dist: Dist = SINGLE, precision: str = 'fp32',
-                scaler=None) -> dict:
+                scaler=None, boundary: str = 'background') -> dict:
     r"""One pass over the training episodes (from `start_step` on, when resuming mid-epoch) with the method's
     recipe (optimizer, per-step LR schedule, gradient clipping).
 
@@ -117,7 +135,8 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
 
     Distributed runs pass `forward`, the DDP-wrapped model (gradients averaged over the processes, each holding
     its share of the global batch), and `dist`; the scores are all-reduced. `precision` 'bf16'/'fp16' runs the
-    forward under autocast; fp16 scales the loss with `scaler` (a `torch.amp.GradScaler`).
+    forward under autocast; fp16 scales the loss with `scaler` (a `torch.amp.GradScaler`). `boundary`: what the
+    loss does with label-255 pixels (`training_batch`).
     """
     model.train()
     forward = forward or model
@@ -132,7 +151,7 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
         batch = episode_batch(batch, device)
         with autocast(device, precision):
             output = forward(*episode_inputs(batch))
-            terms = model.loss(output, batch)
+            terms = model.loss(output, training_batch(batch, boundary))
             loss = total_loss(terms)
         recipe.optimizer.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -172,13 +191,15 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, class_names: list[str], desc: str = 'eval',
-             keep_predictions: int = 0, dist: Dist = SINGLE, precision: str = 'fp32') -> tuple[dict, list[dict]]:
+             keep_predictions: int = 0, dist: Dist = SINGLE, precision: str = 'fp32',
+             miou_over: str = 'all') -> tuple[dict, list[dict]]:
     r"""Predict every episode of `loader` through the test-time entry point (`infer`, which adapts per episode
-    when the method is set to) and return the scores and, for the first `keep_predictions` episodes of this
-    process, the CPU tensors needed to draw them. In a distributed run each process evaluates its share of the
-    episodes and the per-class sums are all-reduced, so every process returns the scores of all episodes."""
+    when the method is set to) and return the scores (mIoU averaged `miou_over` the classes, see common/metrics.py;
+    label 255 ignored) and, for the first `keep_predictions` episodes of this process, the CPU tensors needed to
+    draw them. In a distributed run each process evaluates its share of the episodes and the per-class sums are
+    all-reduced, so every process returns the scores of all episodes."""
     model.eval()
-    meter = SegmentationMeter(class_names, device)
+    meter = SegmentationMeter(class_names, device, over=miou_over)
     kept: list[dict] = []
     start, n = time.perf_counter(), 0
     empty, shots, example = 0, 0, None

@@ -1,7 +1,7 @@
 r"""Evaluation protocols of test.py: what episodes a benchmark is scored on, and how.
 
     '2d'          pre-sampled 2D episodes (every benchmark): class-wise accumulated IoU, FB-IoU, Dice.
-    'volumetric'  CHAOS's 5-fold volumetric protocol with 3D Dice per organ (engine/volumetric.py).
+    'volumetric'  CHAOS's 5-fold volumetric protocol with 3D Dice per organ (Q-Net's; engine/volumetric.py).
 
 A protocol checks test.py's flags against the benchmark before any data is read (`check`), is then built from the
 dataset, runs the model (always through its test-time entry point) and adds what it did to results.json.
@@ -19,13 +19,17 @@ from engine.volumetric import evaluate_volumetric
 
 
 class EpisodeProtocol:
-    r"""`--episodes` class-balanced 2D episodes pre-sampled from `--seed` in the main process."""
+    r"""`--episodes` class-balanced 2D episodes pre-sampled from `--seed` in the main process (default: the
+    benchmark's number, 600, or what its protocol fixes, e.g. every image once for `--wbc-protocol cdtg`)."""
     name = '2d'
     tag = ''
 
     @staticmethod
     def check(dataset_cls, args: argparse.Namespace) -> None:
         r"""Every benchmark has 2D episodes."""
+        if getattr(args, 'volumetric_support', None) is not None:
+            raise UserError('--volumetric-support chooses the support volume of --protocol volumetric (chaos); it '
+                            'does not apply to 2D episodes')
 
     def __init__(self, dataset, args: argparse.Namespace, device: torch.device, dist: Dist = SINGLE,
                  precision: str = 'fp32'):
@@ -38,7 +42,8 @@ class EpisodeProtocol:
         for name, n in short.items() if dist.main else ():
             warnings.warn(f'{dataset.name}: class {name!r} has {n} images, so its {args.nshot}-shot supports repeat '
                           '(recorded in results.json as repeated_supports; --strict-shots refuses this)', stacklevel=2)
-        self.episodes = dataset.sample_episodes(args.episodes, args.seed)
+        n = args.episodes if args.episodes is not None else dataset.default_episodes
+        self.episodes = dataset.sample_episodes(n, args.seed)
         self.repeated = {}
         for e in self.episodes:
             if len(set(e.supports)) < len(e.supports) or e.query in e.supports:
@@ -56,12 +61,16 @@ class EpisodeProtocol:
         loader = build_loader(self.dataset, FixedEpisodes(dist.shard(self.episodes)), self.args.bsz,
                               self.args.workers, self.device.type == 'cuda')
         scores, kept = evaluate(model, loader, self.device, self.dataset.class_names, desc='test',
-                                keep_predictions=self.args.vis, dist=dist, precision=self.precision)
+                                keep_predictions=self.args.vis, dist=dist, precision=self.precision,
+                                miou_over=self.args.miou_over)
         if dist.enabled:
             gathered = dist.all_gather_object([(dist.rank + i * dist.world, k) for i, k in enumerate(kept)])
             kept = [k for _, k in sorted((item for part in gathered for item in part), key=lambda x: x[0])]
             kept = kept[:self.args.vis]
         return scores, kept
+
+    def conventions(self) -> dict:
+        return {}
 
     def results(self, scores: dict) -> dict:
         return {'episodes': [e.to_json(self.dataset.class_names) for e in self.episodes],
@@ -84,14 +93,21 @@ class VolumetricProtocol:
     def __init__(self, dataset, args: argparse.Namespace, device: torch.device, dist: Dist = SINGLE,
                  precision: str = 'fp32'):
         self.dataset, self.args, self.device, self.dist, self.precision = dataset, args, device, dist, precision
+        self.support_rule = args.volumetric_support or 'qnet'
         self.tasks: list[dict] = []
 
-    unit = 'volumetric protocol (5 folds)'
+    @property
+    def unit(self) -> str:
+        return f'volumetric protocol (5 folds, {self.support_rule} support volume)'
 
     def run(self, model) -> tuple[dict, list[dict]]:
         scores, self.tasks = evaluate_volumetric(model, self.dataset, self.device, self.args.nshot, self.args.bsz,
-                                                 desc='test', dist=self.dist, precision=self.precision)
+                                                 desc='test', dist=self.dist, precision=self.precision,
+                                                 support_rule=self.support_rule, miou_over=self.args.miou_over)
         return scores, []
+
+    def conventions(self) -> dict:
+        return {'volumetric_support': self.support_rule}
 
     def results(self, scores: dict) -> dict:
         return {'episodes': self.tasks, 'tasks': self.tasks, 'per_fold': scores['per_fold']}

@@ -1,10 +1,19 @@
-r"""The volumetric few-shot protocol of SSL-ALPNet / ADNet / Q-Net for CHAOS-MRI (`test.py --protocol volumetric`).
+r"""The volumetric few-shot protocol for CHAOS-MRI (`test.py --protocol volumetric`): Q-Net's evaluation
+(ZJLAB-AMMI/Q-Net test.py with scripts/val.sh, `supp_idx = 2`), and SSL-ALPNet's support choice as an option.
 
 For volumes sorted by patient id:
-  * 5 folds {0-4}, {4-8}, {8-12}, {12-16}, {16-19, 0} (consecutive folds share a volume). A fold lists its volumes
-    in index order, so fold 4 is [0, 16, 17, 18, 19]; the volume at position 2 (`SUPPORT_POSITION`) is the support
-    (volume 2, 6, 10, 14, 17), the other four are queries. With N != 20 volumes fold f takes the 5 volumes from
-    floor(f N / 5) on (wrapping), which is the same rule; identical folds are evaluated once; N < 2 is an error;
+  * 5 folds {0-4}, {4-8}, {8-12}, {12-16}, {16-19, 0} (consecutive folds share a volume). With N != 20 volumes
+    fold f takes the 5 volumes from floor(f N / 5) on (wrapping), which is the same rule; identical folds are
+    evaluated once; N < 2 is an error;
+  * the support volume (`--volumetric-support`, `SUPPORT_RULES`):
+      - 'qnet' (default): Q-Net lists a fold's volumes in index order (fold 4 is [0, 16, 17, 18, 19]) and takes
+        the one at position 2 (`SUPPORT_POSITION`): volumes 2, 6, 10, 14, 17;
+      - 'ssl-alpnet': SSL-ALPNet (cheng-01037/Self-supervised-Fewshot-Medical-Image-Segmentation,
+        `SUPP_ID='[4]'` in examples/test_ssl_abdominal_mri.sh) takes the fold's fifth scan in its circular order,
+        the one the fold shares with the next: volumes 4, 8, 12, 16, 0;
+    the other four volumes of the fold are the queries (SSL-ALPNet's folds have the same members, `_SEP` 0, 4, ...
+    20 plus one scan; its validation also counts slices within a `z_margin` of the organ's range and z-scores each
+    volume; only its support choice is offered here);
   * each organ is a separate binary task. Only the query slices that contain the organ are evaluated (the ground
     truth selects them; this is part of the protocol). They are split into 3 chunks at
     `linspace(0, C_q, 4).astype(int)`;
@@ -16,8 +25,9 @@ For volumes sorted by patient id:
     chunk, so K = 1 is exactly the 1-shot rule. With few support organ slices positions can repeat;
   * score: 3D Dice 2TP / (2TP + FP + FN) over the evaluated slices of one query volume, at the prepared grid of
     the volume (the binary prediction is resized back from --img-size with nearest neighbour); averaged over the
-    query volumes of a fold, then over the folds, per organ; the reported Dice is the mean over organs. mIoU is the
-    same average of the per-volume 3D IoU; FB-IoU pools background and foreground I/U over all evaluated slices.
+    query volumes of a fold, then over the folds, per organ; the reported Dice is the mean over organs (all four,
+    an organ never evaluated counting 0, or only the evaluated ones: `miou_over`). mIoU is the same average of the
+    per-volume 3D IoU; FB-IoU pools background and foreground I/U over all evaluated slices.
 """
 import time
 
@@ -28,12 +38,14 @@ from tqdm import tqdm
 
 from common.dist import SINGLE, Dist
 from common.errors import UserError
+from common.metrics import metric_record
 from engine.loops import autocast
 
 N_FOLDS = 5
 FOLD_SIZE = 5
 SUPPORT_POSITION = 2
 N_PART = 3
+SUPPORT_RULES = ('qnet', 'ssl-alpnet')
 
 
 def volumetric_folds(n_volumes: int) -> list[list[int]]:
@@ -51,8 +63,24 @@ def volumetric_folds(n_volumes: int) -> list[list[int]]:
 
 
 def support_position(fold: list[int]) -> int:
-    r"""Position of the support volume within a fold (2, or the last one for folds of fewer than 3 volumes)."""
+    r"""Q-Net: position of the support volume within a fold (2, or the last one for folds of fewer than 3)."""
     return min(SUPPORT_POSITION, len(fold) - 1)
+
+
+def support_volume(fold: list[int], n_volumes: int, rule: str = 'qnet') -> int:
+    r"""The support volume (an index into the sorted volumes) of a fold of `volumetric_folds(n_volumes)`.
+
+    'qnet': the fold's volume at `support_position` in index order. 'ssl-alpnet': its last volume in circular
+    order from the fold's start, floor(f N / 5) + 4 (mod N) for fold f: the volume shared with the next fold.
+    """
+    if rule not in SUPPORT_RULES:
+        raise UserError(f'--volumetric-support must be one of {", ".join(SUPPORT_RULES)} (got {rule!r})')
+    if rule == 'qnet':
+        return fold[support_position(fold)]
+    size = len(fold)
+    # the start is the member whose circular run of `size` volumes is the fold
+    start = next(v for v in fold if {(v + j) % n_volumes for j in range(size)} == set(fold))
+    return (start + size - 1) % n_volumes
 
 
 def support_slice_indices(n_organ_slices: int, nshot: int, n_part: int = N_PART) -> list[list[int]]:
@@ -81,16 +109,18 @@ def _stack_supports(dataset, pid: str, chunks: list[list[int]], class_id: int) -
 
 
 @torch.no_grad()
-def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: int = 1,
-                        desc: str = 'volumetric', dist: Dist = SINGLE,
+def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: int = 1, desc: str = 'volumetric',
+                        support_rule: str = 'qnet', miou_over: str = 'all', dist: Dist = SINGLE,
                         precision: str = 'fp32') -> tuple[dict, list[dict]]:
     r"""Run the protocol on a dataset exposing `volumes`, `organ_slices(pid, c)`, `load_slice(pid, z, c)` and
     `class_names`. Returns (scores, tasks): scores in percent with the keys of `SegmentationMeter.compute` plus
     'per_fold'; one task per (fold, organ, query volume). The 3 chunks' support slices are encoded once per
     (fold, organ) and serve every query slice; query slices are batched `bsz` at a time across chunks and query
     volumes, each with its own chunk's supports, and predicted through the test-time entry point `model.infer`
-    (methods with per-episode adaptation adapt there). In a distributed run the (fold, organ) tasks are dealt out
-    to the processes round robin and their results gathered, so every process returns the same scores."""
+    (methods with per-episode adaptation adapt there). `support_rule`: which volume of a fold is the support
+    (`support_volume`); `miou_over`: whether organs never evaluated count 0 in the means (see `summarise`). In a
+    distributed run the (fold, organ) tasks are dealt out to the processes round robin and their results gathered,
+    so every process returns the same scores."""
     model.eval()
     volumes = dataset.volumes
     folds = volumetric_folds(len(volumes))
@@ -101,9 +131,9 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
     start, n_slices = time.perf_counter(), 0
     progress = tqdm(total=len(folds) * len(names), desc=desc, leave=False, mininterval=2, dynamic_ncols=True)
     for f, fold in enumerate(folds):
-        pos = support_position(fold)
-        support = volumes[fold[pos]]
-        queries = [volumes[i] for k, i in enumerate(fold) if k != pos]
+        s_index = support_volume(fold, len(volumes), support_rule)
+        support = volumes[s_index]
+        queries = [volumes[i] for i in fold if i != s_index]
         for c, organ in enumerate(names):
             progress.update(1)
             if (f * len(names) + c) % dist.world != dist.rank:            # another process's task
@@ -120,7 +150,7 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
             for query in queries:
                 q_slices = dataset.organ_slices(query, c)
                 task = {'fold': f, 'fold_volumes': [volumes[i] for i in fold], 'organ': organ, 'class_id': c,
-                        'support': support, 'query': query, 'query_slices': q_slices}
+                        'support_rule': support_rule, 'support': support, 'query': query, 'query_slices': q_slices}
                 tasks.append(task)
                 if not s_slices or not q_slices:
                     task['skipped'] = (f'the support volume {support} has no {organ}' if not s_slices
@@ -159,15 +189,16 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
         sums = dist.all_reduce(torch.cat([fb_inter, fb_union]))
         fb_inter, fb_union = sums[:2], sums[2:]
         n_slices = int(dist.all_reduce(torch.tensor(n_slices)))
-    scores = summarise(tasks, names, len(folds))
+    scores = summarise(tasks, names, len(folds), miou_over)
     pooled = fb_inter.double() / fb_union.double().clamp(min=1)
     scores['fbiou'] = float(pooled.mean() * 100)
     scores['seconds_per_slice'] = (time.perf_counter() - start) / max(n_slices, 1)
     return scores, tasks
 
 
-def summarise(tasks: list[dict], class_names: list[str], n_folds: int) -> dict:
-    r"""Per organ: mean over folds of the mean over that fold's query volumes; overall: mean over organs."""
+def summarise(tasks: list[dict], class_names: list[str], n_folds: int, miou_over: str = 'all') -> dict:
+    r"""Per organ: mean over folds of the mean over that fold's query volumes; overall: mean over organs, all of
+    them (an organ never evaluated counts 0; 'all') or the evaluated ones ('seen')."""
     per_fold: dict[str, dict[str, float]] = {}
     dice, iou, counts = {}, {}, {}
     for organ in class_names:
@@ -185,5 +216,12 @@ def summarise(tasks: list[dict], class_names: list[str], n_folds: int) -> dict:
     if not dice:
         raise UserError('the volumetric protocol evaluated nothing: no organ appears in both a support and a query '
                         'volume')
-    return {'miou': float(np.mean(list(iou.values()))), 'dice': float(np.mean(list(dice.values()))),
-            'per_class': iou, 'per_class_dice': dice, 'episodes_per_class': counts, 'per_fold': per_fold}
+    missing = [organ for organ in class_names if organ not in dice]
+    n_mean = len(class_names) if miou_over == 'all' else len(dice)
+    return {'miou': float(sum(iou.values()) / n_mean), 'dice': float(sum(dice.values()) / n_mean),
+            'per_class': iou, 'per_class_dice': dice, 'episodes_per_class': counts, 'per_fold': per_fold,
+            'metric': dict(metric_record(miou_over, len(class_names)),
+                           definition='3D Dice (and IoU) per query volume, mean over volumes, folds, then organs'
+                                      + (' (all organs; never evaluated: 0)' if miou_over == 'all' else
+                                         ' (evaluated organs)')),
+            'classes_without_episodes': missing}

@@ -62,15 +62,16 @@ def write_isic(datapath: Path, root: str = 'ISIC2018', csv: str | None = 'crlf',
 
 
 # --- Chest X-ray --------------------------------------------------------------------------------------------------
-def write_lung(datapath: Path, root: str = 'Lung Segmentation') -> dict:
-    r"""Kaggle chest-xray-masks-and-labels layout: 5 Shenzhen images (2 without masks, masks `*_mask.png`) and
-    3 Montgomery images (masks with the image's own name); grayscale PNGs of varied sizes; one 1-bit and one RGB
-    mask."""
+def write_lung(datapath: Path, root: str = 'Lung Segmentation', shenzhen: int = 5, montgomery: int = 3) -> dict:
+    r"""Kaggle chest-xray-masks-and-labels layout: `shenzhen` Shenzhen images (2 of them without masks, masks
+    `*_mask.png`) and `montgomery` Montgomery images (masks with the image's own name); grayscale PNGs of varied
+    sizes; one 1-bit and one RGB mask."""
     base = datapath / root
     for d in ('CXR_png', 'masks', 'test', 'ClinicalReadings'):
         (base / d).mkdir(parents=True)
     pairs, unmasked = {}, []
-    names = [f'CHNCXR_{i:04d}_{i % 2}' for i in range(1, 6)] + [f'MCUCXR_{i:04d}_{i % 2}' for i in range(1, 4)]
+    names = ([f'CHNCXR_{i:04d}_{i % 2}' for i in range(1, shenzhen + 1)]
+             + [f'MCUCXR_{i:04d}_{i % 2}' for i in range(1, montgomery + 1)])
     for i, name in enumerate(names):
         h, w = 26 + 2 * i, 22 + i
         m = blob(h, w, i)

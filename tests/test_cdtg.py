@@ -15,7 +15,7 @@ from common.errors import UserError
 from engine.factory import build_model, load_model
 from conftest import TINY_TRAIN
 from model.base import EpisodeContext
-from model.layers import masked_average_pooling, resize_mask
+from model.layers import resize_mask
 from text.encoder import EmbeddingCache, TextBank, text_key
 from text.plugin import CDTG, CDTGConfig, MedicalStyle, TextAlign
 
@@ -102,9 +102,10 @@ def test_prototype_fusion_maths_float64(n_protos, per_episode, with_bg):
         align = plugin.align[level]
         cls_text = plugin.text_table[[2, 2, 0, 0]]                # supports follow their episode's class
         bg_text = plugin.text_table[[3, 3, 3, 3]]                 # last row = background
-        m = resize_mask(masks, f.shape[-2:])
-        fp_t = masked_average_pooling(align(f, cls_text), m)      # [B*K,C]
-        bp_t = masked_average_pooling(align(f, bg_text), 1 - m)
+        m = resize_mask(masks, f.shape[-2:])                     # [B*K,1,h,w]
+        # MAP with the reference plug-in's epsilon (generate_prototype: Σ F·m / (Σ m + 1e-6)), as PATNet's
+        fp_t = (align(f, cls_text) * m).sum((2, 3)) / (m.sum((2, 3)) + 1e-6)          # [B*K,C]
+        bp_t = (align(f, bg_text) * (1 - m)).sum((2, 3)) / ((1 - m).sum((2, 3)) + 1e-6)
         if per_episode:
             fp_t, bp_t = (0.5 * (t[0::2] + t[1::2]) for t in (fp_t, bp_t))   # mean of each episode's 2 shots
         assert new_fg[i].shape == fg[i].shape
@@ -227,8 +228,11 @@ def test_hsnet_cdtg_train_and_test(cdtg_run, datapath, tmp_path):
               '--workers', '0', '--cdtg']
     res = test_cli.main(common + ['--logpath', str(tmp_path / 'a')])
     assert res['plugin']['config']['alpha'] == 0.7
-    res2 = test_cli.main(common + ['--logpath', str(tmp_path / 'b'), '--alpha', '0.2'])
-    assert res2['plugin']['config']['alpha'] == 0.2 and res2['episodes'] == res['episodes']
+    assert res['conventions']['text_encoder'] == res['plugin']['text_encoder']
+    assert 'project extension' in res['conventions']['cdtg_reading']['maps']
+    # on HSNet alpha only rescales the learned gate: an override is refused, not run off-distribution
+    with pytest.raises(UserError, match='no image-weight meaning'):
+        test_cli.main(common + ['--logpath', str(tmp_path / 'b'), '--alpha', '0.2'])
 
 
 def test_plugin_mismatch_errors(cdtg_run, tiny_checkpoint, datapath, tmp_path):
@@ -347,8 +351,10 @@ def test_patnet_cdtg_on_synthetic_and_a_medical_fixture(datapath, tmp_path):
     assert res['method'] == 'patnet' and res['plugin']['config']['alpha'] == 0.7
     write_wbc(tmp_path / 'data')
     res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'wbc', '--datapath', str(tmp_path / 'data'),
-                         '--nshot', '2', '--episodes', '4', '--workers', '0', '--logpath', str(tmp_path / 'wbc')])
+                         '--nshot', '2', '--episodes', '4', '--workers', '0', '--logpath', str(tmp_path / 'wbc'),
+                         '--alpha', '0.2'])                      # a prototype host: alpha is the image weight
     assert set(res['per_class']) == {'nucleus', 'cytoplasm'} and res['nshot'] == 2
+    assert res['plugin']['config']['alpha'] == 0.2
 
 
 def test_offline_clip_weights_give_a_clear_error(monkeypatch):
@@ -367,3 +373,55 @@ def test_offline_clip_weights_give_a_clear_error(monkeypatch):
         ClipTextEncoder('ViT-B-16', '/nonexistent/clip.bin')
     with pytest.raises(UserError, match='--clip'):
         ClipTextEncoder('ViT-L-14', 'none')
+
+
+# --- CLIP activation and encoder identity ------------------------------------------------------------------------
+def test_openai_and_file_weights_embed_identically_with_quick_gelu(tmp_path, monkeypatch):
+    r"""The same (random) weights given as a local file and through the 'openai' path (open_clip's hub download
+    replaced by that file) build QuickGELU text towers with identical embeddings; open_clip >= 2.29 builds plain
+    GELU for pretrained='openai' unless told otherwise. The identity (cache key, checkpoint record) names the
+    activation and open_clip's major version, and the same weights under GELU embed differently."""
+    import open_clip
+
+    from text.encoder import ClipTextEncoder, open_clip_major, text_activation, weights_identity
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        full = open_clip.create_model('RN50', pretrained=None, force_quick_gelu=True)
+    # (RN50: the smallest image tower.) The image tower is never used: store it as one shared zero (stride-0
+    # views) and keep the text tower's weights
+    state = {k: torch.zeros(()).expand(v.shape) if k.startswith('visual.') else v.half()
+             for k, v in full.state_dict().items()}
+    del full
+    path = tmp_path / 'open_clip_pytorch_model.bin'
+    torch.save(state, path)
+    monkeypatch.setattr(open_clip.factory, 'download_pretrained', lambda cfg, **kw: str(path))
+    from_file, from_hub = ClipTextEncoder('RN50', str(path)), ClipTextEncoder('RN50', 'openai')
+    assert text_activation(from_file.clip) == text_activation(from_hub.clip) == 'quickgelu'
+    tokens = from_file.tokenize(['A photo of a lung.', 'A photo of the liver in which it appears as a large organ.'])
+    with torch.no_grad():
+        embedded = from_file(tokens)
+        assert torch.equal(embedded, from_hub(tokens))
+        for block in from_hub.clip.transformer.resblocks:            # what open_clip >= 2.29 builds for 'openai'
+            block.mlp.gelu = nn.GELU()
+        assert text_activation(from_hub.clip) == 'gelu'
+        assert not torch.allclose(from_hub(tokens), embedded, atol=1e-4)
+    assert from_hub.identity == f'RN50-openai-quickgelu-open_clip{open_clip_major()}'
+    gelu = weights_identity('RN50', str(path), activation='gelu')
+    assert gelu != from_file.identity and gelu.replace('-gelu-', '-quickgelu-') == from_file.identity
+    assert EmbeddingCache(tmp_path, gelu).path != EmbeddingCache(tmp_path, from_file.identity).path
+
+
+def test_stale_caches_are_reencoded_and_old_checkpoints_refused(tmp_path):
+    r"""A cache written under an identity without the activation (before this fix) is not used; a checkpoint
+    recorded with such an identity is refused with the reason."""
+    from text.encoder import weights_identity
+    text = 'A photo of a lung.'
+    EmbeddingCache(tmp_path, 'ViT-B-32-random-seed0-open_clip3.3.0').store({text: torch.full((512,), 9.0)})
+    bank = TextBank('ViT-B-32', 'none', tmp_path)
+    emb = bank.embed([text])
+    assert bank.encoded == 1 and not torch.equal(emb[0], torch.full((512,), 9.0))
+    plugin = CDTG([8], [2], 'prototypes', CDTGConfig(clip_weights='none', text_cache=str(tmp_path)))
+    assert plugin.identity == weights_identity('ViT-B-32', 'none') and 'quickgelu' in plugin.identity
+    with pytest.raises(UserError, match='activation'):
+        plugin.check_record({'text_encoder': 'ViT-B-32-openai'}, 'old.pt')
+    plugin.check_record(plugin.record(), 'same.pt')

@@ -15,7 +15,8 @@ from PIL import Image
 
 import fixtures_targets as ft
 from common.errors import UserError
-from engine.volumetric import chunk_bounds, evaluate_volumetric, support_slice_indices, volumetric_folds
+from engine.volumetric import (chunk_bounds, evaluate_volumetric, support_slice_indices, support_volume,
+                               volumetric_folds)
 from data import build_dataset
 from model import FewShotSegmenter, Output
 from data.chaos import CACHE_NAME, LABEL_LUT, MANIFEST, labels_from_png, order_slices, prepare
@@ -290,6 +291,31 @@ def test_volumetric_skips_an_organ_missing_in_a_volume(tmp_path):
     skipped = [t for t in tasks if 'skipped' in t]
     assert [(t['query'], t['organ']) for t in skipped] == [('1', 'spleen')]
     assert scores['episodes_per_class']['spleen'] == 1 and scores['episodes_per_class']['liver'] == 2
+
+
+def test_qnet_and_ssl_alpnet_support_volumes_on_six_volumes(tmp_path):
+    r"""Six volumes, folds from floor(6f/5): {0-4}, {1-5}, {2-5,0}, {3-5,0,1}, {4,5,0,1,2}. Q-Net (supp_idx 2 of the
+    fold in index order): 2, 3, 3, 3, 2. SSL-ALPNet (the fold's fifth scan in circular order, SUPP_ID [4]):
+    4, 5, 0, 1, 2. The other four volumes of a fold are its queries. For the 20 CHAOS volumes: 2, 6, 10, 14, 17
+    against 4, 8, 12, 16, 0."""
+    folds = volumetric_folds(6)
+    assert [support_volume(f, 6, 'qnet') for f in folds] == [2, 3, 3, 3, 2]
+    assert [support_volume(f, 6, 'ssl-alpnet') for f in folds] == [4, 5, 0, 1, 2]
+    assert [support_volume(f, 20, 'ssl-alpnet') for f in volumetric_folds(20)] == [4, 8, 12, 16, 0]
+    with pytest.raises(UserError, match='--volumetric-support'):
+        support_volume(folds[0], 6, 'adnet')
+    pids = (1, 2, 3, 5, 8, 10)
+    ft.write_chaos(tmp_path, pids=pids, n_slices=3, size=8)
+    prepared(tmp_path)
+    ds = build_dataset('chaos', str(tmp_path), 'test', 1, 8)
+    for rule, expected in (('qnet', [2, 3, 3, 3, 2]), ('ssl-alpnet', [4, 5, 0, 1, 2])):
+        scores, tasks = evaluate_volumetric(AllForeground(), ds, torch.device('cpu'), 1, bsz=8, support_rule=rule)
+        for f, fold in enumerate(folds):
+            fold_tasks = [t for t in tasks if t['fold'] == f]
+            assert {t['support'] for t in fold_tasks} == {str(pids[expected[f]])}
+            assert {t['query'] for t in fold_tasks} == {str(pids[i]) for i in fold if i != expected[f]}
+            assert all(t['support_rule'] == rule for t in fold_tasks)
+        assert scores['metric']['miou_over'] == 'all' and scores['classes_without_episodes'] == []
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------

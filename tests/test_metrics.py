@@ -51,18 +51,31 @@ def test_class_wise_accumulation_by_hand():
     # class a: episodes (I=2, U=4) and (I=1, U=1) -> 3/5 = 60 % (the episode mean would be 75 %)
     assert s['per_class']['a'] == pytest.approx(100 * 3 / 5)
     assert s['per_class']['b'] == pytest.approx(100 * 1 / 2)
-    assert 'unused' not in s['per_class']                     # classes without episodes are not averaged in
-    assert s['miou'] == pytest.approx(100 * (3 / 5 + 1 / 2) / 2)
+    assert 'unused' not in s['per_class']
+    # the reference's convention: every class of the split, a class without episodes counts 0
+    assert s['classes_without_episodes'] == ['unused'] and s['metric']['miou_over'] == 'all'
+    assert s['miou'] == pytest.approx(100 * (3 / 5 + 1 / 2 + 0) / 3)
     assert s['per_class_dice']['a'] == pytest.approx(100 * 6 / 8)       # 2I / (I + U) = |P∩G| * 2 / (|P| + |G|)
-    assert s['dice'] == pytest.approx(100 * (6 / 8 + 2 / 3) / 2)
+    assert s['dice'] == pytest.approx(100 * (6 / 8 + 2 / 3 + 0) / 3)
     # bg: (I=0, U=2), (3, 3), (2, 3) -> 5/8 ; fg: (2, 4), (1, 1), (1, 2) -> 4/7
     assert s['fbiou'] == pytest.approx(100 * (5 / 8 + 4 / 7) / 2)
     assert s['loss'] == pytest.approx(0.5)
     assert s['episodes_per_class'] == {'a': 2, 'b': 1}
+    # over the classes seen: only a and b are averaged; FB-IoU is the same under both conventions
+    seen = SegmentationMeter(['a', 'b', 'unused'], over='seen')
+    seen.update(pred, gt, torch.tensor([0, 0, 1]))
+    s2 = seen.compute()
+    assert s2['miou'] == pytest.approx(100 * (3 / 5 + 1 / 2) / 2)
+    assert s2['dice'] == pytest.approx(100 * (6 / 8 + 2 / 3) / 2)
+    assert s2['fbiou'] == s['fbiou'] and s2['metric']['miou_over'] == 'seen'
+    assert s2['classes_without_episodes'] == ['unused']
+    with pytest.raises(ValueError):
+        SegmentationMeter(['a'], over='some')
 
 
 def _hsnet_reference(preds, gts, class_ids, nclass):
-    r"""Float64 re-derivation of HSNet's Evaluator.classify_prediction + AverageMeter.compute_iou."""
+    r"""Float64 re-derivation of HSNet's Evaluator.classify_prediction + AverageMeter.compute_iou: IoU over
+    `class_ids_interest`, every class of the split (common/logger.py of juhongm999/hsnet)."""
     inter_buf = torch.zeros(2, nclass, dtype=torch.float64)
     union_buf = torch.zeros(2, nclass, dtype=torch.float64)
     for pred, gt, c in zip(preds, gts, class_ids):
@@ -75,21 +88,21 @@ def _hsnet_reference(preds, gts, class_ids, nclass):
         area_gt = torch.histc(gt, bins=2, min=0, max=1)
         inter_buf[:, c] += area_inter
         union_buf[:, c] += area_pred + area_gt - area_inter
-    seen = sorted(set(int(c) for c in class_ids))
+    interest = list(range(nclass))
     iou = inter_buf / torch.clamp(union_buf, min=1)
-    miou = iou[1, seen].mean() * 100
-    fbiou = (inter_buf[:, seen].sum(1) / union_buf[:, seen].sum(1)).mean() * 100
+    miou = iou[1, interest].mean() * 100
+    fbiou = (inter_buf[:, interest].sum(1) / union_buf[:, interest].sum(1)).mean() * 100
     return float(miou), float(fbiou)
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_matches_hsnet_evaluator_on_random_episodes(seed):
     g = torch.Generator().manual_seed(seed)
-    n, nclass = 40, 5
+    n, nclass = 40, 5 + seed % 2                              # seed 1: class 5 never gets an episode
     preds = (torch.rand(n, 17, 13, generator=g) > 0.6).long()
     gts = (torch.rand(n, 17, 13, generator=g) > 0.7).long()
     gts[torch.rand(n, 17, 13, generator=g) > 0.9] = 255
-    class_ids = torch.randint(0, nclass, (n,), generator=g)
+    class_ids = torch.randint(0, 5, (n,), generator=g)
     meter = SegmentationMeter([f'c{i}' for i in range(nclass)])
     for i in range(0, n, 7):                                  # several batches
         meter.update(preds[i:i + 7], gts[i:i + 7], class_ids[i:i + 7])

@@ -7,6 +7,8 @@ A description file (YAML, one per benchmark; `write_description_file` writes exa
     modality: dermoscopy images of skin lesions
     provenance: {author, model, method, template, date, ...}   # who/what wrote the text, from which template
     fallback: generic                        # optional: unknown classes get "A photo of a <name>." (with a warning)
+    captions_only: true                      # optional: captions without attribute sentences (imported reference
+                                             # captions, scripts/import_captions.py); then no `attributes` anywhere
     background: {caption, attributes}        # the background of this domain
     classes:                                 # in the dataset loader's order
       - name: seborrheic keratosis
@@ -46,7 +48,7 @@ MIN_ATTRIBUTES = 3
 MAX_WORDS = 45       # ~60 CLIP tokens; a cheap guard, the text encoder still sees the real token count
 FALLBACKS = ('generic',)
 PROVENANCE_KEYS = ('author', 'model', 'method', 'template', 'date')
-TOP_KEYS = {'format', 'benchmark', 'modality', 'provenance', 'fallback', 'background', 'classes'}
+TOP_KEYS = {'format', 'benchmark', 'modality', 'provenance', 'fallback', 'captions_only', 'background', 'classes'}
 CLASS_KEYS = {'name', 'aliases', 'caption', 'attributes'}
 TEMPLATE_KEYS = {'version', 'questions', 'caption_style', 'system', 'user', 'background_user'}
 TEMPLATE_FIELDS = ('class_name', 'benchmark', 'modality', 'questions', 'json_format', 'caption_style')
@@ -81,7 +83,8 @@ def generic_caption(name: str) -> str:
 class ClassText:
     r"""The text of one class (or of the background): a caption and attribute sentences answering the template.
 
-    `generic` marks a fallback built from the bare class name; its only attribute is the caption itself.
+    `generic` marks a fallback built from the bare class name; its only attribute is the caption itself. A class
+    of a captions-only file has no attributes.
     """
     name: str
     caption: str
@@ -264,10 +267,13 @@ def parse_descriptions(data: Any, path: Path) -> Descriptions:
     fallback = data.get('fallback')
     if fallback is not None and fallback not in FALLBACKS:
         raise fail(f'`fallback` must be one of {", ".join(FALLBACKS)} or absent (got {fallback!r})')
+    captions_only = data.get('captions_only', False)
+    if not isinstance(captions_only, bool):
+        raise fail(f'`captions_only` must be true or false (got {captions_only!r})')
     if 'background' not in data:
         raise fail('missing `background` (caption and attributes of this domain\'s background)')
     background = _entry({'name': 'background', **_mapping(data['background'], 'background', fail)}, 'background',
-                        fail)
+                        fail, captions_only)
     classes = data.get('classes')
     if classes is None:
         classes = []
@@ -275,7 +281,8 @@ def parse_descriptions(data: Any, path: Path) -> Descriptions:
         raise fail('`classes` must be a list of class entries')
     if not classes and fallback is None:
         raise fail('`classes` is empty; describe the classes or declare `fallback: generic`')
-    entries = [_entry(_mapping(item, f'classes[{i}]', fail), f'classes[{i}]', fail) for i, item in enumerate(classes)]
+    entries = [_entry(_mapping(item, f'classes[{i}]', fail), f'classes[{i}]', fail, captions_only)
+               for i, item in enumerate(classes)]
     return Descriptions(path, benchmark, modality, provenance, background, entries, fallback)
 
 
@@ -311,7 +318,7 @@ def _provenance(value: Any, fail) -> dict[str, str]:
     return {str(k): _line(v, f'provenance.{k}', fail, max_words=None) for k, v in prov.items()}
 
 
-def _entry(item: dict, where: str, fail) -> ClassText:
+def _entry(item: dict, where: str, fail, captions_only: bool = False) -> ClassText:
     unknown = sorted(set(map(str, item)) - CLASS_KEYS)
     if unknown:
         raise fail(f'{where}: unknown key(s) {", ".join(unknown)}; valid keys: {", ".join(sorted(CLASS_KEYS))}')
@@ -320,6 +327,14 @@ def _entry(item: dict, where: str, fail) -> ClassText:
     if 'caption' not in item:
         raise fail(f'{where}: missing caption')
     caption = _line(item['caption'], f'{where}.caption', fail)
+    aliases = item.get('aliases') or []
+    if not isinstance(aliases, list):
+        raise fail(f'{where}: `aliases` must be a list of strings')
+    aliases = tuple(_line(a, f'{where}.aliases[{i}]', fail, max_words=None) for i, a in enumerate(aliases))
+    if captions_only:
+        if 'attributes' in item:
+            raise fail(f'{where}: a captions_only file has no `attributes` (remove them, or captions_only)')
+        return ClassText(name=name, caption=caption, attributes=(), attribute_keys=(), aliases=aliases)
     attrs = item.get('attributes')
     if not isinstance(attrs, dict):
         raise fail(f'{where}: `attributes` must map each template question key to one sentence '
@@ -332,35 +347,37 @@ def _entry(item: dict, where: str, fail) -> ClassText:
         raise fail(f'{where}: attribute key(s) {", ".join(map(repr, bad))} must be lower-case identifiers '
                    '(the template\'s question keys)')
     sentences = tuple(_line(v, f'{where}.attributes.{k}', fail) for k, v in zip(keys, attrs.values()))
-    aliases = item.get('aliases') or []
-    if not isinstance(aliases, list):
-        raise fail(f'{where}: `aliases` must be a list of strings')
-    aliases = tuple(_line(a, f'{where}.aliases[{i}]', fail, max_words=None) for i, a in enumerate(aliases))
     return ClassText(name=name, caption=caption, attributes=sentences, attribute_keys=keys, aliases=aliases)
 
 
 # --- writing (used by scripts/generate_descriptions.py) ---------------------------------------------------------
-def class_record(name: str, caption: str, attributes: dict[str, str], aliases: Sequence[str] = ()) -> dict:
-    r"""One `classes` entry in file layout."""
+def class_record(name: str, caption: str, attributes: dict[str, str] | None, aliases: Sequence[str] = ()) -> dict:
+    r"""One `classes` entry in file layout (attributes None: an entry of a captions-only file)."""
     record: dict[str, Any] = {'name': name}
     if aliases:
         record['aliases'] = list(aliases)
     record['caption'] = caption
-    record['attributes'] = dict(attributes)
+    if attributes is not None:
+        record['attributes'] = dict(attributes)
     return record
 
 
 def write_description_file(path: str | Path, benchmark: str, modality: str, provenance: dict[str, str],
                            background: dict[str, Any], classes: Sequence[dict], fallback: str | None = None,
-                           header: str = '') -> Descriptions:
+                           header: str = '', captions_only: bool = False) -> Descriptions:
     r"""Write a description file in the layout `load_description_file` reads, validate it by loading it back (a
-    file that would not load is never left behind), and return the loaded descriptions."""
+    file that would not load is never left behind), and return the loaded descriptions. With `captions_only`,
+    the background and the classes have captions and no attributes."""
     path = Path(path)
     data: dict[str, Any] = {'format': FORMAT, 'benchmark': benchmark, 'modality': modality,
                             'provenance': dict(provenance)}
     if fallback is not None:
         data['fallback'] = fallback
-    data['background'] = {'caption': background['caption'], 'attributes': dict(background['attributes'])}
+    if captions_only:
+        data['captions_only'] = True
+        data['background'] = {'caption': background['caption']}
+    else:
+        data['background'] = {'caption': background['caption'], 'attributes': dict(background['attributes'])}
     data['classes'] = [dict(c) for c in classes]
     body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=4096, default_flow_style=False)
     comment = ''.join(f'# {line}'.rstrip() + '\n' for line in header.splitlines())

@@ -32,20 +32,53 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def weights_identity(model: str, weights: str, seed: int = 0) -> str:
-    r"""A string that changes whenever the text encoder's weights would: model, weight source, file hash / seed."""
+#: Activation of the text transformer. OpenAI's CLIP weights were trained with QuickGELU (x·σ(1.702x)); open_clip's
+#: plain configs (RN50, ViT-B-32, ViT-B-16) use nn.GELU, and `create_model(name, pretrained='openai')` loads the
+#: weights into that config since open_clip 2.29 (with only a warning; older releases built QuickGELU for 'openai').
+#: Every path here builds QuickGELU explicitly, so the embeddings do not depend on the installed release.
+ACTIVATIONS = ('quickgelu', 'gelu')
+ACTIVATION = 'quickgelu'
+
+
+def open_clip_major() -> str:
+    import open_clip
+    return open_clip.__version__.split('.')[0]
+
+
+def weights_identity(model: str, weights: str, seed: int = 0, activation: str = ACTIVATION) -> str:
+    r"""A string that changes whenever the text encoder's embeddings could: model, weight source (file hash / seed),
+    activation and open_clip's major version (the embedding cache and checkpoints are keyed by it)."""
     import open_clip
     if model not in CLIP_MODELS:
         raise UserError(f'--clip {model!r}: choose one of {", ".join(CLIP_MODELS)}')
+    if activation not in ACTIVATIONS:
+        raise ValueError(f'unknown text-encoder activation {activation!r}')
+    build = f'{activation}-open_clip{open_clip_major()}'
     if weights == 'openai':
-        return f'{model}-openai'
+        return f'{model}-openai-{build}'
     if weights == 'none':
-        return f'{model}-random-seed{seed}-open_clip{open_clip.__version__}'
+        return f'{model}-random-seed{seed}-{activation}-open_clip{open_clip.__version__}'
     path = Path(weights)
     if not path.is_file():
         raise UserError(f'--clip-weights {weights}: no such file (expected openai, none, or a local copy of the '
                         f'OpenAI {model} weights, e.g. open_clip_pytorch_model.bin from {HF_REPOS[model]})')
-    return f'{model}-file{file_digest(path)}'
+    return f'{model}-file{file_digest(path)}-{build}'
+
+
+def identity_mismatch(saved: str | None, current: str) -> str:
+    r"""Why a text encoder recorded as `saved` (in a checkpoint) is not the one `current` builds, in words."""
+    if not saved:
+        return 'the checkpoint records no text encoder'
+    if not any(f'-{a}-open_clip' in saved for a in ACTIVATIONS):
+        return ('the checkpoint was written before the text encoder\'s activation was part of its identity; with '
+                '--clip-weights openai and open_clip >= 2.29 its text was embedded with plain GELU, not the QuickGELU '
+                'that OpenAI\'s weights need, and its alignment modules were fit to those embeddings; retrain the '
+                'plug-in')
+    major = saved.rsplit('open_clip', 1)[1].split('.')[0]
+    if major != open_clip_major():
+        return (f'it was trained with open_clip {major}.x and open_clip {open_clip_major()}.x is installed; install '
+                f'open_clip {major}.x (pip install "open_clip_torch=={major}.*") or retrain')
+    return 'pass the same CLIP weights (--clip-weights) as in training'
 
 
 def text_key(text: str) -> str:
@@ -59,18 +92,21 @@ class ClipTextEncoder(nn.Module):
         model: RN50 | ViT-B-32 | ViT-B-16 (RN50 embeds in 1024-d, the ViTs in 512-d; nothing is truncated).
         weights: 'openai' (downloaded by open_clip from the Hugging Face hub), a local file with those weights, or
             'none' (random, seeded, with a loud warning; for tests and offline runs).
+        activation: of the text transformer; 'quickgelu' (OpenAI's weights need it) on every path, whatever the
+            open_clip release would default to ('gelu' exists to show that the identity tracks it).
         lora_rank: > 0 adds trainable LoRA adapters (peft; alpha 32, dropout 0.1 as in the reference) to the text
             transformer's MLP layers. Only the adapters are saved in `state_dict`; the base weights come from
             `weights` again when a checkpoint is loaded.
     Output embeddings are L2-normalised.
     """
 
-    def __init__(self, model: str = 'ViT-B-32', weights: str = 'openai', lora_rank: int = 0, seed: int = 0):
+    def __init__(self, model: str = 'ViT-B-32', weights: str = 'openai', lora_rank: int = 0, seed: int = 0,
+                 activation: str = ACTIVATION):
         super().__init__()
         import open_clip
-        self.identity = weights_identity(model, weights, seed)
+        self.identity = weights_identity(model, weights, seed, activation)
         self.model_name, self.lora_rank = model, lora_rank
-        self.clip = _build_clip(model, weights, seed)
+        self.clip = _build_clip(model, weights, seed, activation)
         del self.clip.visual                                   # only the text tower is used
         self.clip.requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model)
@@ -143,18 +179,19 @@ def _keep_only_adapters(module, state_dict, prefix, local_metadata):
         del state_dict[key]
 
 
-def _build_clip(model: str, weights: str, seed: int):
+def _build_clip(model: str, weights: str, seed: int, activation: str = ACTIVATION):
     import open_clip
+    quick = activation == 'quickgelu'
     if weights == 'none':
         warnings.warn(f'\n{"!" * 78}\n!! CLIP {model} text encoder has RANDOM weights (--clip-weights none): text '
                       f'guidance is\n!! meaningless beyond tests; use --clip-weights openai or a local weight file.'
                       f'\n{"!" * 78}', stacklevel=3)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return _quiet(open_clip.create_model, model, pretrained=None)
-    if weights == 'openai':
+            clip = _quiet(open_clip.create_model, model, pretrained=None, force_quick_gelu=quick)
+    elif weights == 'openai':
         try:
-            return _quiet(open_clip.create_model, model, pretrained='openai')
+            clip = _quiet(open_clip.create_model, model, pretrained='openai', force_quick_gelu=quick)
         except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
             raise UserError(
                 f'could not obtain the OpenAI CLIP {model} weights ({type(err).__name__}: {_first_line(err)}).\n'
@@ -163,11 +200,21 @@ def _build_clip(model: str, weights: str, seed: int):
                 f'  (it fills the Hugging Face cache, $HF_HOME), or download open_clip_pytorch_model.bin from the\n'
                 f'  hub repository {HF_REPOS[model]} and pass --clip-weights /path/to/open_clip_pytorch_model.bin.'
             ) from err
-    try:
-        # a local file holds OpenAI's weights, which were trained with QuickGELU
-        return _quiet(open_clip.create_model, model, pretrained=str(weights), force_quick_gelu=True)
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f'could not load CLIP {model} weights from {weights}: {_first_line(err)}') from err
+    else:
+        try:
+            clip = _quiet(open_clip.create_model, model, pretrained=str(weights), force_quick_gelu=quick)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f'could not load CLIP {model} weights from {weights}: {_first_line(err)}') from err
+    if text_activation(clip) != activation:
+        raise RuntimeError(f'open_clip {open_clip.__version__} built the {model} text transformer with '
+                           f'{text_activation(clip)}, not {activation}')
+    return clip
+
+
+def text_activation(clip: nn.Module) -> str:
+    r"""'quickgelu' or 'gelu': the activation of an open_clip model's text transformer."""
+    from open_clip.transformer import QuickGELU
+    return 'quickgelu' if any(isinstance(m, QuickGELU) for m in clip.transformer.modules()) else 'gelu'
 
 
 def _quiet(fn, *args, **kwargs):

@@ -1,18 +1,33 @@
 r"""The CD-TG plug-in: semantic-guided unit (text-aligned features and prototypes) and medical-style augmentation.
 
 It subclasses `model.base.Hooks` and is attached to any method with `method.attach(plugin)`; methods never import
-this package. Two host kinds (the method's `plugin_point`):
-  * 'prototypes' (PATNet, ...): per feature level, support features are aligned with the class text (S_f) and with
-    the background text (S_b); FP_t = MAP(S_f, m), BP_t = MAP(S_b, 1 - m) per support and tap, and the host's
-    prototypes become FP <- α·FP + (1-α)·FP_t, BP <- α·BP + (1-α)·BP_t (α = image weight, 0.7 by default).
-  * 'features' (HSNet, no prototypes): query and support taps pass through a residual gate that starts as the
-    identity, F <- F + g·(1-α)·(A(F) - F), with A the text alignment and g a learnable scalar per level, zero at init.
+this package. A(F) below is the text alignment of a feature map (`TextAlign`), α the image weight (0.7 by default,
+as the reference code's `FFAttention(weight_image=0.7, weight_text=0.3)`). Three readings, by host and flag:
+  * prototype hosts (PATNet, ...), default = the released code (Lilacis/CD_TG plug-in.py): support features are
+    aligned with the class text (S_f) and with the background text (S_b); FP_t = MAP(S_f, m), BP_t = MAP(S_b, 1 - m)
+    per support and level, and the host's prototypes become FP <- α·FP + (1-α)·FP_t, BP <- α·BP + (1-α)·BP_t. The
+    host matches its own (un-aligned) maps.
+  * prototype hosts with `--cdtg-features` = the paper's framework figure (text-aligned query and support maps
+    F_q^t, F_s^t go into the FSS method together with the fused prototypes): the query and support maps the host
+    sees become α·F + (1-α)·A(F) with the class text. The host then pools its prototypes from those maps, and MAP is
+    linear in the map, so its FP is exactly α·MAP(F, m) + (1-α)·MAP(A(F), m), the figure's P_final; no further
+    fusion, and no background text (the figure has none).
+  * feature hosts (HSNet, no prototypes; this project's extension, HSNet is not one of the paper's hosts): query
+    and support taps pass through a residual gate that starts as the identity, F <- F + g·(1-α)·(A(F) - F), g a
+    learnable scalar per level, zero at init (α only rescales g here, so test.py refuses --alpha overrides).
 During training, support features are perturbed by the medical-style AdaIN (unless disabled). With α = 1 and fixed
 fusion the plug-in is an exact identity on the host's outputs (in eval mode).
+
+The alignment modules are sized per level by default (the level's width C: ≈ 24 M parameters for ResNet-50's
+512/1024/2048 channels); `--cdtg-width W` aligns every level in one shared W-d space instead (per-level linear maps
+C -> W -> C around one `TextAlign(W)`; the reference aligns 512-d features with one 512-d module, ≈ 1.6 M), so that
+gains of "+CD-TG" can be told apart from added capacity.
 """
 import argparse
+import hashlib
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,12 +36,19 @@ import torch.nn.functional as F
 from common.errors import UserError
 from model.base import EpisodeContext, Hooks
 from model.layers import masked_average_pooling, resize_mask
-from text.descriptions import load_descriptions
-from text.encoder import CLIP_MODELS, ClipTextEncoder, TextBank
+from text.descriptions import Descriptions, load_description_file, load_descriptions
+from text.encoder import CLIP_MODELS, ClipTextEncoder, TextBank, identity_mismatch
 
 TEXT_DIMS = {'RN50': 1024, 'ViT-B-32': 512, 'ViT-B-16': 512}
 ATTN_MODES = ('paper', 'attributes')
 FUSIONS = ('fixed', 'learned')
+BACKGROUNDS = ('domain', 'generic')
+#: MAP(F, m) = Σ F·m / (Σ m + ε): the reference plug-in's `generate_prototype` and PATNet both use 1e-6.
+MAP_EPS = 1e-6
+#: The reference's single background caption for every dataset (Lilacis/CD_TG clip_prompts/background.json), used
+#: with `--cdtg-background generic`.
+GENERIC_BACKGROUND = ('A photo of the background, representing regions without specific anatomical structures or '
+                      'target objects, often appearing uniform or low-textured.')
 
 
 @dataclass
@@ -42,6 +64,10 @@ class CDTGConfig:
     text_lora: int = 0
     text_cache: str | None = None
     seed: int = 0
+    maps: bool = False
+    width: int | None = None
+    background: str = 'domain'
+    descriptions: str | None = None
 
     def validate(self) -> 'CDTGConfig':
         if self.clip not in CLIP_MODELS:
@@ -56,6 +82,11 @@ class CDTGConfig:
             raise UserError('--fusion learned initialises a sigmoid gate at --alpha, which must lie in (0, 1)')
         if self.text_lora < 0:
             raise UserError('--text-lora must be >= 0')
+        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
+                                       or self.width < 8 or self.width % 8):
+            raise UserError(f'--cdtg-width must be a multiple of 8 (the attention heads), e.g. 512 (got {self.width})')
+        if self.background not in BACKGROUNDS:
+            raise UserError(f'--cdtg-background {self.background!r}: choose one of {", ".join(BACKGROUNDS)}')
         return self
 
     def to_dict(self) -> dict:
@@ -89,17 +120,37 @@ class TextAlign(nn.Module):
         r"""u(t) for the paper mode: [N,D] -> [N,C]."""
         return self.out(self.value(self.mlp(self.proj(text))))
 
-    def forward(self, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        r"""feat [N,C,h,w]; text [N,T,D] with mask [N,T] (True = real sentence). paper mode uses text[:, 0]."""
-        n, c, h, w = feat.shape
-        x = feat.flatten(2).transpose(1, 2)                                # [N,C,h,w] -> [N,hw,C]
+    def align_tokens(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        r"""x [N,L,C] (pixels as tokens); text [N,T,D] with mask [N,T] (True = real sentence) -> [N,L,C]."""
         if self.mode == 'paper':
             x = x + self.text_bias(text[:, 0]).unsqueeze(1)
         else:
             keys = self.mlp(self.proj(text))                               # [N,T,C]
             pad = None if mask is None else ~mask
             x = x + self.attn(x, keys, keys, key_padding_mask=pad, need_weights=False)[0]
-        return self.norm(x).transpose(1, 2).reshape(n, c, h, w)           # [N,hw,C] -> [N,C,h,w]
+        return self.norm(x)
+
+    def forward(self, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        r"""feat [N,C,h,w]; text [N,T,D] with mask [N,T]. paper mode uses text[:, 0]."""
+        n, c, h, w = feat.shape
+        x = self.align_tokens(feat.flatten(2).transpose(1, 2), text, mask)  # [N,C,h,w] -> [N,hw,C]
+        return x.transpose(1, 2).reshape(n, c, h, w)                        # [N,hw,C] -> [N,C,h,w]
+
+
+class LevelProjection(nn.Module):
+    r"""One level's way into and out of a shared W-d alignment space: A(F) = U(TextAlign_W(D F)) per pixel, with
+    D: C -> W and U: W -> C linear (both the identity when C = W)."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.down = nn.Linear(channels, width) if channels != width else nn.Identity()
+        self.up = nn.Linear(width, channels) if channels != width else nn.Identity()
+
+    def forward(self, feat: torch.Tensor, shared: TextAlign, text: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, c, h, w = feat.shape
+        x = self.up(shared.align_tokens(self.down(feat.flatten(2).transpose(1, 2)), text, mask))   # [N,hw,C]
+        return x.transpose(1, 2).reshape(n, c, h, w)
 
 
 class MedicalStyle(nn.Module):
@@ -150,7 +201,8 @@ class CDTG(Hooks):
         plugin_point: 'prototypes' or 'features' (see the module docstring).
         config: a `CDTGConfig`.
     Call `bind(benchmark, class_names)` before running episodes of a benchmark: it looks up the class and background
-    descriptions (text/descriptions/<benchmark>.yaml) and their embeddings (cached on disk when the encoder is frozen).
+    descriptions (text/descriptions/<benchmark>.yaml, or the `--descriptions` file for the benchmark it declares) and
+    their embeddings (cached on disk when the encoder is frozen).
     """
 
     def __init__(self, feature_channels: list[int], feature_levels: list[int], plugin_point: str,
@@ -160,6 +212,12 @@ class CDTG(Hooks):
             raise ValueError(f'unknown plug-in point {plugin_point!r}')
         self.config = config.validate()
         self.point = plugin_point
+        if config.maps and plugin_point != 'prototypes':
+            raise UserError('--cdtg-features feeds text-aligned maps to a prototype host; this method has no '
+                            'prototypes and its CD-TG already acts on its features (drop --cdtg-features)')
+        if config.background != 'domain' and (plugin_point != 'prototypes' or config.maps):
+            raise UserError('--cdtg-background chooses the caption of the background prototype, which only the '
+                            'prototype fusion without --cdtg-features uses')
         levels = sorted(set(feature_levels))
         self.tap_level = [levels.index(lv) for lv in feature_levels]
         widths = [feature_channels[feature_levels.index(lv)] for lv in levels]
@@ -172,25 +230,52 @@ class CDTG(Hooks):
             self.bank = TextBank(config.clip, config.clip_weights, config.text_cache, config.seed)
             text_dim = TEXT_DIMS[config.clip]
         self.identity = self.text_encoder.identity if self.text_encoder is not None else self.bank.identity
-        self.align = nn.ModuleList([TextAlign(text_dim, c, config.attn) for c in widths])
+        if config.width is None:
+            self.align = nn.ModuleList([TextAlign(text_dim, c, config.attn) for c in widths])
+            self.shared_align = None
+        else:
+            self.align = nn.ModuleList([LevelProjection(c, config.width) for c in widths])
+            self.shared_align = TextAlign(text_dim, config.width, config.attn)
         if config.fusion == 'learned':
             logit = math.log(config.alpha / (1 - config.alpha))
             self.alpha_logit = nn.Parameter(torch.full((len(levels),), logit))
         if plugin_point == 'features':
             self.gate = nn.Parameter(torch.zeros(len(levels)))
         self.style = MedicalStyle(config.style_strength) if config.style_aug else None
+        # a --descriptions file is read (and validated) now; it serves the benchmark it declares
+        self.file_descriptions = load_description_file(config.descriptions) if config.descriptions else None
         self.benchmark: str | None = None
         self.class_names: list[str] = []
+        self.texts_used: dict[str, dict] = {}
 
     # --- text -------------------------------------------------------------------------------------------------
+    def descriptions_for(self, benchmark: str) -> Descriptions:
+        r"""The `--descriptions` file when it describes `benchmark`, else the shipped text/descriptions file. The
+        first benchmark a plug-in serves (training: the source benchmark; test: the tested one) must be the file's."""
+        given = self.file_descriptions
+        if given is not None and given.benchmark == benchmark:
+            return given
+        if given is not None and not self.texts_used:
+            raise UserError(f'--descriptions {given.path} describes benchmark {given.benchmark!r}, but this run '
+                            f'uses it for {benchmark!r}; pass a file written for {benchmark!r} (its `benchmark:` '
+                            'field), or leave --descriptions out to use the shipped descriptions')
+        return load_descriptions(benchmark)
+
     def bind(self, benchmark: str, class_names: list[str]) -> None:
         r"""Look up (and embed, unless cached) the descriptions of `class_names` and the domain's background."""
         if benchmark == self.benchmark and list(class_names) == self.class_names:
             return
-        desc = load_descriptions(benchmark)
+        desc = self.descriptions_for(benchmark)
         attributes = self.config.attn == 'attributes'
-        per_class = [list(c.texts) if attributes else [c.caption] for c in desc.for_classes(class_names)]
-        background = [desc.background_caption] + (list(desc.background_attributes) if attributes else [])
+        entries = desc.for_classes(class_names)
+        if attributes and any(not c.attributes for c in entries):
+            raise UserError(f'{desc.path} holds captions only (no attribute sentences); --cdtg-attn attributes needs '
+                            'them: use --cdtg-attn paper with this file')
+        per_class = [list(c.texts) if attributes else [c.caption] for c in entries]
+        if self.config.background == 'generic':
+            background = [GENERIC_BACKGROUND]
+        else:
+            background = [desc.background_caption] + (list(desc.background_attributes) if attributes else [])
         groups = per_class + [background]
         t_max = max(len(g) for g in groups)
         mask = torch.zeros(len(groups), t_max, dtype=torch.bool)
@@ -208,6 +293,10 @@ class CDTG(Hooks):
             table[mask] = tokens
             self.register_buffer('token_table', table.to(device), persistent=False)
         self.register_buffer('text_mask', mask.to(device), persistent=False)
+        self.texts_used[benchmark] = {
+            'file': str(desc.path), 'sha256': hashlib.sha256(Path(desc.path).read_bytes()).hexdigest(),
+            'source': '--descriptions' if desc is self.file_descriptions else 'shipped',
+            'author': desc.provenance.get('author'), 'model': desc.provenance.get('model')}
         self.benchmark, self.class_names = benchmark, list(class_names)
 
     def _texts(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +320,13 @@ class CDTG(Hooks):
     def background_texts(self, n: int, device):
         return self._texts(torch.full((n,), len(self.class_names), dtype=torch.long, device=device))
 
-    # --- fusion -----------------------------------------------------------------------------------------------
+    # --- alignment and fusion ---------------------------------------------------------------------------------
+    def aligned(self, level: int, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        r"""A(F) of one level: [N,C,h,w] -> [N,C,h,w] (per-level module, or the shared W-d space)."""
+        if self.shared_align is None:
+            return self.align[level](feat, text, mask)
+        return self.align[level](feat, self.shared_align, text, mask)
+
     def image_weight(self, level: int):
         if self.config.fusion == 'learned':
             return torch.sigmoid(self.alpha_logit[level])
@@ -241,22 +336,26 @@ class CDTG(Hooks):
     def support_features(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> list[torch.Tensor]:
         if self.style is not None:
             feats = self.style(feats)                                      # identity in eval mode
-        if self.point == 'features':
-            feats = self._gated(feats, ctx.class_id.repeat_interleave(ctx.nshot))
+        if self.point == 'features' or self.config.maps:
+            feats = self._mixed(feats, ctx.class_id.repeat_interleave(ctx.nshot))
         return feats
 
     def query_features(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> list[torch.Tensor]:
-        if self.point == 'features':
-            feats = self._gated(feats, ctx.class_id)
+        if self.point == 'features' or self.config.maps:
+            feats = self._mixed(feats, ctx.class_id)
         return feats
 
-    def _gated(self, feats: list[torch.Tensor], class_id: torch.Tensor) -> list[torch.Tensor]:
+    def _mixed(self, feats: list[torch.Tensor], class_id: torch.Tensor) -> list[torch.Tensor]:
+        r"""Maps moved towards their class-text alignment: F + w·(A(F) - F) with w = g·(1-α) (gated, feature
+        hosts) or w = 1-α (α·F + (1-α)·A(F), prototype hosts with --cdtg-features)."""
         text, mask = self.class_texts(class_id)
         out = []
         for i, f in enumerate(feats):
             level = self.tap_level[i]
-            weight = self.gate[level] * (1 - self.image_weight(level))
-            out.append(f + weight * (self.align[level](f, text, mask) - f))
+            weight = 1 - self.image_weight(level)
+            if self.point == 'features':
+                weight = self.gate[level] * weight
+            out.append(f + weight * (self.aligned(level, f, text, mask) - f))
         return out
 
     def prototypes(self, fg: list[torch.Tensor], bg: list[torch.Tensor | None], feats: list[torch.Tensor],
@@ -267,9 +366,10 @@ class CDTG(Hooks):
         [B*K,C]; averaged over the K shots when the host's sets are per episode (N = B); then every prototype of a
         set is fused with its text prototype: FP_p <- α FP_p + (1 - α) FP_t for p = 1..P (PMMs' mixture components
         each move towards the same text prototype), and likewise BP_p with BP_t. A host without background
-        prototypes (bg None) keeps None.
+        prototypes (bg None) keeps None. With --cdtg-features the host pooled its prototypes from the aligned maps,
+        which already makes them the fused ones (see the module docstring): nothing changes here.
         """
-        if self.point != 'prototypes':
+        if self.point != 'prototypes' or self.config.maps:
             return fg, bg
         n = feats[0].shape[0]
         k = ctx.nshot
@@ -280,14 +380,37 @@ class CDTG(Hooks):
             level = self.tap_level[i]
             a = self.image_weight(level)
             m = resize_mask(ctx.support_masks, tuple(f.shape[-2:])).to(f.dtype)
-            fp_t = masked_average_pooling(self.align[level](f, cls_text, cls_mask), m)        # [B*K,C]
+            fp_t = masked_average_pooling(self.aligned(level, f, cls_text, cls_mask), m, eps=MAP_EPS)     # [B*K,C]
             new_fg.append(a * fg[i] + (1 - a) * _per_set(fp_t, fg[i], k))
             if bg[i] is None:
                 new_bg.append(None)
                 continue
-            bp_t = masked_average_pooling(self.align[level](f, bg_text, bg_mask), 1 - m)
+            bp_t = masked_average_pooling(self.aligned(level, f, bg_text, bg_mask), 1 - m, eps=MAP_EPS)
             new_bg.append(a * bg[i] + (1 - a) * _per_set(bp_t, bg[i], k))
         return new_fg, new_bg
+
+    # --- what a result records ----------------------------------------------------------------------------------
+    def reading(self) -> dict:
+        r"""Which of the reference's readings this plug-in implements (results.json, checkpoints)."""
+        if self.point == 'features':
+            maps = 'gated: taps F + g(1-alpha)(A(F) - F), g learned from 0 (project extension for HSNet, not a host ' \
+                   'of the paper)'
+        elif self.config.maps:
+            maps = 'figure: the host matches alpha F + (1-alpha) A(F) and pools its prototypes from them'
+        else:
+            maps = 'code: the host matches its own maps; text prototypes fused into its prototypes'
+        uses_background = self.point == 'prototypes' and not self.config.maps
+        return {'maps': maps,
+                'alpha': 'image weight (reference code: FFAttention weight_image 0.7, weight_text 0.3)'
+                         + (', learned per level' if self.config.fusion == 'learned' else ''),
+                'width': 'per level' if self.config.width is None else f'shared {self.config.width}-d',
+                'background': self.config.background if uses_background else 'not used',
+                'map_eps': MAP_EPS}
+
+    @property
+    def num_parameters(self) -> int:
+        r"""Trainable parameters of the plug-in (alignment modules, gates; LoRA adapters when on)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # --- command line and checkpoints (the plug-in protocol of engine/factory.py) -----------------------------
     name, label = 'cdtg', 'CD-TG'
@@ -296,6 +419,9 @@ class CDTG(Hooks):
     def add_args(parser: argparse.ArgumentParser, stage: str) -> None:
         r"""The plug-in's flags: all of them for train.py (saved in the checkpoint), the test-time overrides for
         test.py (the rest is rebuilt from the checkpoint)."""
+        descriptions_help = ('description file (text/descriptions layout, e.g. written by scripts/import_captions.py '
+                             'from the reference\'s captions) for the benchmark it declares; default: the shipped '
+                             'text/descriptions/<benchmark>.yaml. Its SHA-256 is recorded')
         if stage == 'train':
             g = parser.add_argument_group('CD-TG plug-in')
             g.add_argument('--cdtg', action='store_true', help='attach the CD-TG text-guidance plug-in to the method')
@@ -306,9 +432,20 @@ class CDTG(Hooks):
                            help='paper: the reference attention in its exact closed form (one text vector); '
                                 'attributes: cross-attention of every pixel over the caption and attribute sentences')
             g.add_argument('--alpha', type=float, default=0.7,
-                           help='image weight of the prototype fusion (text: 1 - alpha)')
+                           help='image weight of the fusion (text: 1 - alpha), 0.7 as the reference code')
             g.add_argument('--fusion', type=str, default='fixed', choices=FUSIONS,
                            help='fixed alpha, or a learned per-level gate initialised at --alpha')
+            g.add_argument('--cdtg-features', action='store_true',
+                           help='prototype hosts: also feed the text-aligned maps alpha F + (1-alpha) A(F) into the '
+                                'host\'s matching (the paper\'s framework figure; default: only prototypes are '
+                                'fused, as the released code)')
+            g.add_argument('--cdtg-width', type=int, default=None, metavar='W',
+                           help='align every level in one shared W-d space (e.g. 512, as the reference) with per-level '
+                                'projections, instead of per-level modules of the level\'s width (default)')
+            g.add_argument('--cdtg-background', type=str, default='domain', choices=BACKGROUNDS,
+                           help='caption of the background prototype: domain (each benchmark\'s own, default) or '
+                                'generic (the reference\'s single caption for every dataset)')
+            g.add_argument('--descriptions', type=str, default=None, metavar='FILE', help=descriptions_help)
             g.add_argument('--no-style-aug', action='store_true',
                            help='disable the medical-style feature augmentation of support features during training')
             g.add_argument('--text-lora', type=int, default=0, metavar='R',
@@ -321,10 +458,13 @@ class CDTG(Hooks):
         g = parser.add_argument_group('CD-TG plug-in (rebuilt from the checkpoint)')
         g.add_argument('--cdtg', action='store_true', help='assert that the checkpoint carries the CD-TG plug-in')
         g.add_argument('--alpha', type=float, default=None,
-                       help='override the image weight of a fixed-fusion plug-in (alpha sweeps without retraining)')
+                       help='override the image weight of a fixed-fusion prototype plug-in (an analysis on test '
+                            'episodes, not a way to choose alpha; refused for HSNet, where alpha has no image-weight '
+                            'meaning)')
         g.add_argument('--clip-weights', type=str, default=None,
                        help='where the CLIP weights are on this machine (must be the weights used in training)')
         g.add_argument('--text-cache', type=str, default=None, help='folder of the frozen text-embedding cache')
+        g.add_argument('--descriptions', type=str, default=None, metavar='FILE', help=descriptions_help)
 
     @staticmethod
     def enabled(config: dict) -> bool:
@@ -333,30 +473,34 @@ class CDTG(Hooks):
     @staticmethod
     def config_keys() -> tuple[str, ...]:
         r"""The run-configuration keys that belong to the plug-in."""
-        return ('cdtg', 'clip', 'clip_weights', 'cdtg_attn', 'alpha', 'fusion', 'no_style_aug', 'text_lora',
-                'text_cache')
+        return ('cdtg', 'clip', 'clip_weights', 'cdtg_attn', 'alpha', 'fusion', 'cdtg_features', 'cdtg_width',
+                'cdtg_background', 'descriptions', 'no_style_aug', 'text_lora', 'text_cache')
 
     @classmethod
     def from_config(cls, config: dict, model) -> 'CDTG':
-        r"""A plug-in sized for `model` (a FewShotSegmenter) from a run configuration (train.py's flags)."""
+        r"""A plug-in sized for `model` (a FewShotSegmenter) from a run configuration (train.py's flags; keys
+        added since are optional, so older checkpoints rebuild as they were trained)."""
         point = getattr(model, 'plugin_point', None)
         if point not in ('features', 'prototypes'):
             raise UserError(f'method {type(model).__name__} declares no CD-TG plug-in point')
         cfg = CDTGConfig(clip=config['clip'], clip_weights=config['clip_weights'], attn=config['cdtg_attn'],
                          alpha=float(config['alpha']), fusion=config['fusion'], style_aug=not config['no_style_aug'],
                          text_lora=int(config['text_lora']), text_cache=config.get('text_cache'),
-                         seed=int(config.get('seed', 0)))
+                         seed=int(config.get('seed', 0)), maps=bool(config.get('cdtg_features', False)),
+                         width=config.get('cdtg_width'), background=config.get('cdtg_background') or 'domain',
+                         descriptions=config.get('descriptions'))
         return cls(model.feature_channels, model.feature_levels, point, cfg)
 
     @classmethod
     def test_overrides(cls, config: dict, args: argparse.Namespace, path: str) -> dict:
-        r"""The checkpoint's run configuration with test.py's plug-in flags applied (and checked)."""
+        r"""The checkpoint's run configuration with test.py's plug-in flags applied (and checked). The descriptions
+        are test.py's own: `--descriptions FILE` (for the tested benchmark) or the shipped ones."""
         has = cls.enabled(config)
         if getattr(args, 'cdtg', False) and not has:
             raise UserError(f'checkpoint {path} was trained without the CD-TG plug-in, so --cdtg cannot be used with '
                             'it (drop --cdtg, or train with train.py --cdtg)')
         config = dict(config)
-        for key in ('alpha', 'clip_weights', 'text_cache'):
+        for key in ('alpha', 'clip_weights', 'text_cache', 'descriptions'):
             value = getattr(args, key, None)
             if value is None:
                 continue
@@ -364,18 +508,39 @@ class CDTG(Hooks):
                 raise UserError(f'--{key.replace("_", "-")} applies to CD-TG checkpoints only; {path} has no plug-in')
             if key == 'alpha' and config.get('fusion') == 'learned':
                 raise UserError(f'--alpha cannot override {path}: its fusion weights were learned (--fusion learned)')
+            if key == 'alpha' and _plugin_point(config) == 'features':
+                raise UserError(f'--alpha cannot override {path}: on {config["method"]} the plug-in is a learned '
+                                'residual gate F + g(1-alpha)(A(F) - F), so alpha only rescales the learned g and '
+                                'has no image-weight meaning (an override would run the model off its training '
+                                'distribution)')
+            if key == 'descriptions':
+                declared = load_description_file(value).benchmark
+                if declared != args.benchmark:
+                    raise UserError(f'--descriptions {value} describes benchmark {declared!r}, but test.py runs '
+                                    f'{args.benchmark!r}; pass the file written for {args.benchmark!r}')
             config[key] = value
+        if has:
+            config['descriptions'] = getattr(args, 'descriptions', None)
         return config
 
     def record(self) -> dict:
-        r"""What a checkpoint records about this plug-in."""
-        return {'name': self.name, 'config': self.config.to_dict(), 'text_encoder': self.identity}
+        r"""What a checkpoint (and results.json) records about this plug-in."""
+        return {'name': self.name, 'config': self.config.to_dict(), 'text_encoder': self.identity,
+                'reading': self.reading(), 'parameters': self.num_parameters, 'descriptions': dict(self.texts_used)}
 
     def check_record(self, saved: dict | None, path: str) -> None:
         r"""Refuse a checkpoint whose plug-in was trained with another text encoder than the one built now."""
         if saved is not None and saved.get('text_encoder') != self.identity:
-            raise UserError(f'checkpoint {path} was trained with text encoder {saved.get("text_encoder")}, but '
-                            f'--clip-weights now gives {self.identity}; pass the same CLIP weights')
+            raise UserError(f'checkpoint {path} was trained with text encoder {saved.get("text_encoder")}, but this '
+                            f'installation builds {self.identity}: '
+                            f'{identity_mismatch(saved.get("text_encoder"), self.identity)}')
+
+
+def _plugin_point(config: dict) -> str | None:
+    r"""The plug-in point of a run configuration's method (None for a method this code does not know)."""
+    from model import METHODS
+    cls = METHODS.get(config.get('method'))
+    return getattr(cls, 'plugin_point', None)
 
 
 def _per_set(text_proto: torch.Tensor, protos: torch.Tensor, nshot: int) -> torch.Tensor:
