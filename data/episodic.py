@@ -58,8 +58,6 @@ class EpisodicDataset(Dataset):
         self.split = split
         self.nshot = nshot
         self.img_size = img_size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self.class_names, self.class_items = self.build_index()
         self.class_items = [sorted(set(items)) for items in self.class_items]
         if len(self.class_names) != len(self.class_items):
@@ -151,19 +149,29 @@ class EpisodicDataset(Dataset):
         return self.transform_image(image), self.transform_mask(mask)
 
     def transform_image(self, image: Image.Image) -> torch.Tensor:
-        r"""Resize to SxS (bilinear, aspect ignored, as torchvision's Resize on PIL), ToTensor, ImageNet norm."""
-        s = self.img_size
-        image = image.resize((s, s), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std
+        return image_tensor(image, self.img_size)
 
     def transform_mask(self, mask: np.ndarray) -> torch.Tensor:
-        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
-        return F.interpolate(m, (self.img_size, self.img_size), mode='nearest')[0, 0].to(torch.uint8)
+        return mask_tensor(mask, self.img_size)
 
     def describe(self) -> str:
         counts = ', '.join(f'{self.class_names[c]}: {len(self.class_items[c])}' for c in self.usable_classes)
         return f'{self.name}/{self.split}: {len(self.usable_classes)} classes ({counts})'
+
+
+def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    r"""The model input of an RGB image: resized to size x size (bilinear, aspect ignored, as torchvision's Resize on
+    PIL), scaled to [0, 1] and ImageNet-normalised; [3,S,S] float. Every loader and predict.py use this."""
+    image = image.resize((size, size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
+    r"""A label array [H,W] (uint8) resized to size x size with nearest neighbour (labels are never blended);
+    [S,S] uint8."""
+    m = torch.from_numpy(np.array(mask, dtype=np.uint8))[None, None].float()       # a copy: PIL arrays are read-only
+    return F.interpolate(m, (size, size), mode='nearest')[0, 0].to(torch.uint8)
 
 
 def open_image(path: Path) -> Image.Image:

@@ -3,24 +3,42 @@ r"""Method x (±CD-TG) x target x shots grid: train each model once on a source 
     python scripts/grid.py --methods hsnet patnet --cdtg off on --benchmark pascal --targets isic lung wbc chaos \
         --shots 1 5 --datapath DATA --logroot logs/grid -- --backbone-weights imagenet --epochs 50
     python scripts/grid.py ... --alphas 0.5 0.6 0.7 0.8 0.9      # alpha sweep of fixed-fusion CD-TG models
+    python scripts/grid.py ... --targets chaos chaos:volumetric   # a target with a test.py --protocol
+    python scripts/grid.py ... --gpus 4 --dry-run                 # print the torchrun commands, run nothing
 
 Everything after `--` is passed to train.py unchanged (the same for every run, so baseline and +CD-TG share schedule,
 checkpoint rule and seed; test episodes are the same list for every model). Existing checkpoints are reused, and so is
 a cell whose results.json was written by the same test.py command after the checkpoint, so an interrupted grid can be
 restarted and only the missing cells run. Writes grid.csv and grid.md (mIoU / FB-IoU / Dice per cell) under
---logroot; each cell's results.json (with its episode list) stays in the model's run folder.
+--logroot; each cell's results.json (with its episode list) stays in the model's run folder (scripts/report.py turns
+them into tables and figures).
+
+With --gpus 1 (default) train.py and test.py run in this process; --gpus N > 1 runs each of them as
+`torchrun --standalone --nproc_per_node N` (which needs train.py/test.py with torchrun support). --dry-run prints
+the train/test commands the grid still needs, as shell commands, and runs nothing.
 """
 import argparse
 import csv
 import json
+import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import test as test_cli  # noqa: E402
-import train as train_cli  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
+
+
+def __getattr__(name: str):
+    r"""`grid.train_cli` / `grid.test_cli`: train.py and test.py, imported on first use (a dry run imports neither
+    torch nor the data code)."""
+    if name in ('train_cli', 'test_cli'):
+        import importlib
+        return importlib.import_module(name[:-4])
+    raise AttributeError(name)
 
 
 def finished_cell(folder: Path, checkpoint: Path, cmd: list[str]) -> dict | None:
@@ -31,6 +49,42 @@ def finished_cell(folder: Path, checkpoint: Path, cmd: list[str]) -> dict | None
     if json.loads(record.read_text()) != cmd or results.stat().st_mtime < checkpoint.stat().st_mtime:
         return None
     return json.loads(results.read_text())
+
+
+def torchrun_supported() -> bool:
+    r"""Whether this code base's train.py/test.py can run under torchrun (something calls init_process_group)."""
+    sources = [ROOT / 'train.py', ROOT / 'test.py'] + sorted((ROOT / 'common').glob('*.py')) \
+        + sorted((ROOT / 'engine').glob('*.py'))
+    return any('init_process_group' in f.read_text() for f in sources if f.is_file())
+
+
+def command(script: str, args: list[str], gpus: int) -> list[str]:
+    r"""The command line that runs `script` (train.py / test.py) with `args` on `gpus` GPUs."""
+    path = str(ROOT / script)
+    if gpus > 1:
+        launcher = ['torchrun'] if shutil.which('torchrun') else [sys.executable, '-m', 'torch.distributed.run']
+        return launcher + ['--standalone', '--nproc_per_node', str(gpus), path] + args
+    return [sys.executable, path] + args
+
+
+def launch(script: str, args: list[str], gpus: int):
+    r"""Run train.py / test.py: in this process (one GPU or CPU; returns its result), or under torchrun."""
+    if gpus <= 1:
+        return __getattr__('train_cli' if script == 'train.py' else 'test_cli').main(args)
+    if not torchrun_supported():
+        raise UserError(f'--gpus {gpus}: train.py/test.py of this version do not run under torchrun yet; use --gpus 1 '
+                        '(one process) or a version with distributed support')
+    cmd = command(script, args, gpus)
+    print('+ ' + shlex.join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise UserError(f'{script} failed under torchrun: {shlex.join(cmd)}')
+    return None
+
+
+def split_target(spec: str) -> tuple[str, str | None]:
+    r"""'chaos:volumetric' -> ('chaos', 'volumetric'); 'isic' -> ('isic', None)."""
+    name, _, protocol = spec.partition(':')
+    return name, protocol or None
 
 
 def main(argv=None) -> list[dict]:
@@ -50,7 +104,16 @@ def main(argv=None) -> list[dict]:
     p.add_argument('--episodes', type=int, default=600)
     p.add_argument('--seed', type=int, default=0, help='seed of the test episode lists')
     p.add_argument('--test-args', default='', help='extra test.py flags, as one string (e.g. "--bsz 8 --workers 2")')
+    p.add_argument('--gpus', type=int, default=1,
+                   help='1: run train/test in this process; N > 1: under torchrun --nproc_per_node N')
+    p.add_argument('--dry-run', action='store_true', help='print the train/test commands still needed; run nothing')
     args = p.parse_args(argv)
+    if args.gpus < 1:
+        raise UserError(f'--gpus must be an integer >= 1, got {args.gpus} (use --device cpu in the train/test '
+                        'arguments for CPU runs)')
+    if args.dry_run and args.gpus > 1 and not torchrun_supported():
+        print('# note: train.py/test.py of this version do not run under torchrun yet; these commands need a '
+              'version with distributed support')
     root = Path(args.logroot)
     rows = []
     for method in args.methods:
@@ -61,20 +124,34 @@ def main(argv=None) -> list[dict]:
                 if (run / 'last.pt').exists():
                     raise UserError(f'{run} holds an unfinished run; continue it with '
                                     f'train.py --resume --logpath {run}')
-                train_cli.main(['--method', method, '--benchmark', args.benchmark, '--datapath', args.datapath,
-                                '--logpath', str(run)] + (['--cdtg'] if cdtg == 'on' else []) + passthrough)
+                train_args = (['--method', method, '--benchmark', args.benchmark, '--datapath', args.datapath,
+                               '--logpath', str(run)] + (['--cdtg'] if cdtg == 'on' else []) + passthrough)
+                if args.dry_run:
+                    print(shlex.join(command('train.py', train_args, args.gpus)))
+                else:
+                    launch('train.py', train_args, args.gpus)
             alphas = [None] + (args.alphas if cdtg == 'on' else [])
             for target in args.targets:
+                benchmark, protocol = split_target(target)
                 for shots in args.shots:
                     for alpha in alphas:
-                        tag = f'test-{target}-{shots}shot' + (f'-alpha{alpha:g}' if alpha is not None else '')
-                        cmd = (['--load', str(run / 'best.pt'), '--benchmark', target, '--datapath', args.datapath,
-                                '--nshot', str(shots), '--episodes', str(args.episodes), '--seed', str(args.seed),
-                                '--logpath', str(run / tag)]
+                        tag = (f'test-{benchmark}' + (f'-{protocol}' if protocol else '') + f'-{shots}shot'
+                               + (f'-alpha{alpha:g}' if alpha is not None else ''))
+                        cmd = (['--load', str(run / 'best.pt'), '--benchmark', benchmark, '--datapath',
+                                args.datapath, '--nshot', str(shots), '--episodes', str(args.episodes), '--seed',
+                                str(args.seed), '--logpath', str(run / tag)]
+                               + (['--protocol', protocol] if protocol else [])
                                + (['--alpha', str(alpha)] if alpha is not None else []) + args.test_args.split())
-                        res = finished_cell(run / tag, run / 'best.pt', cmd)
+                        done = (run / 'best.pt').exists() and finished_cell(run / tag, run / 'best.pt', cmd)
+                        if args.dry_run:
+                            if not done:
+                                print(shlex.join(command('test.py', cmd, args.gpus)))
+                            continue
+                        res = done or None
                         if res is None:
-                            res = test_cli.main(cmd)
+                            res = launch('test.py', cmd, args.gpus)
+                            if res is None:                                  # run under torchrun
+                                res = json.loads((run / tag / 'results.json').read_text())
                             (run / tag / 'grid-cell.json').write_text(json.dumps(cmd) + '\n')
                         else:
                             print(f'{tag} of {name}: reusing {run / tag / "results.json"}')
@@ -82,6 +159,8 @@ def main(argv=None) -> list[dict]:
                         rows.append({'method': method, 'cdtg': cdtg, 'alpha': used if cdtg == 'on' else '',
                                      'target': target, 'shots': shots, 'miou': round(res['miou'], 2),
                                      'fbiou': round(res['fbiou'], 2), 'dice': round(res['dice'], 2)})
+    if args.dry_run:
+        return rows
     root.mkdir(parents=True, exist_ok=True)
     with open(root / 'grid.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
