@@ -23,6 +23,7 @@ from data import (FixedEpisodes, TrainingEpisodes, add_dataset_args, build_datas
                   dataset_options)
 from engine.factory import (add_method_args, add_plugin_args, build_model, checkpoint_model_state, method_options,
                             plugin_record, preparse_method, strip_plugin_keys)
+from engine.figures import episode_figure, figure_array
 from engine.loops import (BOUNDARY_POLICIES, PRECISIONS, SCHEDULES, NonFiniteGuard, evaluate, override_recipe,
                           train_epoch)
 from model import BACKBONES, METHODS, method_class
@@ -32,7 +33,7 @@ NO_BUFFER_SYNC = ({'forward_sync_buffers': False}
                   if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
                   else {'broadcast_buffers': False})
 # Flags that may change when a run is resumed; every other value comes from the checkpoint.
-RESUMABLE = ('epochs', 'workers', 'device', 'log_every', 'save_every_steps', 'skip_nonfinite', 'compile')
+RESUMABLE = ('epochs', 'workers', 'device', 'log_every', 'save_every_steps', 'skip_nonfinite', 'compile', 'tb_images')
 
 
 def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
@@ -74,6 +75,8 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
     bounded(p, '--save-every-steps', int, 0, low=0,
             help='also write last.pt every N training steps within an epoch (0 = at epoch ends only); --resume '
                  'continues from the exact step')
+    bounded(p, '--tb-images', int, 4, low=0, high=32,
+            help='draw the first N (fixed) validation episodes into TensorBoard every epoch (0 = off)')
     bounded(p, '--skip-nonfinite', int, 0, low=0,
             help='skip up to N training steps whose loss or gradient is NaN/inf, with a warning (default 0: stop '
                  'at the first one)')
@@ -306,8 +309,10 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
                           forward=forward, dist=dist, precision=precision, scaler=scaler,
                           boundary=config.get('train_boundary', 'ignore'))   # older runs left 255 out of the loss
         model.hooks.bind(val_set.name, val_set.class_names)
-        val, _ = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val', dist=dist,
-                          precision=precision)
+        val, kept = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val', dist=dist,
+                             precision=precision, keep_predictions=config.get('tb_images', 0))
+        if kept:                                # the same first N validation episodes every epoch (rank 0's)
+            log.image('val/episodes', lambda: figure_array(episode_figure(kept, val_set.class_names)), epoch)
         last_val = val
         improved = val['miou'] > best['miou']
         if improved:
@@ -329,8 +334,24 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
                 save_checkpoint(checkpoint(epoch, (epoch + 1, 0), val, resumable=False), logpath_of(config) / 'best.pt')
             save_checkpoint(checkpoint(epoch, (epoch + 1, 0), val), logpath_of(config) / 'last.pt')
         dist.barrier()                              # nobody reads last.pt before it is complete
+    log.hparams(hparam_summary(config, plugin, recipe),
+                {'hparam/best_val_miou': best['miou'], 'hparam/best_val_fbiou': best.get('fbiou', float('nan')),
+                 'hparam/best_val_dice': best.get('dice', float('nan')), 'hparam/best_epoch': best['epoch']})
     log.info(f'best val mIoU {best["miou"]:.2f} at epoch {best["epoch"]} -> {config["logpath"]}/best.pt')
     return {'best': best, 'history': history, 'logpath': config['logpath']}
+
+
+def hparam_summary(config: dict, plugin: dict | None, recipe) -> dict:
+    r"""The settings that tell runs apart, flat, for TensorBoard's HParams tab."""
+    keys = ('method', 'benchmark', 'backbone', 'backbone_weights', 'bn_calibration', 'img_size', 'bsz', 'epochs',
+            'episodes_per_epoch', 'nshot', 'seed')
+    out = {k: config.get(k) for k in keys}
+    out['lr'] = recipe.optimizer.param_groups[0]['lr']          # the method's default when --lr was not given
+    out.update({f'option/{k}': v for k, v in config['method_options'].items()})
+    out['cdtg'] = plugin is not None
+    if plugin is not None:
+        out.update({f'cdtg/{k}': v for k, v in plugin['config'].items() if k not in ('text_cache', 'seed')})
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in out.items()}
 
 
 def logpath_of(config: dict) -> Path:

@@ -2,8 +2,10 @@ r"""A run folder: resolved config (YAML), text log, tensorboardX scalars, checkp
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from common.config import dump_config
@@ -24,6 +26,35 @@ def prepare_run_folder(logpath: str | Path) -> Path:
         raise UserError(f'cannot write the run folder {folder} ({reason}); choose a writable folder with '
                         '--logpath DIR') from err
     return folder
+
+
+@contextmanager
+def staged_folder(final: str | Path, flag: str = '--out'):
+    r"""Write a folder all at once: yields an empty temporary sibling of `final`; when the block ends without error
+    it replaces `final` (a previous `final` is removed only after the new one is in place), and on any error it is
+    deleted, so `final` is never half-written. An unwritable place is a `UserError` naming `flag`."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise UserError(f'{flag} {final} is a file; pass a folder')
+    tmp = final.parent / f'.{final.name}.tmp-{os.getpid()}'
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise UserError(f'cannot write {flag} {final} ({err.strerror or type(err).__name__}); choose a writable '
+                        'folder') from err
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f'.{final.name}.old-{os.getpid()}'
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class RunLogger:
@@ -61,13 +92,34 @@ class RunLogger:
     def info(self, msg: str) -> None:
         self.log.info(msg)
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
+    def writer(self):
+        r"""The run's tensorboardX writer (created on first use; None when TensorBoard is off)."""
         if not self._tensorboard:
-            return
+            return None
         if self._writer is None:
             from tensorboardX import SummaryWriter
             self._writer = SummaryWriter(str(self.dir / 'tb'))
-        self._writer.add_scalar(tag, value, step)
+        return self._writer
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        writer = self.writer()
+        if writer is not None:
+            writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        r"""An RGB uint8 image [H,W,3] (numpy) on TensorBoard's Images tab; `image` may be a function returning it,
+        called only when TensorBoard is on (drawing a figure costs more than the rest of a tiny epoch)."""
+        writer = self.writer()
+        if writer is not None:
+            writer.add_image(tag, image() if callable(image) else image, step, dataformats='HWC')
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        r"""One entry of TensorBoard's HParams tab: the run's settings (numbers, strings, booleans; None is written
+        as 'default') and its final metrics (tags must differ from the scalar tags)."""
+        writer = self.writer()
+        if writer is not None:
+            clean = {k: ('default' if v is None else v) for k, v in hparams.items()}
+            writer.add_hparams(clean, metrics, name='hparams')
 
     def write_json(self, name: str, data: dict) -> Path:
         path = self.dir / name
@@ -94,6 +146,12 @@ class NullLogger:
         pass
 
     def scalar(self, tag: str, value: float, step: int) -> None:
+        pass
+
+    def image(self, tag: str, image, step: int) -> None:
+        pass
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
         pass
 
     def write_json(self, name: str, data: dict):

@@ -315,6 +315,39 @@ def open_mask(path: Path) -> np.ndarray:
                         'every damaged file') from err
 
 
+def open_binary_mask(path: Path) -> np.ndarray:
+    r"""A user's binary mask as a 2D 0/1 uint8 array (1 = foreground), whatever its encoding:
+
+    * 8-bit gray, RGB, RGBA (converted to gray): 0/255 binarised at >= 128, or 0/1 (see `binary_mask`);
+    * 16-bit or 32-bit gray: 0/1, 0/255 or 0/65535 (max <= 1: 1 is foreground; max <= 255: >= 128; else >= 32768);
+    * palette (indexed) PNG: with a gray palette (every colour has R = G = B, as optimisers write gray masks) the
+      colours' gray values are read as above; with a colour palette (label-map tools, PASCAL VOC) the *indices* are
+      read: 0 = background, 255 = background (VOC's void border), any other index = foreground. Reading colours
+      instead would turn VOC's dark red (128, 0, 0) into gray 38, an empty mask.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == 'P':
+                arr = np.asarray(img)
+                palette = np.asarray(img.getpalette() or [], dtype=np.int64).reshape(-1, 3)
+                indices = np.unique(arr)
+                used = palette[indices[indices < len(palette)]]
+                if len(used) and (used[:, 0] == used[:, 1]).all() and (used[:, 1] == used[:, 2]).all():
+                    return binary_mask(np.asarray(img.convert('L')))
+                return ((arr != 0) & (arr != 255)).astype(np.uint8)
+            if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+                arr = np.asarray(img, dtype=np.float64)
+                top = float(arr.max()) if arr.size else 0.0
+                cut = 1.0 if top <= 1 else (128.0 if top <= 255 else 32768.0)
+                return (arr >= cut).astype(np.uint8)
+            return binary_mask(np.asarray(img if img.mode == 'L' else img.convert('L')))
+    except FileNotFoundError as err:
+        raise UserError(f'mask file {path} does not exist') from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UserError(f'mask file {path} is unreadable or corrupt ({type(err).__name__}: {err})') from err
+
+
 def first_existing(candidates: list[Path], marker: str | tuple[str, ...]) -> Path | None:
     r"""The first candidate root that contains `marker` (a sub-path, or any of several)."""
     markers = (marker,) if isinstance(marker, str) else marker

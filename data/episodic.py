@@ -171,17 +171,14 @@ class EpisodicDataset(Dataset):
 
     def resize_image(self, image: Image.Image) -> torch.Tensor:
         r"""Resize to SxS (bilinear, aspect ignored, as torchvision's Resize on PIL) -> uint8 [3,S,S]."""
-        s = self.img_size
-        image = image.resize((s, s), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return image_uint8(image, self.img_size)
 
     def transform_image(self, image: Image.Image) -> torch.Tensor:
         r"""Resize to SxS (bilinear, aspect ignored, as torchvision's Resize on PIL), ToTensor, ImageNet norm."""
-        return normalize_images(self.resize_image(image))
+        return image_tensor(image, self.img_size)
 
     def transform_mask(self, mask: np.ndarray) -> torch.Tensor:
-        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
-        return F.interpolate(m, (self.img_size, self.img_size), mode='nearest')[0, 0].to(torch.uint8)
+        return mask_tensor(mask, self.img_size)
 
     def conventions(self) -> dict:
         r"""The benchmark's comparability choices (e.g. Chest X-ray's population) as recorded in results.json."""
@@ -197,6 +194,26 @@ def normalize_images(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return (x.float().div_(255) - mean) / std
+
+
+def image_uint8(image: Image.Image, size: int) -> torch.Tensor:
+    r"""An RGB image resized to size x size (bilinear, aspect ignored, as torchvision's Resize on PIL); uint8
+    [3,S,S]."""
+    image = image.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    r"""The model input of an RGB image: `image_uint8`, scaled to [0, 1] and ImageNet-normalised; [3,S,S] float.
+    Every loader and predict.py use this."""
+    return normalize_images(image_uint8(image, size))
+
+
+def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
+    r"""A label array [H,W] (uint8) resized to size x size with nearest neighbour (labels are never blended);
+    [S,S] uint8."""
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
+    return F.interpolate(m, (size, size), mode='nearest')[0, 0].to(torch.uint8)
 
 
 def open_image(path: Path) -> Image.Image:

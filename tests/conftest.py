@@ -12,7 +12,7 @@ os.environ.setdefault('CDTG_CACHE', tempfile.mkdtemp(prefix='cdtg-test-cache-'))
 
 TINY_TRAIN = ['--method', 'hsnet', '--benchmark', 'synthetic', '--backbone', 'resnet50', '--backbone-weights', 'none',
               '--img-size', '64', '--bsz', '4', '--epochs', '1', '--episodes-per-epoch', '8', '--val-episodes', '4',
-              '--workers', '0', '--seed', '0']
+              '--workers', '0', '--seed', '0', '--tb-images', '0']
 
 
 @pytest.fixture(scope='session')
@@ -34,3 +34,25 @@ def tiny_checkpoint(datapath, tmp_path_factory):
         warnings.simplefilter('ignore')
         train.main(TINY_TRAIN + ['--datapath', str(datapath), '--logpath', str(logpath)])
     return logpath / 'best.pt'
+
+
+@pytest.fixture(scope='session')
+def tiny_cdtg_checkpoint(tiny_checkpoint, tmp_path_factory):
+    r"""The tiny HSNet with a CD-TG plug-in attached (random CLIP weights, fresh alignment modules, feature gates set
+    to 1 so the text changes the outputs), saved as train.py would: no training, for CLI plumbing tests."""
+    from common.checkpoint import load_checkpoint, save_checkpoint
+    from engine.factory import build_model, plugin_record
+    ckpt = load_checkpoint(tiny_checkpoint)
+    config = dict(ckpt['config'], cdtg=True, clip='ViT-B-32', clip_weights='none', cdtg_attn='paper', alpha=0.7,
+                  fusion='fixed', no_style_aug=False, text_lora=0, text_cache=None)
+    torch.manual_seed(0)
+    model = build_model(config, None)
+    state = model.state_dict()
+    state.update(ckpt['model'])
+    state['hooks.gate'] = torch.ones_like(state['hooks.gate'])
+    model.load_state_dict(state)
+    meta = {k: v for k, v in ckpt.items() if k not in ('format', 'version', 'checksum', 'optimizer')}
+    path = tmp_path_factory.mktemp('tiny_cdtg_run') / 'best.pt'
+    save_checkpoint(dict(meta, model=model.state_dict(), config=config, plugin=plugin_record(model), optimizer={}),
+                    path)
+    return path

@@ -247,6 +247,7 @@ class CDTG(Hooks):
         self.benchmark: str | None = None
         self.class_names: list[str] = []
         self.texts_used: dict[str, dict] = {}
+        self._from_file: tuple[str, list[str]] | None = None      # what `bind` bound from a description file
 
     # --- text -------------------------------------------------------------------------------------------------
     def descriptions_for(self, benchmark: str) -> Descriptions:
@@ -263,7 +264,7 @@ class CDTG(Hooks):
 
     def bind(self, benchmark: str, class_names: list[str]) -> None:
         r"""Look up (and embed, unless cached) the descriptions of `class_names` and the domain's background."""
-        if benchmark == self.benchmark and list(class_names) == self.class_names:
+        if self._from_file == (benchmark, list(class_names)):
             return
         desc = self.descriptions_for(benchmark)
         attributes = self.config.attn == 'attributes'
@@ -276,7 +277,28 @@ class CDTG(Hooks):
             background = [GENERIC_BACKGROUND]
         else:
             background = [desc.background_caption] + (list(desc.background_attributes) if attributes else [])
-        groups = per_class + [background]
+        self.bind_texts(benchmark, list(class_names), per_class, background)
+        self.texts_used[benchmark] = {
+            'file': str(desc.path), 'sha256': hashlib.sha256(Path(desc.path).read_bytes()).hexdigest(),
+            'source': '--descriptions' if desc is self.file_descriptions else 'shipped',
+            'author': desc.provenance.get('author'), 'model': desc.provenance.get('model')}
+        self._from_file = (benchmark, list(class_names))
+
+    def bind_texts(self, key: str, class_names: list[str], class_texts: list[list[str]],
+                   background_texts: list[str]) -> None:
+        r"""Bind arbitrary texts: class i (class_id i) is described by `class_texts[i]` (a caption, then optional
+        attribute sentences), the background by `background_texts`. The 'paper' attention reads each caption only,
+        'attributes' every sentence. `key` names this set of texts (e.g. a benchmark); `bind` uses this with the
+        description files, predict.py with a one-off description typed by the user. Texts are embedded (frozen
+        encoder: through the on-disk cache) or tokenised (LoRA: encoded in the graph at every episode)."""
+        if len(class_names) != len(class_texts) or not class_texts:
+            raise ValueError(f'bind_texts needs one text list per class (got {len(class_names)} names, '
+                             f'{len(class_texts)} text lists)')
+        groups = [list(g) for g in class_texts] + [list(background_texts)]
+        if any(not g or any(not isinstance(t, str) or not t.strip() for t in g) for g in groups):
+            raise UserError('every class and the background need at least one non-empty description text')
+        if self.config.attn != 'attributes':
+            groups = [g[:1] for g in groups]
         t_max = max(len(g) for g in groups)
         mask = torch.zeros(len(groups), t_max, dtype=torch.bool)
         for i, g in enumerate(groups):
@@ -293,11 +315,11 @@ class CDTG(Hooks):
             table[mask] = tokens
             self.register_buffer('token_table', table.to(device), persistent=False)
         self.register_buffer('text_mask', mask.to(device), persistent=False)
-        self.texts_used[benchmark] = {
-            'file': str(desc.path), 'sha256': hashlib.sha256(Path(desc.path).read_bytes()).hexdigest(),
-            'source': '--descriptions' if desc is self.file_descriptions else 'shipped',
-            'author': desc.provenance.get('author'), 'model': desc.provenance.get('model')}
-        self.benchmark, self.class_names = benchmark, list(class_names)
+        self.benchmark, self.class_names = key, list(class_names)
+        typed = '\n'.join(t for g in groups for t in g).encode()
+        self.texts_used[key] = {'file': None, 'sha256': hashlib.sha256(typed).hexdigest(), 'source': 'typed',
+                                'texts': groups}
+        self._from_file = None                   # `bind` sets it after this call, a direct call leaves it unset
 
     def _texts(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Embeddings [N,T,D] and mask [N,T] of the given rows of the bound table (last row = background)."""

@@ -1,0 +1,395 @@
+r"""Segment your own images from K annotated examples with any trained checkpoint.
+
+    python predict.py --load logs/run/best.pt --support a.png:a_mask.png --support b.jpg:b_mask.png \
+        --query photos/ --out preds/
+    python predict.py --load best.pt --support-dir examples/ --query scan.png --out preds/ --class-name lung
+    python predict.py --load best.pt --support-dir examples/ --query photos/ --out preds/ \
+        --description "A photo of a polyp, a small rounded pink bulge on the bowel wall."
+
+Supports: `--support IMAGE:MASK` (repeatable) and/or `--support-dir DIR`, paired as the target loaders pair files:
+`DIR/images/` + `DIR/masks/` by stem, or one flat folder where `<stem>_mask.*` / `<stem>_segmentation.*` (Chest
+X-ray, ISIC) or `<stem>.png` next to a non-PNG `<stem>.*` (FSS-1000) is the mask of `<stem>`. Masks may be 0/255,
+0/1, 16-bit, RGB(A) or palette PNGs (see `data.checks.open_binary_mask` for the exact rule). Queries: files or
+folders (`--query`, repeatable), any size, aspect ratio and mode (gray, RGB, RGBA, 16-bit). Every query is
+predicted at the checkpoint's image size (as in training and test.py) and its logits are resized back to the
+original size. Writes into --out: `masks/<name>.png` (0/255, the original size), `overlays/<name>.jpg` (the
+prediction in red over the image) and `summary.json`. Every input is checked before the model runs, and the output
+folder appears only when complete (it is written under a temporary name and renamed), so an error leaves nothing
+half-written.
+
+CD-TG checkpoints need the class's text: `--class-name NAME` looks it up in text/descriptions/*.yaml (`--descriptions
+BENCHMARK` picks the file), or `--description "..."` gives a one-off description that is encoded on the fly
+(`--background-description` for the background; default "A photo of the background."). Test-time adaptation
+(`--finetune-steps/--finetune-lr`) adapts on the supports of every query separately, as in test.py.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from common.config import bounded, parse_with_config
+from common.constants import MIN_IMG_SIZE
+from common.errors import UserError, run_cli
+from common.logger import staged_folder
+from common.utils import configure_backends, resolve_device, seed_everything
+from data.checks import (IMAGE_EXTENSIONS, DataReport, inspect_file, list_files, open_binary_mask, open_rgb,
+                         pair_by_stem)
+from data.episodic import image_tensor, mask_tensor
+from engine.factory import add_plugin_args, load_model, plugin_record
+from model.base import Output
+
+MASK_SUFFIXES = ('_mask', '_segmentation')         # the Chest X-ray and ISIC conventions
+GENERIC_BACKGROUND = 'A photo of the background.'
+# Logits are resized to the original size in one piece up to this many values (256 MiB in float32); larger images
+# are predicted at the largest size under it and the binary mask is enlarged with nearest neighbour.
+MAX_UPSAMPLED = 2 ** 26
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='Segment your own images from K annotated examples.')
+    p.add_argument('--config', type=str, default=None, help='YAML file whose keys set the defaults of these flags')
+    p.add_argument('--load', type=str, default=None, help='checkpoint (best.pt / last.pt written by train.py)')
+    p.add_argument('--support', action='append', default=[], metavar='IMAGE:MASK',
+                   help='an annotated example (repeat for K > 1)')
+    p.add_argument('--support-dir', type=str, default=None,
+                   help='a folder of annotated examples: images/ + masks/, or <stem>.* with <stem>_mask.*')
+    p.add_argument('--query', action='append', default=[], metavar='PATH',
+                   help='an image or a folder of images to segment (repeatable)')
+    p.add_argument('--out', type=str, default=None, help='output folder (must not exist or be empty)')
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out once the new one is complete')
+    p.add_argument('--class-name', type=str, default=None,
+                   help='CD-TG: the class whose description to use (text/descriptions/*.yaml); with --description, '
+                        'only its name in summary.json')
+    p.add_argument('--descriptions', type=str, default=None, metavar='BENCHMARK',
+                   help='CD-TG: look --class-name up in text/descriptions/BENCHMARK.yaml only')
+    p.add_argument('--description', type=str, default=None,
+                   help='CD-TG: a one-off description of the class (one sentence), encoded on the fly')
+    p.add_argument('--background-description', type=str, default=None,
+                   help=f'CD-TG with --description: the background text (default "{GENERIC_BACKGROUND}")')
+    bounded(p, '--img-size', int, None, low=MIN_IMG_SIZE, high=4096, help='default: the training image size')
+    bounded(p, '--bsz', int, 4, low=1, help='queries per forward pass')
+    bounded(p, '--seed', int, 0, low=0, high=2**63 - 1, help='seeds any randomness of test-time adaptation')
+    p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
+    bounded(p, '--finetune-steps', int, None, low=0,
+            help="test-time adaptation steps per query, for methods that have it (default: the method's)")
+    bounded(p, '--finetune-lr', float, None, low=0, low_open=True,
+            help="learning rate of test-time adaptation (default: the method's)")
+    add_plugin_args(p, 'test')
+    return p
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------------
+def split_support(spec: str) -> tuple[Path, Path]:
+    r"""`IMAGE:MASK` -> paths. Paths may contain ':' themselves: the split whose two sides both exist wins."""
+    cuts = [i for i, ch in enumerate(spec) if ch == ':']
+    if not cuts:
+        raise UserError(f'--support {spec}: expected IMAGE:MASK (an image and its mask, separated by ":")')
+    for i in cuts:
+        if Path(spec[:i]).is_file() and Path(spec[i + 1:]).is_file():
+            return Path(spec[:i]), Path(spec[i + 1:])
+    image, mask = Path(spec[:cuts[-1]]), Path(spec[cuts[-1] + 1:])
+    missing = image if not image.is_file() else mask
+    raise UserError(f'--support {spec}: {missing} does not exist (expected IMAGE:MASK)')
+
+
+def _mask_stem(stem: str) -> str | None:
+    r"""The image stem a mask file stem belongs to (`x_mask` -> `x`), or None when it carries no mask suffix."""
+    for suffix in MASK_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem[:-len(suffix)]
+    return None
+
+
+def pair_support_dir(folder: Path) -> list[tuple[Path, Path]]:
+    r"""(image, mask) pairs of a support folder, by the loaders' rules (see the module docstring)."""
+    if not folder.is_dir():
+        raise UserError(f'--support-dir {folder} is not a folder')
+    if (folder / 'images').is_dir() and (folder / 'masks').is_dir():
+        images = {p.stem: p for p in list_files(folder / 'images', IMAGE_EXTENSIONS)}
+        masks = {(_mask_stem(p.stem) or p.stem): p for p in list_files(folder / 'masks', IMAGE_EXTENSIONS)}
+        mask_dir = folder / 'masks'
+    else:
+        files = list_files(folder, IMAGE_EXTENSIONS)
+        masks = {_mask_stem(p.stem): p for p in files if _mask_stem(p.stem)}
+        rest = [p for p in files if not _mask_stem(p.stem)]
+        stems = {}
+        for p in rest:
+            stems.setdefault(p.stem, []).append(p)
+        images = {}
+        for stem, group in stems.items():
+            pngs = [p for p in group if p.suffix.lower() == '.png']
+            others = [p for p in group if p.suffix.lower() != '.png']
+            if others and pngs and stem not in masks:            # FSS-1000: n.jpg + n.png
+                masks[stem] = pngs[0]
+            images[stem] = (others or pngs)[0]
+        mask_dir = folder
+    if not images:
+        raise UserError(f'--support-dir {folder} holds no images ({", ".join(IMAGE_EXTENSIONS)}); expected '
+                        'images/ + masks/, or <stem>.* with <stem>_mask.* in one folder')
+    report = DataReport('support', folder, full=False)
+    pairs = pair_by_stem(report, images, masks, mask_dir, '', full=False)
+    problems = []
+    for p in report.hard:
+        if p.kind == 'image_without_mask':
+            problems.append(f'{p.path}: no mask (expected {mask_dir}/{Path(p.path).stem}_mask.png or '
+                            f'{mask_dir}/{Path(p.path).stem}.png)')
+        else:
+            problems.append(p.line())
+    if problems:
+        raise UserError(f'--support-dir {folder}:\n  ' + '\n  '.join(problems))
+    for p in report.soft:
+        print(f'note: {p.line()}')
+    return [(image, mask) for _, image, mask in pairs]
+
+
+def read_support(image_path: Path, mask_path: Path) -> tuple[Image.Image, np.ndarray]:
+    r"""One support's image (RGB) and binary mask, checked: readable, same size, some foreground."""
+    image = open_rgb(image_path)
+    mask = open_binary_mask(mask_path)
+    if mask.shape != (image.height, image.width):
+        raise UserError(f'support mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is '
+                        f'{image.width}x{image.height}; a mask must have its image\'s size')
+    if not mask.any():
+        raise UserError(f'support mask {mask_path} has no foreground pixel (read as {mask_rule(mask_path)}); an '
+                        'empty support carries no information')
+    return image, mask
+
+
+def load_support(image_path: Path, mask_path: Path, size: int) -> dict:
+    r"""One support as model inputs of `size` and as a record for summary.json."""
+    image, mask = read_support(image_path, mask_path)
+    small = mask_tensor(mask, size)
+    if not small.any():
+        raise UserError(f'the foreground of support mask {mask_path} ({int(mask.sum())} pixels) vanishes when the '
+                        f'mask is resized to the model\'s {size}x{size}; use a support where the structure is larger')
+    return {'img': image_tensor(image, size), 'mask': small,
+            'record': {'image': str(image_path), 'mask': str(mask_path), 'size': [image.width, image.height],
+                       'foreground_fraction': round(float(mask.mean()), 6)}}
+
+
+def mask_rule(path: Path) -> str:
+    with Image.open(path) as img:
+        mode = img.mode
+    if mode == 'P':
+        return 'a palette image'
+    if mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+        return 'a 16/32-bit image: foreground = 1, >= 128 or >= 32768 depending on its maximum'
+    return 'gray values: foreground >= 128, or = 1 for 0/1 masks'
+
+
+def collect_queries(specs: list[str], exclude: set[Path]) -> list[Path]:
+    r"""Query files from files and folders (a folder's images, not recursive, minus the support files)."""
+    if not specs:
+        raise UserError('--query PATH is required: an image or a folder of images to segment')
+    queries: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = [p for p in list_files(path, IMAGE_EXTENSIONS) if p.resolve() not in exclude]
+            if not found:
+                raise UserError(f'--query {path}: no query images in this folder (extensions: '
+                                f'{", ".join(IMAGE_EXTENSIONS)}; support files are not queries)')
+            queries.extend(found)
+        elif path.is_file():
+            queries.append(path)
+        else:
+            raise UserError(f'--query {path} does not exist')
+    for q in queries:                                   # decode each once now: a bad file stops us before any work
+        size, _, err = inspect_file(q, full=True)
+        if err:
+            raise UserError(f'query image {q} is {err if err.startswith("unreadable") else "unreadable: " + err}')
+    return list(dict.fromkeys(queries))
+
+
+def output_names(queries: list[Path]) -> list[str]:
+    r"""A distinct output name per query: its stem, or stem_ext / stem_N when stems collide."""
+    names, taken = [], set()
+    stems = [q.stem for q in queries]
+    for q in queries:
+        name = q.stem if stems.count(q.stem) == 1 else f'{q.stem}_{q.suffix.lstrip(".").lower()}'
+        base, n = name, 1
+        while name in taken:
+            n += 1
+            name = f'{base}_{n}'
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+# --- text -----------------------------------------------------------------------------------------------------------
+def find_class(name: str, benchmark: str | None) -> tuple[str, str]:
+    r"""(benchmark, class name as written in its description file) for `--class-name`."""
+    from text.descriptions import available_benchmarks, load_descriptions
+    candidates = [benchmark] if benchmark else available_benchmarks()
+    hits = []
+    for bench in candidates:
+        entry = load_descriptions(bench).lookup(name)
+        if entry is not None:
+            hits.append((bench, entry.name))
+    if not hits:
+        where = f'text/descriptions/{benchmark}.yaml' if benchmark else 'any file of text/descriptions/'
+        raise UserError(f'--class-name {name!r}: no description in {where}; pass --description "A photo of ..." '
+                        'for a class that has none')
+    if len(hits) > 1:
+        raise UserError(f'--class-name {name!r} is described in several files ({", ".join(b for b, _ in hits)}); '
+                        'pick one with --descriptions BENCHMARK')
+    return hits[0]
+
+
+def check_text_flags(args: argparse.Namespace) -> tuple[str, str] | None:
+    r"""Check the text flags before any model is built; (benchmark, class) when --class-name names a described
+    class (and no --description replaces its text)."""
+    if args.description is not None and not args.description.strip():
+        raise UserError('--description is empty')
+    if args.background_description is not None:
+        if args.description is None:
+            raise UserError('--background-description goes with --description (a --class-name uses its file\'s '
+                            'background)')
+        if not args.background_description.strip():
+            raise UserError('--background-description is empty')
+    if args.class_name is not None and args.description is None:
+        return find_class(args.class_name, args.descriptions)
+    return None
+
+
+def bind_text(model, args: argparse.Namespace, described: tuple[str, str] | None) -> dict | None:
+    r"""Give the plug-in (if any) the class's text; returns what summary.json records about it."""
+    has_plugin = plugin_record(model) is not None
+    wants_text = args.class_name is not None or args.description is not None
+    if not has_plugin:
+        if wants_text or args.descriptions or args.background_description:
+            raise UserError(f'{args.load} has no CD-TG plug-in, so it uses no text: drop --class-name / '
+                            '--description / --descriptions / --background-description')
+        return None
+    if not wants_text:
+        raise UserError(f'{args.load} carries the CD-TG plug-in, which needs the class\'s text: pass --class-name '
+                        'NAME (from text/descriptions/) or --description "A photo of ..."')
+    if args.description is not None:
+        name = args.class_name or 'custom class'
+        if args.background_description is not None:
+            background = args.background_description
+        elif args.descriptions:
+            from text.descriptions import load_descriptions
+            background = load_descriptions(args.descriptions).background_caption
+        else:
+            background = GENERIC_BACKGROUND
+        model.hooks.bind_texts('predict', [name], [[args.description.strip()]], [background.strip()])
+        return {'class_name': name, 'source': '--description', 'texts': [args.description.strip()],
+                'background': [background.strip()]}
+    from text.descriptions import load_descriptions
+    benchmark, name = described
+    model.hooks.bind(benchmark, [name])
+    desc = load_descriptions(benchmark)
+    return {'class_name': name, 'source': f'text/descriptions/{benchmark}.yaml', 'texts': desc.texts(name),
+            'background': [desc.background_caption] + desc.background_attributes}
+
+
+# --- prediction -----------------------------------------------------------------------------------------------------
+def full_size_mask(model, output: Output, size: tuple[int, int]) -> np.ndarray:
+    r"""The binary mask of one query (output of batch 1) at its original size (H, W): the logits are resized
+    bilinearly (as the methods upsample their own logits) and then segmented by the method's K-shot policy."""
+    logits = output.logits.float()
+    h, w = size
+    per_pixel = logits[0].numel() // (logits.shape[-2] * logits.shape[-1])
+    scale = min(1.0, (MAX_UPSAMPLED / max(per_pixel * h * w, 1)) ** 0.5)
+    th, tw = max(1, int(h * scale + 1e-6)), max(1, int(w * scale + 1e-6))
+    flat = logits.reshape(-1, 1, *logits.shape[-2:])
+    up = F.interpolate(flat, (th, tw), mode='bilinear', align_corners=True).reshape(*logits.shape[:-2], th, tw)
+    mask = model.segment(Output(up))[0]
+    if (th, tw) != (h, w):
+        mask = F.interpolate(mask[None, None].float(), (h, w), mode='nearest')[0, 0]
+    return (mask > 0).cpu().numpy()
+
+
+def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    r"""The prediction in red (50 %) over the image."""
+    rgb = np.asarray(image, dtype=np.float32)
+    red = np.array([255.0, 30.0, 20.0], dtype=np.float32)
+    out = np.where(mask[..., None], 0.5 * rgb + 0.5 * red, rgb)
+    return Image.fromarray(np.rint(out).astype(np.uint8))
+
+
+def main(argv=None) -> dict:
+    args = parse_with_config(build_parser(), argv)
+    if not args.load:
+        raise UserError('--load CHECKPOINT is required (a best.pt or last.pt written by train.py)')
+    if Path(args.load).is_dir():
+        raise UserError(f'--load {args.load} is a run folder; pass {Path(args.load) / "best.pt"}')
+    specs = [split_support(s) for s in args.support]
+    if args.support_dir:
+        specs += pair_support_dir(Path(args.support_dir))
+    if not specs:
+        raise UserError('no support: pass --support IMAGE:MASK (repeatable) or --support-dir DIR')
+    for image, mask in specs:                   # every support is checked before the model is loaded
+        read_support(image, mask)
+    described = check_text_flags(args)
+    exclude = {p.resolve() for pair in specs for p in pair}
+    queries = collect_queries(args.query, exclude)
+    if not args.out:
+        raise UserError('--out DIR is required (the folder the masks, overlays and summary.json go to)')
+    final = Path(args.out)
+    if final.is_dir() and any(final.iterdir()) and not args.overwrite:
+        raise UserError(f'--out {final} exists and is not empty; choose another folder or pass --overwrite')
+    with staged_folder(final, '--out') as tmp:
+        result = _predict(args, specs, queries, described, tmp)
+    print(f'{len(queries)} masks -> {final / "masks"}, overlays -> {final / "overlays"}, summary -> '
+          f'{final / "summary.json"}')
+    return result
+
+
+def _predict(args: argparse.Namespace, specs: list[tuple[Path, Path]], queries: list[Path],
+             described: tuple[str, str] | None, out: Path) -> dict:
+    device = resolve_device(args.device)
+    configure_backends(device)
+    model, ckpt = load_model(args.load, device, args)
+    model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
+    config = ckpt['config']
+    size = args.img_size or config['img_size']
+    supports = [load_support(image, mask, size) for image, mask in specs]
+    text = bind_text(model, args, described)
+    seed_everything(args.seed)
+    start = time.perf_counter()
+    adaptation = (f', test-time adaptation {model.adaptation.steps} steps at lr {model.adaptation.lr:g}'
+                  if model.adaptation.steps else '')
+    print(f'{config["method"]}{" + CD-TG" if text else ""} from {args.load}: {len(supports)}-shot, {len(queries)} '
+          f'queries at {size}x{size}{adaptation}' + (f', class text from {text["source"]}' if text else ''))
+    class_id = torch.zeros(1, dtype=torch.long, device=device)
+    names = output_names(queries)
+    masks, overlays = out / 'masks', out / 'overlays'
+    masks.mkdir()
+    overlays.mkdir()
+    records = []
+    with torch.no_grad():
+        encoded = model.encode_supports(torch.stack([s['img'] for s in supports])[None].to(device),
+                                        torch.stack([s['mask'] for s in supports])[None].to(device), class_id)
+        for b in range(0, len(queries), args.bsz):
+            batch = queries[b:b + args.bsz]
+            images = [open_rgb(q) for q in batch]
+            x = torch.stack([image_tensor(img, size) for img in images]).to(device)
+            output = model.infer(model.encode_query(x, encoded.select([0] * len(batch))))
+            for i, (query, image) in enumerate(zip(batch, images)):
+                mask = full_size_mask(model, Output(output.logits[i:i + 1]), (image.height, image.width))
+                name = names[b + i]
+                Image.fromarray(mask.astype(np.uint8) * 255).save(masks / f'{name}.png')
+                overlay(image, mask).save(overlays / f'{name}.jpg', quality=90)
+                records.append({'image': str(query), 'size': [image.width, image.height],
+                                'mask': f'masks/{name}.png', 'overlay': f'overlays/{name}.jpg',
+                                'foreground_fraction': round(float(mask.mean()), 6)})
+            print(f'  {min(b + args.bsz, len(queries))}/{len(queries)}')
+    summary = {'checkpoint': str(args.load), 'method': config['method'], 'backbone': config['backbone'],
+               'trained_on': config['benchmark'], 'img_size': size, 'nshot': len(supports),
+               'plugin': plugin_record(model), 'text': text,
+               'test_time_adaptation': {'steps': model.adaptation.steps, 'lr': model.adaptation.lr},
+               'seed': args.seed, 'supports': [s['record'] for s in supports], 'queries': records,
+               'seconds': round(time.perf_counter() - start, 3)}
+    (out / 'summary.json').write_text(json.dumps(summary, indent=1) + '\n')
+    return summary
+
+
+if __name__ == '__main__':
+    run_cli(main)
