@@ -40,7 +40,8 @@ from common.utils import configure_backends, resolve_device, seed_everything
 from data.checks import (IMAGE_EXTENSIONS, DataReport, inspect_file, list_files, open_binary_mask, open_rgb,
                          pair_by_stem)
 from data.episodic import image_tensor, mask_tensor
-from engine.factory import add_plugin_args, load_model, plugin_record
+from engine.factory import load_model, plugin_record
+from engine.flags import add_plugin_args
 from model.base import Output
 
 MASK_SUFFIXES = ('_mask', '_segmentation')         # the Chest X-ray and ISIC conventions

@@ -6,25 +6,13 @@ Prints `mIoU: xx.xx  FB-IoU: xx.xx  Dice: xx.xx` and writes results.json (scores
 episode list) into --logpath.
 """
 import argparse
-import time
-import warnings
-from pathlib import Path
-
-import torch
 
 from common.config import bounded, parse_with_config
 from common.constants import MIN_IMG_SIZE
-from common.errors import UserError, run_cli
-from common.dist import init_distributed, shutdown
-from common.logger import NullLogger, RunLogger, prepare_run_folder
-from common.metrics import MIOU_OVER, format_scores
-from common.utils import configure_backends, resolve_device, seed_everything
-from data import add_dataset_args, build_dataset, dataset_class, dataset_options
-from engine.factory import add_plugin_args, load_model, plugin_record
-from engine.figures import save_episode_figure
-from engine.loops import PRECISIONS
-from engine.protocols import PROTOCOLS
-from engine.volumetric import SUPPORT_RULES
+from common.errors import run_cli
+from common.names import MATCH_SHOTS, MIOU_OVER, PRECISIONS, PROTOCOLS, SUPPORT_RULES
+from data import add_dataset_args
+from engine.flags import add_plugin_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--strict-shots', action='store_true',
                    help='refuse episodes whose K supports cannot be distinct (a class with K images or fewer); by '
                         'default such supports repeat, with a warning, and results.json counts them')
-    p.add_argument('--protocol', type=str, default='2d', choices=tuple(PROTOCOLS),
+    p.add_argument('--protocol', type=str, default='2d', choices=PROTOCOLS,
                    help='2d: pre-sampled 2D episodes (every benchmark); volumetric: Q-Net\'s 5-fold protocol with '
                         '3D Dice per organ (chaos; see engine/volumetric.py)')
     p.add_argument('--volumetric-support', type=str, default=None, choices=SUPPORT_RULES,
@@ -63,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                  'after every episode)')
     bounded(p, '--finetune-lr', float, None, low=0, low_open=True,
             help="learning rate of test-time adaptation (default: the method's)")
-    p.add_argument('--precision', type=str, default='fp32', choices=tuple(PRECISIONS),
+    p.add_argument('--precision', type=str, default='fp32', choices=PRECISIONS,
                    help='fp32 (default), or bf16/fp16 autocast (faster on GPUs; see README "Running on GPUs")')
     p.add_argument('--tf32', action='store_true',
                    help='allow TF32 matmuls/convolutions on CUDA (faster; ~1e-3 relative error in the correlations). '
@@ -72,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     bounded(p, '--cache-images', int, 0, low=0,
             help='keep this many decoded and resized (image, mask) pairs in memory per loader process (0 = off); a '
                  'target test set of a few hundred images is then decoded once, not once per episode')
-    p.add_argument('--match-shots', type=str, default='auto', choices=('auto', 'all', 'one'),
+    p.add_argument('--match-shots', type=str, default='auto', choices=MATCH_SHOTS,
                    help="K-shot 'vote' methods: match the shots one at a time after the single backbone pass (one: "
                         'same predictions, about half the peak memory), all at once (all), or auto (one on CPU, all '
                         'on CUDA)')
@@ -81,112 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
+    r"""Parse the flags (torch is not imported yet, so -h and flag errors answer at once), then evaluate
+    (engine/testing.py)."""
     args = parse_with_config(build_parser(), argv)
-    if not args.load:
-        raise UserError('--load CHECKPOINT is required (a best.pt or last.pt written by train.py)')
-    if Path(args.load).is_dir():
-        found = [str(Path(args.load) / n) for n in ('best.pt', 'last.pt') if (Path(args.load) / n).exists()]
-        raise UserError(f'--load {args.load} is a run folder; pass {" or ".join(found) or args.load + "/best.pt"}')
-    cls = dataset_class(args.benchmark)
-    split = 'test' if 'test' in cls.splits else 'val'
-    PROTOCOLS[args.protocol].check(cls, args)
-    dist, device_name = init_distributed(args.device)
-    try:
-        return _test(args, cls, split, dist, device_name)
-    finally:
-        shutdown(dist)
-
-
-def _test(args, cls, split: str, dist, device_name: str) -> dict:
-    device = resolve_device(device_name)
-    configure_backends(device, tf32=args.tf32)
-    logpath = Path(args.logpath or Path(args.load).parent /
-                   f'test-{args.benchmark}{PROTOCOLS[args.protocol].tag}-{args.nshot}shot-seed{args.seed}')
-    if dist.main:
-        try:
-            prepare_run_folder(logpath)                                 # before any data or model is built
-        except UserError as err:
-            if args.logpath:
-                raise
-            raise UserError(f'{err} (the default output folder is next to the checkpoint)') from err
-    log = RunLogger(logpath, vars(args), tensorboard=False) if dist.main else NullLogger()
-    try:
-        model, ckpt = load_model(args.load, device, args)
-        model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
-        model.match_shots = args.match_shots
-        if args.compile:
-            model.match = torch.compile(model.match)
-        train_config = ckpt['config']
-        img_size = args.img_size or train_config['img_size']
-        if train_config.get('backbone_weights') == 'none' and not train_config.get('bn_calibration'):
-            log.info(f'warning: {args.load} was trained on a random backbone without --bn-calibration; its features '
-                     'barely tell pixels apart, so expect near-zero mIoU (see README, "The demo")')
-        dataset = build_dataset(args.benchmark, args.datapath, split, args.nshot, img_size, **dataset_options(args))
-        img_size = dataset.img_size                  # a benchmark protocol may fix it (--wbc-protocol cdtg: 321)
-        dataset.as_uint8 = device.type == 'cuda'                        # normalised on the GPU: 4x fewer bytes
-        dataset.cache_size = args.cache_images
-        model.hooks.bind(dataset.name, dataset.class_names)
-        seed_everything(args.seed)
-        protocol = PROTOCOLS[args.protocol](dataset, args, device, dist, args.precision)
-        adaptation = (f', test-time adaptation {model.adaptation.steps} steps at lr {model.adaptation.lr:g}'
-                      if model.adaptation.steps else '')
-        processes = f', {dist.world} processes' if dist.enabled else ''
-        log.info(f'{train_config["method"]} ({train_config["backbone"]}) from {args.load} on {dataset.describe()}, '
-                 f'{args.nshot}-shot, {protocol.unit}, seed {args.seed}, {img_size}x{img_size}{adaptation}, '
-                 f'{args.precision}{processes}')
-        start = time.perf_counter()
-        scores, kept = protocol.run(model)
-        missing = scores['classes_without_episodes']
-        if missing:
-            effect = ('they count 0 in mIoU and Dice (--miou-over all, as HSNet/PATNet)' if args.miou_over == 'all'
-                      else 'they are left out of mIoU and Dice (--miou-over seen)')
-            message = f'{len(missing)} class(es) of {args.benchmark} had no episode ({", ".join(missing)}): {effect}'
-            warnings.warn(message, UserWarning, stacklevel=1)
-            log.info(f'warning: {message}')
-        plugin = plugin_record(model)
-        # every comparability choice behind the numbers (None: does not apply to this run); see README,
-        # "Comparing with published numbers"
-        conventions = {
-            'metric': scores['metric'], 'lung_subset': None, 'wbc_protocol': None, 'volumetric_support': None,
-            'train_boundary': train_config.get('train_boundary', 'ignore'),
-            'tf32': bool(args.tf32 and device.type == 'cuda'),
-            'cdtg_reading': plugin['reading'] if plugin else None,
-            'text_encoder': plugin['text_encoder'] if plugin else None,
-        }
-        conventions.update(dataset.conventions())
-        conventions.update(protocol.conventions())
-        results = {
-            'miou': scores['miou'], 'fbiou': scores['fbiou'], 'dice': scores['dice'],
-            'per_class': scores['per_class'], 'per_class_dice': scores['per_class_dice'],
-            'episodes_per_class': scores['episodes_per_class'],
-            'classes_without_episodes': missing, 'conventions': conventions,
-            'nshot': args.nshot, 'seed': args.seed, 'benchmark': args.benchmark, 'split': split,
-            'img_size': img_size, 'checkpoint': str(args.load), 'method': train_config['method'],
-            'method_options': train_config['method_options'], 'backbone': train_config['backbone'],
-            'trained_on': train_config['benchmark'], 'seconds': time.perf_counter() - start,
-            'test_time_adaptation': {'steps': model.adaptation.steps, 'lr': model.adaptation.lr},
-            'protocol': args.protocol, 'plugin': plugin,
-            'dataset_options': {k: v for k, v in dataset_options(args).items() if v is not None},
-            'precision': args.precision, 'tf32': args.tf32, 'world_size': dist.world,
-        }
-        results.update(protocol.results(scores))
-        if getattr(dataset, 'skipped', None):
-            results['skipped_items'] = dataset.skipped
-        if not dist.main:
-            return results
-        log.write_json('results.json', results)
-        if kept:
-            fig = save_episode_figure(kept, dataset.class_names, logpath / 'predictions.png',
-                                      title=f'{train_config["method"]} on {args.benchmark}, {args.nshot}-shot')
-            log.info(f'figure: {fig}')
-        log.info('per class IoU: ' + ', '.join(f'{k} {v:.2f}' for k, v in scores['per_class'].items()))
-        if args.protocol == 'volumetric':
-            log.info('per organ 3D Dice: ' + ', '.join(f'{k} {v:.2f}' for k, v in scores['per_class_dice'].items()))
-        log.info(f'results: {logpath / "results.json"}')
-        log.info(format_scores(scores))
-    finally:
-        log.close()
-    return results
+    from engine.testing import run
+    return run(args)
 
 
 if __name__ == '__main__':

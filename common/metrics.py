@@ -17,9 +17,7 @@ are at least as many episodes as classes; the conventions differ only for shorte
 import torch
 
 from common.constants import IGNORE_INDEX
-
-#: How mIoU and Dice average over classes (see the module docstring).
-MIOU_OVER = ('all', 'seen')
+from common.names import MIOU_OVER  # noqa: F401  (how mIoU and Dice average over classes; see above)
 
 
 def intersection_union(pred: torch.Tensor, gt: torch.Tensor, ignore_index: int = IGNORE_INDEX):

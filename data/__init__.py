@@ -1,36 +1,46 @@
 r"""Benchmark registry: name -> dataset class, and the one DataLoader builder.
 
-Adding a benchmark = one file in data/ plus one line in DATASETS.
+Adding a benchmark = one file in data/ plus one line in DATASETS. The classes (and torch) are imported on first use,
+so command lines can list and check benchmarks without them.
 """
-from torch.utils.data import DataLoader, Sampler
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from common.errors import UserError
-from data.chaos import Chaos
-from data.coco import COCO
-from data.deepglobe import Deepglobe
-from data.episodic import Episode, EpisodicDataset, FixedEpisodes, TrainingEpisodes, collate_episodes
-from data.fss import FSS1000
-from data.isic import ISIC
-from data.lung import Lung
-from data.pascal import PASCAL
-from data.synthetic import Synthetic, SyntheticMed
-from data.wbc import WBC
+from common.registry import LazyRegistry
 
-DATASETS: dict[str, type[EpisodicDataset]] = {
-    'pascal': PASCAL,
-    'coco': COCO,
-    'synthetic': Synthetic,
-    'synthetic-med': SyntheticMed,
-    'isic': ISIC,
-    'lung': Lung,
-    'wbc': WBC,
-    'chaos': Chaos,
-    'fss': FSS1000,
-    'deepglobe': Deepglobe,
-}
+if TYPE_CHECKING:                                        # annotations only; nothing imported at run time
+    from torch.utils.data import DataLoader, Sampler
+
+    from data.episodic import EpisodicDataset
+
+DATASETS = LazyRegistry({
+    'pascal': 'data.pascal:PASCAL',
+    'coco': 'data.coco:COCO',
+    'synthetic': 'data.synthetic:Synthetic',
+    'synthetic-med': 'data.synthetic:SyntheticMed',
+    'isic': 'data.isic:ISIC',
+    'lung': 'data.lung:Lung',
+    'wbc': 'data.wbc:WBC',
+    'chaos': 'data.chaos:Chaos',
+    'fss': 'data.fss:FSS1000',
+    'deepglobe': 'data.deepglobe:Deepglobe',
+})
+
+# The episodic base, imported on first use (PEP 562): `from data import FixedEpisodes` works as usual.
+_EXPORTS = ('Episode', 'EpisodicDataset', 'FixedEpisodes', 'TrainingEpisodes', 'collate_episodes')
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module('data.episodic'), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def dataset_class(name: str) -> type[EpisodicDataset]:
+    r"""The class of benchmark `name` (imported now)."""
     if name not in DATASETS:
         raise UserError(f'unknown benchmark {name!r}; choose one of {", ".join(DATASETS)}')
     return DATASETS[name]
@@ -85,9 +95,12 @@ def build_dataset(name: str, datapath: str, split: str, nshot: int, img_size: in
 def build_loader(dataset: EpisodicDataset, sampler: Sampler, bsz: int, workers: int, pin_memory: bool = False,
                  drop_last: bool = False) -> DataLoader:
     r"""DataLoader over episodes chosen by `sampler` (FixedEpisodes / TrainingEpisodes) in the main process."""
+    from torch.utils.data import DataLoader
+
+    from data.episodic import collate_episodes
     return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=workers, collate_fn=collate_episodes,
                       pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers > 0)
 
 
 __all__ = ['DATASETS', 'Episode', 'EpisodicDataset', 'FixedEpisodes', 'TrainingEpisodes', 'add_dataset_args',
-           'build_dataset', 'build_loader', 'dataset_class', 'dataset_options']
+           'build_dataset', 'build_loader', 'collate_episodes', 'dataset_class', 'dataset_options']

@@ -1,8 +1,8 @@
 r"""Assembly: build a method and its plug-ins from a run configuration or a checkpoint, and their command-line flags.
 
-A plug-in (registered in `PLUGINS`) is a `model.base.Hooks` subclass that also provides, for this module:
+A plug-in (registered in engine/flags.py `PLUGINS`, with its torch-free flag declaration) is a `model.base.Hooks`
+subclass that also provides, for this module:
     name, label                       its key in checkpoints ('cdtg') and its name in messages ('CD-TG')
-    add_args(parser, stage)           its flags; stage 'train' (all, saved) or 'test' (test-time overrides)
     enabled(config) -> bool           whether a run configuration asks for it
     config_keys() -> tuple            the configuration keys it owns (dropped from runs without it)
     from_config(config, model)        build it for a method
@@ -19,62 +19,15 @@ import torch
 
 from common.checkpoint import content_digest, load_checkpoint
 from common.errors import UserError
+from engine.flags import PLUGINS, add_method_args, add_plugin_args, preparse_method  # noqa: F401  (re-exported)
 from model import FewShotSegmenter, build_method, build_options, method_class
-
-PLUGINS: dict[str, str] = {
-    'cdtg': 'text.plugin:CDTG',
-}
-
 
 def plugin_classes() -> list[type]:
     classes = []
     for target in PLUGINS.values():
-        module, name = target.split(':')
+        module, name = target['class'].split(':')
         classes.append(getattr(importlib.import_module(module), name))
     return classes
-
-
-def add_plugin_args(parser: argparse.ArgumentParser, stage: str) -> None:
-    for cls in plugin_classes():
-        cls.add_args(parser, stage)
-
-
-# --- method options as flags ----------------------------------------------------------------------------------------
-def preparse_method(argv, default: str = 'hsnet') -> str:
-    r"""The --method of a command line (or of its --config YAML), before the full parser exists: the method decides
-    which option flags the parser has."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--method', type=str, default=None)
-    pre.add_argument('--config', type=str, default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.method:
-        return known.method
-    if known.config:
-        from common.config import load_yaml_file
-        return load_yaml_file(known.config).get('method', default)
-    return default
-
-
-def add_method_args(parser: argparse.ArgumentParser, method: str) -> list[str]:
-    r"""One flag per field of the method's options dataclass (default None = the method's default, so a resumed run
-    knows which were typed). Returns the option names."""
-    cls = method_class(method)
-    fields = dataclasses.fields(cls.Options)
-    if not fields:
-        return []
-    group = parser.add_argument_group(f'{method} options')
-    for f in fields:
-        meta = f.metadata
-        flag = '--' + f.name.replace('_', '-')
-        kwargs = {'default': None, 'help': f'{meta.get("help", "")} (default: {f.default})'}
-        if isinstance(f.default, bool):
-            kwargs['action'] = argparse.BooleanOptionalAction
-        else:
-            kwargs['type'] = type(f.default)
-            if meta.get('choices'):
-                kwargs['choices'] = meta['choices']
-        group.add_argument(flag, **kwargs)
-    return [f.name for f in fields]
 
 
 def method_options(method: str, values: dict) -> dict:

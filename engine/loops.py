@@ -8,7 +8,9 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoint import NonFiniteError
+from common import names
 from common.constants import IGNORE_INDEX
+from common.names import BOUNDARY_POLICIES
 from common.dist import SINGLE, Dist
 from common.errors import UserError
 from common.metrics import SegmentationMeter
@@ -16,6 +18,7 @@ from common.utils import seed_step, to_device
 from data.episodic import normalize_images
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+assert tuple(PRECISIONS) == names.PRECISIONS
 
 
 def autocast(device: torch.device, precision: str):
@@ -35,10 +38,6 @@ def episode_batch(batch: dict, device: torch.device) -> dict:
     return batch
 
 
-#: What the training loss does with label-255 pixels (PASCAL's object boundaries): 'background' trains them as
-#: background, as HSNet's and PATNet's reference training does (plain cross-entropy, no ignore index); 'ignore'
-#: leaves them out of the loss. Evaluation always ignores them.
-BOUNDARY_POLICIES = ('background', 'ignore')
 
 
 def episode_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,9 +47,6 @@ def episode_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     r"""The sum of a method's (already weighted) loss terms."""
     return sum(terms.values())
-
-
-SCHEDULES = ('method', 'none', 'cosine', 'poly')
 
 
 def override_recipe(recipe, schedule: str = 'method', total_steps: int = 1, warmup_steps: int = 0,

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from common import names
 from common.dist import SINGLE, Dist
 from common.errors import UserError
 from data import FixedEpisodes, build_loader
@@ -114,3 +115,4 @@ class VolumetricProtocol:
 
 
 PROTOCOLS = {'2d': EpisodeProtocol, 'volumetric': VolumetricProtocol}
+assert tuple(PROTOCOLS) == names.PROTOCOLS

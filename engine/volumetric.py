@@ -39,13 +39,13 @@ from tqdm import tqdm
 from common.dist import SINGLE, Dist
 from common.errors import UserError
 from common.metrics import metric_record
+from common.names import SUPPORT_RULES
 from engine.loops import autocast
 
 N_FOLDS = 5
 FOLD_SIZE = 5
 SUPPORT_POSITION = 2
 N_PART = 3
-SUPPORT_RULES = ('qnet', 'ssl-alpnet')
 
 
 def volumetric_folds(n_volumes: int) -> list[list[int]]:

@@ -1,7 +1,9 @@
 r"""Method registry: name -> class. Adding a method = one file in model/ plus one line here (see README, "Adding a
 method", and the toy prototype method of tests/test_methods.py)."""
+import ast
 import dataclasses
 import importlib
+import importlib.util
 
 from common.errors import UserError
 from common.registry import LazyRegistry
@@ -38,6 +40,79 @@ def method_class(name: str):
     return METHODS[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    r"""One method option as train.py's flags need it (see `model.base.option`)."""
+    name: str
+    default: object
+    help: str = ''
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+
+
+def option_specs(name: str) -> list[OptionSpec]:
+    r"""The options of method `name`. Read from the method's source file without importing it (so `train.py
+    --method X -h` and flag errors need no torch) when they are declared with literal `option(...)` fields, as every
+    method here does; otherwise from the imported class. tests/test_methods.py checks that both agree."""
+    specs = _option_specs_from_source(name)
+    if specs is None:
+        specs = [OptionSpec(f.name, f.default, **{k: f.metadata.get(k) for k in ('help', 'choices', 'low', 'high')})
+                 for f in dataclasses.fields(method_class(name).Options)]
+    return specs
+
+
+def _option_specs_from_source(name: str) -> list[OptionSpec] | None:
+    target = dict.get(METHODS, name)
+    if not isinstance(target, str):                      # unknown, already imported, or registered as a class
+        return None
+    module, cls_name = target.split(':')
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith('.py'):
+        return None
+    tree = ast.parse(open(spec.origin, encoding='utf-8').read())
+    constants, classes = {}, {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            classes[node.name] = node
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+
+    def value(node):
+        if isinstance(node, ast.Name) and node.id in constants:
+            return constants[node.id]
+        return ast.literal_eval(node)                    # raises ValueError for anything else
+
+    method = classes.get(cls_name)
+    if method is None:
+        return None
+    options = [n.value.id for n in method.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Name)
+               and any(isinstance(t, ast.Name) and t.id == 'Options' for t in n.targets)]
+    if not options:                                      # inherits: FewShotSegmenter's NoOptions, else import
+        bases = [b.id for b in method.bases if isinstance(b, ast.Name)]
+        return [] if bases == ['FewShotSegmenter'] else None
+    if options[0] not in classes:
+        return None
+    specs = []
+    try:
+        for field in classes[options[0]].body:
+            if not isinstance(field, ast.AnnAssign) or not isinstance(field.target, ast.Name):
+                continue
+            call = field.value
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == 'option'):
+                return None
+            kwargs = {k.arg: value(k.value) for k in call.keywords}
+            if call.args:
+                kwargs['default'] = value(call.args[0])
+            specs.append(OptionSpec(field.target.id, **kwargs))
+    except (ValueError, TypeError, SyntaxError):
+        return None
+    return specs
+
+
 def build_options(name: str, options: dict | None = None):
     r"""The options dataclass of method `name` from a dict (unknown keys are an error naming the valid ones)."""
     cls = method_class(name)
@@ -60,5 +135,5 @@ def build_method(name: str, backbone: str | None = None, backbone_weights: str |
 
 
 __all__ = ['BACKBONES', 'METHODS', 'Adaptation', 'Backbone', 'BackboneSpec', 'EpisodeContext', 'EpisodeRecord',
-           'FewShotSegmenter', 'Hooks', 'Output', 'Recipe', 'SupportSet', 'build_method', 'build_options',
-           'method_class', 'option']
+           'FewShotSegmenter', 'Hooks', 'OptionSpec', 'Output', 'Recipe', 'SupportSet', 'build_method',
+           'build_options', 'method_class', 'option', 'option_specs']

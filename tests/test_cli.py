@@ -153,3 +153,33 @@ def test_grid_trains_once_tests_every_cell_and_resumes(datapath, tmp_path, monke
     assert grid.main(argv) == rows and calls == []            # a finished grid is read back, nothing re-runs
     (tmp_path / 'hsnet' / 'test-synthetic-med-5shot' / 'results.json').unlink()
     assert grid.main(argv) == rows and len(calls) == 1 and '5' in calls[0]   # only the missing cell runs
+
+
+# --- -h and flag errors without torch -------------------------------------------------------------------------------
+NO_TORCH = ("import runpy, sys\n"
+            "for name in ('torch', 'torchvision', 'numpy', 'PIL'):\n"
+            "    sys.modules[name] = None                   # any import of them now raises ImportError\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+@pytest.mark.parametrize('argv, code, expect', [
+    (['train.py', '-h'], 0, '--lr-schedule'),
+    (['train.py', '--method', 'pmms', '-h'], 0, '--components'),           # a method's options, read from source
+    (['train.py', '--method', 'dmtnet', '-h'], 0, '--grid'),
+    (['train.py', '-h'], 0, '--cdtg-background'),                          # the plug-in's flags
+    (['test.py', '-h'], 0, '--volumetric-support'),
+    (['train.py', '--lr', '-1'], 2, '--lr must be a number > 0'),
+    (['train.py', '--method', 'pmms', '--components', '0'], 2, '--components must be an integer in [1, 64]'),
+    (['train.py', '--method', 'nope'], 2, "invalid choice: 'nope'"),
+    (['train.py', '--clip', 'RN18'], 2, "invalid choice: 'RN18'"),
+    (['test.py', '--precision', 'fp8'], 2, "invalid choice: 'fp8'"),
+    (['test.py', '--episodes', '0'], 2, '--episodes must be an integer >= 1'),
+])
+def test_help_and_flag_errors_need_no_torch(argv, code, expect):
+    r"""`-h` and flag errors answer before torch (or numpy, PIL) is imported: the child process cannot import them."""
+    proc = run_script('-c', NO_TORCH, *argv, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out
+    assert expect in out
+    assert 'Traceback' not in out

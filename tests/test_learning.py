@@ -1,8 +1,8 @@
 r"""A short synthetic training run must lower the loss and clearly beat the untrained model on held-out episodes."""
 import torch
 
-import train as train_cli
 from engine.factory import build_model
+from engine.training import _calibrate
 from engine.loops import evaluate, train_epoch
 from data import FixedEpisodes, TrainingEpisodes, build_dataset, build_loader
 
@@ -13,7 +13,7 @@ def test_short_training_lowers_loss_and_beats_untrained(datapath):
     trn = build_dataset('synthetic', datapath, 'trn', 1, 96)
     val = build_dataset('synthetic', datapath, 'val', 1, 96)
     model = build_model(config, 'none')
-    train_cli._calibrate(model, trn, config, torch.device('cpu'))
+    _calibrate(model, trn, config, torch.device('cpu'))
     val_loader = build_loader(val, FixedEpisodes(val.sample_episodes(48, seed=0)), bsz=16, workers=0)
     before, _ = evaluate(model, val_loader, torch.device('cpu'), val.class_names)
 

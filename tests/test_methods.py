@@ -375,3 +375,21 @@ def test_cdtg_hosts_equal_the_saved_outputs(case, tmp_path):
     ep['class_id'] = torch.arange(b) % len(CDTG_CLASSES)
     with torch.no_grad():
         assert torch.allclose(run(model, ep).logits, gold['logits'], rtol=1e-5, atol=1e-6)
+
+
+def test_option_specs_read_from_source_equal_the_imported_options():
+    r"""train.py -h reads each method's options from its source file (no torch import); the reading must give the
+    imported dataclass exactly, for every registered method."""
+    from model import OptionSpec, _option_specs_from_source
+    for name in ALL:
+        if name == 'toy':
+            continue
+        fields = dataclasses.fields(METHODS[name].Options)
+        imported = [OptionSpec(f.name, f.default, **{k: f.metadata.get(k) for k in ('help', 'choices', 'low', 'high')})
+                    for f in fields]
+        saved = dict.get(METHODS, name)
+        dict.__setitem__(METHODS, name, f'{METHODS[name].__module__}:{METHODS[name].__name__}')
+        try:
+            assert _option_specs_from_source(name) == imported, name
+        finally:
+            dict.__setitem__(METHODS, name, saved)

@@ -334,9 +334,9 @@ def test_fss_splits_episodes_and_pairing(targets):
 
 
 def test_fss_is_a_source_side_validation_set_for_train_py(targets):
-    import train
+    from engine.training import _check_source
     root, _ = targets
-    train._check_source('fss', 'model selection')                       # no error: FSS-1000 is natural images
+    _check_source('fss', 'model selection')                       # no error: FSS-1000 is natural images
     val = build('fss', root, split='val')
     assert len(val.sample_episodes(7, 0)) == 7
 

@@ -1,0 +1,17 @@
+r"""The names that command-line flags choose from, in one torch-free place (so that `-h` and argument errors answer
+without importing torch); the modules that implement them import these and check that they cover them."""
+
+#: Training/test precision (engine/loops.py PRECISIONS maps them to autocast dtypes).
+PRECISIONS = ('fp32', 'bf16', 'fp16')
+#: train.py --lr-schedule (engine/loops.py override_recipe).
+SCHEDULES = ('method', 'none', 'cosine', 'poly')
+#: train.py --train-boundary: what the training loss does with label-255 pixels (engine/loops.py training_batch).
+BOUNDARY_POLICIES = ('background', 'ignore')
+#: test.py --miou-over: the classes mIoU and Dice average over (common/metrics.py).
+MIOU_OVER = ('all', 'seen')
+#: test.py --protocol (engine/protocols.py PROTOCOLS).
+PROTOCOLS = ('2d', 'volumetric')
+#: test.py --volumetric-support: the support volume of a fold (engine/volumetric.py support_volume).
+SUPPORT_RULES = ('qnet', 'ssl-alpnet')
+#: test.py --match-shots (model/base.py FewShotSegmenter.match_shots).
+MATCH_SHOTS = ('auto', 'all', 'one')
