@@ -118,6 +118,26 @@ def test_prototype_fusion_maths_float64(n_protos, per_episode, with_bg):
     assert plugin.tap_level == [0, 0, 1] and len(plugin.align) == 2
 
 
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_pooled_alignment_closed_form_equals_pooling_the_aligned_map(dtype, tol):
+    r"""TextAlign.pooled (the paper mode's MAP of LayerNorm(F + u) from F's moments, never forming the map) against
+    MAP of the full aligned map in float64; backbone-like features (ReLU outputs, large mean), trained-looking
+    LayerNorm affine parameters, a soft (resized) mask and its complement."""
+    torch.manual_seed(0)
+    align = TextAlign(12, 64).double()
+    with torch.no_grad():
+        align.norm.weight.normal_(1, 0.3)
+        align.norm.bias.normal_(0, 0.3)
+    feat = torch.relu(torch.randn(3, 64, 25, 25, dtype=torch.float64) * 2 + 1.5)
+    text = torch.randn(3, 2, 12, dtype=torch.float64)
+    m = resize_mask((torch.rand(3, 100, 100) > 0.6).double(), (25, 25))[:, 0].double()
+    want = [(align(feat, text) * w[:, None]).sum((2, 3)) / (w.sum((1, 2))[:, None] + 1e-6) for w in (m, 1 - m)]
+    got = align.to(dtype).pooled(feat.to(dtype), [text.to(dtype)] * 2, [m.to(dtype), (1 - m).to(dtype)], 1e-6)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert ((g.double() - w).norm() / w.norm()).item() < tol
+
+
 def test_learned_fusion_gate():
     cfg = CDTGConfig(clip_weights='none', alpha=0.7, fusion='learned', style_aug=False)
     plugin = _Bound([8], [2], 'prototypes', cfg)

@@ -134,6 +134,37 @@ class TextAlign(nn.Module):
         x = self.align_tokens(feat.flatten(2).transpose(1, 2), text, mask)  # [N,C,h,w] -> [N,hw,C]
         return x.transpose(1, 2).reshape(n, c, h, w)                        # [N,hw,C] -> [N,C,h,w]
 
+    def pooled(self, feat: torch.Tensor, texts: list[torch.Tensor], weights: list[torch.Tensor],
+               eps: float) -> list[torch.Tensor]:
+        r"""MAP(A(F, t_i), w_i) = Σ_p w_p A(F,t)_p / (Σ_p w_p + eps) for the paper mode, without forming A(F).
+
+        With x_p = F_p + u (u = `text_bias(t)`), LayerNorm's per-pixel moments follow from F's and u's:
+        μ_p = mean_c F_p + ū, σ²_p = var_c F_p + var u + 2 cov_c(F_p, u); then with a_p = w_p / sqrt(σ²_p + ε_LN)
+            Σ_p w_p LN(x_p) = γ ⊙ (Σ_p a_p F_p + u Σ_p a_p − Σ_p a_p μ_p) + β Σ_p w_p.
+        F is read by one moment pass and, per text, one covariance and one pooling product (instead of building,
+        transposing and normalising a full [N,hw,C] map per text). feat [N,C,h,w]; texts [N,T,D] (caption first);
+        weights [N,h,w] at the feature size. Float32 at least (a sum over thousands of pixels).
+        """
+        with torch.autocast(feat.device.type, enabled=False):
+            f = feat.flatten(2)
+            f = f if f.dtype in (torch.float32, torch.float64) else f.float()               # [N,C,L]
+            var_f, mean_f = torch.var_mean(f, dim=1, correction=0)                         # [N,L]
+            gamma, beta = self.norm.weight.to(f.dtype), self.norm.bias.to(f.dtype)
+            out = []
+            for text, w in zip(texts, weights):
+                u = self.text_bias(text[:, 0]).to(f.dtype)                                   # [N,C]
+                u_mean = u.mean(dim=1, keepdim=True)
+                u_c = u - u_mean
+                cov = torch.bmm(u_c.unsqueeze(1), f).squeeze(1) / f.shape[1]                 # [N,L]
+                var = var_f + u_c.pow(2).mean(dim=1, keepdim=True) + 2 * cov
+                w = w.flatten(1).to(f.dtype)                                                 # [N,L]
+                a = w * torch.rsqrt(var.clamp_min(0) + self.norm.eps)
+                total = w.sum(dim=1, keepdim=True)
+                num = (torch.bmm(f, a.unsqueeze(2)).squeeze(2) + u * a.sum(dim=1, keepdim=True)
+                       - (a * (mean_f + u_mean)).sum(dim=1, keepdim=True))                  # [N,C]
+                out.append((gamma * num + beta * total) / (total + eps))
+        return out
+
 
 class LevelProjection(nn.Module):
     r"""One level's way into and out of a shared W-d alignment space: A(F) = U(TextAlign_W(D F)) per pixel, with
@@ -395,18 +426,23 @@ class CDTG(Hooks):
         k = ctx.nshot
         cls_text, cls_mask = self.class_texts(ctx.class_id.repeat_interleave(k))        # per support
         bg_text, bg_mask = self.background_texts(n, feats[0].device)
+        closed_form = self.config.attn == 'paper' and self.shared_align is None
         new_fg, new_bg = [], []
         for i, f in enumerate(feats):
             level = self.tap_level[i]
             a = self.image_weight(level)
             m = resize_mask(ctx.support_masks, tuple(f.shape[-2:])).to(f.dtype)
-            fp_t = masked_average_pooling(self.aligned(level, f, cls_text, cls_mask), m, eps=MAP_EPS)     # [B*K,C]
-            new_fg.append(a * fg[i] + (1 - a) * _per_set(fp_t, fg[i], k))
-            if bg[i] is None:
-                new_bg.append(None)
-                continue
-            bp_t = masked_average_pooling(self.aligned(level, f, bg_text, bg_mask), 1 - m, eps=MAP_EPS)
-            new_bg.append(a * bg[i] + (1 - a) * _per_set(bp_t, bg[i], k))
+            use_bg = bg[i] is not None
+            if closed_form:                                   # MAP of the aligned maps without forming them
+                texts, weights = ([cls_text, bg_text], [m, 1 - m]) if use_bg else ([cls_text], [m])
+                pooled = self.align[level].pooled(f, texts, weights, MAP_EPS)
+            else:
+                pooled = [masked_average_pooling(self.aligned(level, f, cls_text, cls_mask), m, eps=MAP_EPS)]
+                if use_bg:
+                    pooled.append(masked_average_pooling(self.aligned(level, f, bg_text, bg_mask), 1 - m,
+                                                         eps=MAP_EPS))
+            new_fg.append(a * fg[i] + (1 - a) * _per_set(pooled[0], fg[i], k))             # FP_t [B*K,C]
+            new_bg.append(a * bg[i] + (1 - a) * _per_set(pooled[1], bg[i], k) if use_bg else None)
         return new_fg, new_bg
 
     # --- what a result records ----------------------------------------------------------------------------------
