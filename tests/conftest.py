@@ -1,5 +1,7 @@
 r"""Shared fixtures: generated synthetic benchmarks and one tiny trained checkpoint per test session."""
+import atexit
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -8,7 +10,9 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Frozen CLIP text embeddings are cached per session, never in the user's ~/.cache.
-os.environ.setdefault('CDTG_CACHE', tempfile.mkdtemp(prefix='cdtg-test-cache-'))
+if 'CDTG_CACHE' not in os.environ:
+    os.environ['CDTG_CACHE'] = tempfile.mkdtemp(prefix='cdtg-test-cache-')
+    atexit.register(shutil.rmtree, os.environ['CDTG_CACHE'], ignore_errors=True)
 
 TINY_TRAIN = ['--method', 'hsnet', '--benchmark', 'synthetic', '--backbone', 'resnet50', '--backbone-weights', 'none',
               '--img-size', '64', '--bsz', '4', '--epochs', '1', '--episodes-per-epoch', '8', '--val-episodes', '4',

@@ -19,7 +19,7 @@ def test_short_training_lowers_loss_and_beats_untrained(datapath):
 
     losses = []
     recipe = model.configure_optimizers(lr=1e-3)
-    loader = build_loader(trn, TrainingEpisodes(trn, 8 * 110, seed=0), bsz=8, workers=0)
+    loader = build_loader(trn, TrainingEpisodes(trn, 8 * 80, seed=0), bsz=8, workers=0)
     train_epoch(model, loader, recipe, torch.device('cpu'), trn.class_names,
                 on_step=lambda step, loss, terms: losses.append(float(loss.detach())))
     after, _ = evaluate(model, val_loader, torch.device('cpu'), val.class_names)

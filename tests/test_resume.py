@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+import engine.training as training
 import train as train_cli
 from common.checkpoint import load_checkpoint
 from common.errors import UserError
@@ -68,14 +69,14 @@ def test_mid_epoch_checkpoint_resumes_at_the_exact_step(datapath, tmp_path, monk
     _train(base + ['--epochs', '1', '--logpath', str(straight)])
     split = tmp_path / 'split'
     saves = []
-    real_save = train_cli.save_checkpoint
+    real_save = training.save_checkpoint
 
     def save_then_die(state, path):
         real_save(state, path)
         saves.append(state['next'])
         if state['next'] == (0, 2):
             raise Interrupt                                                               # "killed" after step 2
-    monkeypatch.setattr(train_cli, 'save_checkpoint', save_then_die)
+    monkeypatch.setattr(training, 'save_checkpoint', save_then_die)
     with pytest.raises(Interrupt):
         _train(base + ['--epochs', '1', '--save-every-steps', '1', '--logpath', str(split)])
     assert saves == [(0, 1), (0, 2)]
