@@ -17,10 +17,11 @@ prediction in red over the image) and `summary.json`. Every input is checked bef
 folder appears only when complete (it is written under a temporary name and renamed), so an error leaves nothing
 half-written.
 
-CD-TG checkpoints need the class's text: `--class-name NAME` looks it up in text/descriptions/*.yaml (`--descriptions
-BENCHMARK` picks the file), or `--description "..."` gives a one-off description that is encoded on the fly
-(`--background-description` for the background; default "A photo of the background."). Test-time adaptation
-(`--finetune-steps/--finetune-lr`) adapts on the supports of every query separately, as in test.py.
+CD-TG checkpoints need the class's text: `--class-name NAME` looks it up in text/descriptions/*.yaml (`--benchmark
+BENCHMARK` picks the file; `--descriptions FILE` uses your own), or `--description "..."` gives a one-off
+description that is encoded on the fly (`--background-description` for the background; default "A photo of the
+background."). Test-time adaptation (`--finetune-steps/--finetune-lr`) adapts on the supports of every query
+separately, as in test.py.
 """
 import argparse
 import json
@@ -66,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--class-name', type=str, default=None,
                    help='CD-TG: the class whose description to use (text/descriptions/*.yaml); with --description, '
                         'only its name in summary.json')
-    p.add_argument('--descriptions', type=str, default=None, metavar='BENCHMARK',
-                   help='CD-TG: look --class-name up in text/descriptions/BENCHMARK.yaml only')
+    p.add_argument('--benchmark', type=str, default=None, metavar='BENCHMARK',
+                   help='CD-TG: look --class-name up in text/descriptions/BENCHMARK.yaml only (--descriptions FILE: '
+                        'in that file)')
     p.add_argument('--description', type=str, default=None,
                    help='CD-TG: a one-off description of the class (one sentence), encoded on the fly')
     p.add_argument('--background-description', type=str, default=None,
@@ -223,9 +225,20 @@ def output_names(queries: list[Path]) -> list[str]:
 
 
 # --- text -----------------------------------------------------------------------------------------------------------
-def find_class(name: str, benchmark: str | None) -> tuple[str, str]:
-    r"""(benchmark, class name as written in its description file) for `--class-name`."""
-    from text.descriptions import available_benchmarks, load_descriptions
+def find_class(name: str, benchmark: str | None, file: str | None = None) -> tuple[str, str]:
+    r"""(benchmark, class name as written in its description file) for `--class-name`: in the description file
+    `file` (the plug-in's --descriptions FILE) if given, else in text/descriptions/ (`benchmark`'s file only, if
+    given)."""
+    from text.descriptions import available_benchmarks, load_description_file, load_descriptions
+    if file:
+        desc = load_description_file(file)
+        entry = desc.lookup(name)
+        if entry is None:
+            raise UserError(f'--class-name {name!r} is not described in --descriptions {file}')
+        if benchmark and benchmark != desc.benchmark:
+            raise UserError(f'--descriptions {file} describes benchmark {desc.benchmark!r}, not --benchmark '
+                            f'{benchmark!r}')
+        return desc.benchmark, entry.name
     candidates = [benchmark] if benchmark else available_benchmarks()
     hits = []
     for bench in candidates:
@@ -238,7 +251,7 @@ def find_class(name: str, benchmark: str | None) -> tuple[str, str]:
                         'for a class that has none')
     if len(hits) > 1:
         raise UserError(f'--class-name {name!r} is described in several files ({", ".join(b for b, _ in hits)}); '
-                        'pick one with --descriptions BENCHMARK')
+                        'pick one with --benchmark BENCHMARK')
     return hits[0]
 
 
@@ -254,7 +267,7 @@ def check_text_flags(args: argparse.Namespace) -> tuple[str, str] | None:
         if not args.background_description.strip():
             raise UserError('--background-description is empty')
     if args.class_name is not None and args.description is None:
-        return find_class(args.class_name, args.descriptions)
+        return find_class(args.class_name, args.benchmark, args.descriptions)
     return None
 
 
@@ -263,9 +276,9 @@ def bind_text(model, args: argparse.Namespace, described: tuple[str, str] | None
     has_plugin = plugin_record(model) is not None
     wants_text = args.class_name is not None or args.description is not None
     if not has_plugin:
-        if wants_text or args.descriptions or args.background_description:
+        if wants_text or args.benchmark or args.descriptions or args.background_description:
             raise UserError(f'{args.load} has no CD-TG plug-in, so it uses no text: drop --class-name / '
-                            '--description / --descriptions / --background-description')
+                            '--description / --benchmark / --descriptions / --background-description')
         return None
     if not wants_text:
         raise UserError(f'{args.load} carries the CD-TG plug-in, which needs the class\'s text: pass --class-name '
@@ -274,19 +287,18 @@ def bind_text(model, args: argparse.Namespace, described: tuple[str, str] | None
         name = args.class_name or 'custom class'
         if args.background_description is not None:
             background = args.background_description
-        elif args.descriptions:
+        elif args.benchmark:
             from text.descriptions import load_descriptions
-            background = load_descriptions(args.descriptions).background_caption
+            background = load_descriptions(args.benchmark).background_caption
         else:
             background = GENERIC_BACKGROUND
         model.hooks.bind_texts('predict', [name], [[args.description.strip()]], [background.strip()])
         return {'class_name': name, 'source': '--description', 'texts': [args.description.strip()],
                 'background': [background.strip()]}
-    from text.descriptions import load_descriptions
     benchmark, name = described
-    model.hooks.bind(benchmark, [name])
-    desc = load_descriptions(benchmark)
-    return {'class_name': name, 'source': f'text/descriptions/{benchmark}.yaml', 'texts': desc.texts(name),
+    model.hooks.bind(benchmark, [name])                 # the --descriptions FILE when it describes `benchmark`
+    desc = model.hooks.descriptions_for(benchmark)
+    return {'class_name': name, 'source': str(desc.path), 'texts': desc.texts(name),
             'background': [desc.background_caption] + desc.background_attributes}
 
 

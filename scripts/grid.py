@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.errors import UserError, run_cli  # noqa: E402
-from data import dataset_class  # noqa: E402
-from model import method_class  # noqa: E402
+from data import DATASETS, dataset_class  # noqa: E402
+from model import METHODS  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -83,7 +83,9 @@ def target_protocols(spec: str) -> tuple[str, list[str]]:
     r"""'chaos:volumetric' -> ('chaos', ['volumetric']); 'chaos' -> ('chaos', ['2d', 'volumetric']) (every protocol
     of the benchmark); 'isic' -> ('isic', ['2d'])."""
     name, _, protocol = spec.partition(':')
-    known = getattr(dataset_class(name), 'protocols', ('2d',))
+    if name not in DATASETS:
+        dataset_class(name)                                  # raises the error that names the benchmarks
+    known = DATASETS.declared(name, 'protocols', ('2d',))
     if protocol and protocol not in known:
         raise UserError(f'--targets {spec}: {name} has the protocols {", ".join(known)}, not {protocol!r}')
     return name, [protocol] if protocol else list(known)
@@ -147,6 +149,9 @@ def main(argv=None) -> list[dict]:
     if args.gpus < 1:
         raise UserError(f'--gpus must be an integer >= 1, got {args.gpus} (use --device cpu in the train/test '
                         'arguments for CPU runs)')
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise UserError(f'--methods {", ".join(unknown)}: unknown; choose from {", ".join(METHODS)}')
     root = Path(args.logroot)
     rows = []
     for method in args.methods:
@@ -163,7 +168,7 @@ def main(argv=None) -> list[dict]:
                     print(shlex.join(command('train.py', train_args, args.gpus)))
                 else:
                     launch('train.py', train_args, args.gpus)
-            sweep = cdtg == 'on' and method_class(method).plugin_point == 'prototypes'
+            sweep = cdtg == 'on' and METHODS.declared(method, 'plugin_point') == 'prototypes'
             if args.alphas and cdtg == 'on' and not sweep:
                 print(f'{name}: no alpha sweep (alpha has no image-weight meaning on a {method} host)')
             alphas = [None] + (args.alphas if sweep else [])

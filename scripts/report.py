@@ -46,7 +46,8 @@ METRICS = {'miou': 'mIoU', 'fbiou': 'FB-IoU', 'dice': 'Dice'}
 TARGET_NAMES = {'isic': 'ISIC', 'lung': 'Chest X-ray', 'wbc': 'WBC', 'chaos': 'CHAOS', 'deepglobe': 'Deepglobe',
                 'fss': 'FSS-1000'}
 TARGET_ORDER = ('isic', 'lung', 'wbc', 'chaos', 'deepglobe', 'fss')
-PLUGIN_DEFAULTS = {'clip': 'ViT-B-32', 'attn': 'paper', 'fusion': 'fixed', 'style_aug': True, 'text_lora': 0}
+PLUGIN_DEFAULTS = {'clip': 'ViT-B-32', 'attn': 'paper', 'fusion': 'fixed', 'style_aug': True, 'text_lora': 0,
+                   'maps': False, 'width': None, 'background': 'domain', 'descriptions': None}
 DEFAULT_ALPHA = 0.7
 
 
@@ -127,6 +128,10 @@ def _variant(plugin: dict | None, trained_alpha: float | None) -> tuple[str, tup
             settings.append(f'LoRA {value}')
         elif key == 'clip':
             settings.append(f'CLIP {value}')
+        elif key == 'maps':
+            settings.append('aligned maps')
+        elif key == 'descriptions':
+            settings.append(f'descriptions {Path(value).name}')
         else:
             settings.append(f'{key} {value}')
     name = list(settings)

@@ -14,6 +14,7 @@ from model import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / 'scripts' / 'ablations'
+ALPHA_HOSTS = [m for m in METHODS if METHODS[m].plugin_point == 'prototypes']      # alpha = an image weight
 
 
 def bash(script: str, *flags: str, timeout: int = 120, **env) -> subprocess.CompletedProcess:
@@ -37,13 +38,18 @@ def flag(cmd: list[str], name: str) -> str | None:
 def test_the_method_list_is_the_registry():
     out = subprocess.run([sys.executable, str(SCRIPTS / 'methods.py')], capture_output=True, text=True, check=True)
     assert out.stdout.split() == list(METHODS)
+    out = subprocess.run([sys.executable, str(SCRIPTS / 'methods.py'), '--alpha-hosts'], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ALPHA_HOSTS
 
 
 def test_main_table_dry_run_uses_torchrun_for_two_gpus(tmp_path):
     proc = bash('main_table.sh', '--dry-run', DATA='/data', GPUS=2, OUT=tmp_path)
     assert proc.returncode == 0, proc.stderr
     trains, tests = commands(proc.stdout, 'train.py'), commands(proc.stdout, 'test.py')
-    assert all(c[:4] == ['torchrun', '--standalone', '--nproc_per_node', '2'] for c in trains + tests)
+    torchrun = (['torchrun'], [sys.executable, '-m', 'torch.distributed.run'])       # whichever this machine has
+    assert all(any(c[:len(t) + 3] == t + ["--standalone", "--nproc_per_node", "2"] for t in torchrun)
+               for c in trains + tests)
     assert sorted((flag(c, '--method'), '--cdtg' in c) for c in trains) == \
         sorted((m, on) for m in METHODS for on in (False, True))
     assert all(flag(c, '--benchmark') == 'pascal' and flag(c, '--datapath') == '/data' and flag(c, '--fold') == 'all'
@@ -53,7 +59,7 @@ def test_main_table_dry_run_uses_torchrun_for_two_gpus(tmp_path):
     expected = {(f'{m}{s}', t, p, k) for m in METHODS for s in ('', '-cdtg') for k in ('1', '5')
                 for t, p in (('isic', None), ('lung', None), ('wbc', None), ('chaos', None), ('chaos', 'volumetric'))}
     assert cells == expected and len(tests) == len(expected)
-    assert all(flag(c, '--episodes') == '600' for c in tests)
+    assert all(flag(c, '--episodes') == ('600' if flag(c, '--protocol') is None else None) for c in tests)
 
 
 def test_one_process_and_cpu(tmp_path):
@@ -74,13 +80,15 @@ def test_alpha_sweep_dry_run(tmp_path):
     swept = [c for c in tests if '--alpha' in c]
     assert all('-cdtg' in flag(c, '--load') for c in swept)                   # only CD-TG models are swept
     assert sorted({float(flag(c, '--alpha')) for c in swept}) == [float(a) for a in alphas]
-    assert len(swept) == len(METHODS) * 2 * len(alphas) * 5          # x 2 seeds, x 5 targets (CHAOS 2D + 3D), 1 shot
+    assert {Path(flag(c, '--load')).parent.name for c in swept} == {f'{m}-cdtg' for m in ALPHA_HOSTS}
+    assert len(swept) == len(ALPHA_HOSTS) * 2 * len(alphas) * 5      # x 2 seeds, x 5 targets (CHAOS 2D + 3D), 1 shot
     retrained = [c for c in trains if flag(c, '--alpha') is not None]
     assert sorted({(flag(c, '--seed'), flag(c, '--alpha')) for c in retrained}) == \
         sorted((s, a) for s in ('0', '1') for a in alphas)
     assert all('--cdtg' in c and flag(c, '--fusion') == 'fixed' and f'/retrained/alpha{flag(c, "--alpha")}/'
                in flag(c, '--logpath') for c in retrained)
-    assert len(retrained) == len(METHODS) * 2 * len(alphas)
+    assert sorted({flag(c, '--method') for c in retrained}) == sorted(ALPHA_HOSTS)
+    assert len(retrained) == len(ALPHA_HOSTS) * 2 * len(alphas)
 
 
 def test_components_dry_run(tmp_path):
@@ -119,14 +127,15 @@ def test_synthetic_dry_run_and_argument_errors(tmp_path):
 
 
 def test_synthetic_alpha_sweep_end_to_end_then_report(datapath, tmp_path):
-    r"""The CPU variant, tiny: 1 method, 1 training step per model, 4 test episodes, one alpha override; resumable;
-    report.py then writes the table, the alpha plot and the qualitative figure from its folder."""
-    tiny = dict(DATA=datapath, OUT=tmp_path / 'sweep', GPUS=0, METHODS='hsnet', ALPHAS='0', EPISODES=4,
+    r"""The CPU variant, tiny: 1 method (a prototype host, whose alpha can be swept), 1 training step per model, 4
+    test episodes, one alpha override; resumable; report.py then writes the table, the alpha plot and the qualitative
+    figure from its folder."""
+    tiny = dict(DATA=datapath, OUT=tmp_path / 'sweep', GPUS=0, METHODS='patnet', ALPHAS='0', EPISODES=4,
                 TRAIN_EPISODES=2, VAL_EPISODES=2, BSZ=2, BN_CALIBRATION=4, TRAIN_ARGS='--tb-images 0')
     proc = bash('alpha_sweep.sh', '--synthetic', timeout=900, **tiny)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     grid = (tmp_path / 'sweep' / 'seed0' / 'grid.csv').read_text().splitlines()
-    assert grid[0] == 'method,cdtg,alpha,target,shots,miou,fbiou,dice'
+    assert grid[0] == 'method,cdtg,alpha,target,protocol,shots,miou,fbiou,dice'
     assert [tuple(line.split(',')[1:3]) for line in grid[1:]] == [('off', ''), ('on', '0.7'), ('on', '0.0')]
     again = bash('alpha_sweep.sh', '--synthetic', timeout=300, **tiny)                 # resumes: nothing re-runs
     assert again.returncode == 0 and again.stdout.count('reusing') == 3 and 'training' not in again.stdout
@@ -140,7 +149,7 @@ def test_synthetic_alpha_sweep_end_to_end_then_report(datapath, tmp_path):
     for name in ('table.md', 'table.tex', 'table.csv', 'alpha_sweep.png', 'alpha_sweep.pdf', 'qualitative.png'):
         assert (out / name).stat().st_size > 0, name
     rows = (out / 'table.md').read_text().splitlines()
-    assert rows[2].startswith('| hsnet |') and rows[3].startswith('| hsnet +CD-TG |')
+    assert rows[2].startswith('| patnet |') and rows[3].startswith('| patnet +CD-TG |')
     assert re.search(r'\| [+-]\d+\.\d \|$', rows[3])                           # the delta column
 
 

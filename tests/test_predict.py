@@ -226,7 +226,7 @@ ERRORS = [
     ('load-folder', lambda o, c: ['--load', str(Path(c).parent)], 'is a run folder'),
     ('text-on-plain-checkpoint', lambda o, c: ['--load', c, '--support', f'{o}/s1.png:{o}/s1_mask.png', '--query',
                                                str(o / 'queries' / 'rgb.png'), '--out', str(o / 'x'), '--class-name',
-                                               'lung', '--descriptions', 'lung'], 'has no CD-TG plug-in'),
+                                               'lung', '--benchmark', 'lung'], 'has no CD-TG plug-in'),
 ]
 
 
@@ -257,7 +257,7 @@ def test_a_failure_mid_run_leaves_nothing(own, tiny_checkpoint, tmp_path, monkey
 def test_class_names_are_looked_up_in_the_description_files():
     assert predict.find_class('Cyan_Diamond', None) == ('synthetic', 'cyan diamond')        # any spelling
     assert predict.find_class('lung', 'lung') == ('lung', 'lung')
-    with pytest.raises(UserError, match='several files.*--descriptions'):                  # lung.yaml, synthetic-med
+    with pytest.raises(UserError, match='several files.*--benchmark'):                  # lung.yaml, synthetic-med
         predict.find_class('lung', None)
     with pytest.raises(UserError, match="'no such thing'.*--description"):
         predict.find_class('no such thing', None)
@@ -269,7 +269,7 @@ def test_cdtg_needs_text_and_takes_a_one_off_description(own, tiny_cdtg_checkpoi
     code, out = run(base + ['--out', str(tmp_path / 'a')], capsys)
     assert code == 2 and 'needs the class\'s text' in out and not (tmp_path / 'a').exists()
     code, out = run(base + ['--out', str(tmp_path / 'a'), '--class-name', 'lung'], capsys)   # before any model
-    assert code == 2 and 'several files' in out and '--descriptions' in out
+    assert code == 2 and 'several files' in out and '--benchmark' in out
 
     from text.plugin import CDTG
     bound = []

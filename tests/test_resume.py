@@ -80,7 +80,7 @@ def test_mid_epoch_checkpoint_resumes_at_the_exact_step(datapath, tmp_path, monk
     with pytest.raises(Interrupt):
         _train(base + ['--epochs', '1', '--save-every-steps', '1', '--logpath', str(split)])
     assert saves == [(0, 1), (0, 2)]
-    monkeypatch.setattr(train_cli, 'save_checkpoint', real_save)
+    monkeypatch.setattr(training, 'save_checkpoint', real_save)
     _train(['--resume', '--logpath', str(split)])
     assert 'resumed from epoch 0, step 2' in (split / 'log.txt').read_text()
     _assert_same_run(straight / 'last.pt', split / 'last.pt')

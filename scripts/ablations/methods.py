@@ -1,22 +1,20 @@
-r"""Print the registered method names (the keys of `METHODS` in model/__init__.py), space-separated.
-
-Read from the source with `ast`, so the ablation scripts learn the method list without importing torch.
+r"""Print the registered method names (model.METHODS, read without importing torch), space-separated;
+`--alpha-hosts`: only those whose CD-TG fusion has an image weight alpha (prototype hosts; `plugin_point` read from
+the sources, no import either).
 """
-import ast
+import sys
 from pathlib import Path
 
-REGISTRY = Path(__file__).resolve().parents[2] / 'model' / '__init__.py'
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from model import METHODS  # noqa: E402
 
 
-def registered_methods(path: Path = REGISTRY) -> list[str]:
-    r"""The string keys of the module-level `METHODS = {...}` dict literal, in order."""
-    for node in ast.parse(path.read_text()).body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-        if isinstance(target, ast.Name) and target.id == 'METHODS' and isinstance(node.value, ast.Dict):
-            return [k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
-    raise SystemExit(f'error: no METHODS = {{...}} dict in {path}')
+def registered_methods(alpha_hosts: bool = False) -> list[str]:
+    if alpha_hosts:
+        return [name for name in METHODS if METHODS.declared(name, 'plugin_point') == 'prototypes']
+    return list(METHODS)
 
 
 if __name__ == '__main__':
-    print(' '.join(registered_methods()))
+    print(' '.join(registered_methods('--alpha-hosts' in sys.argv[1:])))
