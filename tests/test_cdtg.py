@@ -21,6 +21,8 @@ from text.plugin import CDTG, CDTGConfig, MedicalStyle, TextAlign
 
 ROOT = Path(__file__).resolve().parents[1]
 CDTG_FLAGS = ['--cdtg', '--clip', 'ViT-B-32', '--clip-weights', 'none']
+# the other CLI runs use a 64-d shared alignment space (a small plug-in, fast tiny runs); cdtg_run keeps the default
+SMALL = CDTG_FLAGS + ['--cdtg-width', '64']
 
 
 def cdtg_config(**kw):
@@ -275,7 +277,7 @@ def test_plugin_mismatch_errors(cdtg_run, tiny_checkpoint, datapath, tmp_path):
 def test_attribute_attention_learned_fusion_no_style_run(datapath, tmp_path):
     run = tmp_path / 'run'
     extra = ['--cdtg-attn', 'attributes', '--fusion', 'learned', '--no-style-aug']
-    train_cli.main(TINY_TRAIN + CDTG_FLAGS + extra + ['--datapath', str(datapath), '--logpath', str(run)])
+    train_cli.main(TINY_TRAIN + SMALL + extra + ['--datapath', str(datapath), '--logpath', str(run)])
     ckpt = load_checkpoint(run / 'best.pt')
     cfg = ckpt['plugin']['config']
     assert cfg['attn'] == 'attributes' and cfg['fusion'] == 'learned' and cfg['style_aug'] is False
@@ -336,7 +338,7 @@ def test_text_lora_trains_and_is_saved(datapath, tmp_path):
 
 def test_text_lora_cli_run(datapath, tmp_path):
     run = tmp_path / 'lora'
-    train_cli.main(TINY_TRAIN + CDTG_FLAGS + ['--text-lora', '8', '--datapath', str(datapath), '--logpath', str(run)])
+    train_cli.main(TINY_TRAIN + SMALL + ['--text-lora', '8', '--datapath', str(datapath), '--logpath', str(run)])
     ckpt = load_checkpoint(run / 'best.pt')
     assert ckpt['plugin']['config']['text_lora'] == 8 and any('lora_' in k for k in ckpt['model'])
     res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
@@ -362,7 +364,7 @@ def test_encode_text_script_fills_the_cache_used_by_the_plugin(tmp_path):
 def test_patnet_cdtg_on_synthetic_and_a_medical_fixture(datapath, tmp_path):
     from fixtures_targets import write_wbc
     run = tmp_path / 'patnet'
-    train_cli.main(TINY_TRAIN + ['--method', 'patnet'] + CDTG_FLAGS
+    train_cli.main(TINY_TRAIN + ['--method', 'patnet'] + SMALL
                    + ['--datapath', str(datapath), '--logpath', str(run)])
     ckpt = load_checkpoint(run / 'best.pt')
     assert ckpt['config']['method'] == 'patnet' and ckpt['plugin']['name'] == 'cdtg'

@@ -528,7 +528,8 @@ def _cli_run(method, datapath, tmp_path, adapt_lr):
     train = ['--method', method, '--benchmark', 'synthetic', '--datapath', str(datapath), '--backbone-weights', 'none',
              '--img-size', str(SIZE), '--bsz', '2', '--epochs', '1', '--episodes-per-epoch', '2', '--val-episodes', '1',
              '--workers', '0']
-    cdtg = ['--cdtg', '--clip', 'ViT-B-32', '--clip-weights', 'none']
+    # a 64-d shared alignment space: a small plug-in, so tiny runs stay fast
+    cdtg = ['--cdtg', '--clip', 'ViT-B-32', '--clip-weights', 'none', '--cdtg-width', '64']
     results = {}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

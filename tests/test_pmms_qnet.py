@@ -484,7 +484,8 @@ def medical(tmp_path_factory):
     return root
 
 
-CDTG = ['--cdtg', '--clip-weights', 'none']
+# a 64-d shared alignment space: a small plug-in, so tiny runs stay fast
+CDTG = ['--cdtg', '--clip-weights', 'none', '--cdtg-width', '64']
 
 
 @pytest.mark.parametrize('method, backbone', [('pmms', 'resnet50'), ('rpmms', 'resnet50'), ('qnet', 'resnet50')])

@@ -12,7 +12,8 @@ from common.checkpoint import load_checkpoint
 from common.errors import UserError
 from conftest import TINY_TRAIN
 
-CDTG = ['--cdtg', '--clip-weights', 'none']
+# a 64-d shared alignment space: a small plug-in, so tiny runs stay fast
+CDTG = ['--cdtg', '--clip-weights', 'none', '--cdtg-width', '64']
 
 
 def _base(datapath, method: str, cdtg: bool) -> list[str]:
