@@ -66,12 +66,13 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100, formats: tuple[str, ...] = ()) -> Path:
-    r"""Save `fig` to `path` (and to the same stem with each extra format, e.g. ('pdf',)), then close it."""
+    r"""Save `fig` to `path` (and to the same stem with each extra format, e.g. ('pdf',)), then close it. The
+    bounding box is fitted to the content, so a figure legend is never cut off."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches='tight')
     for ext in formats:
-        fig.savefig(path.with_suffix(f'.{ext}'))
+        fig.savefig(path.with_suffix(f'.{ext}'), bbox_inches='tight')
     pyplot().close(fig)
     return path
 
