@@ -19,6 +19,16 @@ TINY_TRAIN = ['--method', 'hsnet', '--benchmark', 'synthetic', '--backbone', 're
               '--workers', '0', '--seed', '0', '--tb-images', '0']
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    r"""One torch thread for a module of many small ops: on a shared 2-core machine, with 2 threads every op can stall
+    on a descheduled worker (the PMMs/Q-Net and DMTNet/IFA tests ran 4-10x slower). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='session')
 def datapath(tmp_path_factory):
     r"""A data folder in which `synthetic` and `synthetic-med` are generated once for the whole session."""

@@ -20,13 +20,7 @@ f64 = torch.float64
 SIZE = 64
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # Many small ops: on the shared 2-core machine, 2 threads stall on each other (IFA's adaptation ran ~10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')     # many small ops: see conftest.one_thread
 
 
 def make(name: str, seed: int = 0, **options):

@@ -24,14 +24,7 @@ f64 = torch.float64
 SIZE = 64
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # Many small ops on a shared 2-core machine: with 2 threads every op can stall on a descheduled worker (the
-    # tests below ran ~4x slower). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')     # many small ops: see conftest.one_thread
 
 
 def make(name: str, backbone: str | None = None, seed: int = 0, **options):
