@@ -1,5 +1,6 @@
 r"""A registry whose entries are imported on first use, so that `-h` and argument errors never import torch."""
 import importlib
+from dataclasses import dataclass
 
 
 class LazyRegistry(dict):
@@ -55,27 +56,51 @@ def declared_attribute(target: str, attr: str, default=_MISSING):
     return value
 
 
+@dataclass
+class ModuleSource:
+    r"""The top level of a module's source: its classes (AST nodes), its literal constants and its `from X import
+    Y` names ('X:Y')."""
+    classes: dict
+    constants: dict
+    imports: dict
+
+
+def module_source(module: str) -> ModuleSource | None:
+    r"""Parse `module`'s source file without importing it (its parent packages are imported to find it); None when
+    it has no .py source."""
+    import ast
+    import importlib.util
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith('.py'):
+        return None
+    source = ModuleSource({}, {}, {})
+    for node in ast.parse(open(spec.origin, encoding='utf-8').read()).body:
+        if isinstance(node, ast.ClassDef):
+            source.classes[node.name] = node
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                source.constants[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                source.imports[alias.asname or alias.name] = f'{node.module}:{alias.name}'
+    return source
+
+
 def _declared(target: str, attr: str, seen: set) -> tuple[bool, object] | None:
     r"""(True, value) if declared, (False, None) if no class of the chain declares it, None if unreadable."""
     import ast
-    import importlib.util
     module, name = target.split(':')
     if target in seen:
         return False, None
     seen.add(target)
-    top = module.split('.')[0]
-    if top not in _PROJECT_PACKAGES:
+    if module.split('.')[0] not in _PROJECT_PACKAGES:
         return False, None                                      # outside the project: taken not to declare it
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.origin or not spec.origin.endswith('.py'):
+    source = module_source(module)
+    if source is None:
         return None
-    tree = ast.parse(open(spec.origin, encoding='utf-8').read())
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    imported = {}
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for alias in node.names:
-                imported[alias.asname or alias.name] = f'{node.module}:{alias.name}'
+    classes, imported = source.classes, source.imports
     cls = classes.get(name)
     if cls is None:
         return None

@@ -3,10 +3,9 @@ method", and the toy prototype method of tests/test_methods.py)."""
 import ast
 import dataclasses
 import importlib
-import importlib.util
 
 from common.errors import UserError
-from common.registry import LazyRegistry
+from common.registry import LazyRegistry, module_source
 
 METHODS = LazyRegistry({
     'hsnet': 'model.hsnet:HSNet',
@@ -67,19 +66,10 @@ def _option_specs_from_source(name: str) -> list[OptionSpec] | None:
     if not isinstance(target, str):                      # unknown, already imported, or registered as a class
         return None
     module, cls_name = target.split(':')
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.origin or not spec.origin.endswith('.py'):
+    source = module_source(module)
+    if source is None:
         return None
-    tree = ast.parse(open(spec.origin, encoding='utf-8').read())
-    constants, classes = {}, {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            classes[node.name] = node
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                constants[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
+    constants, classes = source.constants, source.classes
 
     def value(node):
         if isinstance(node, ast.Name) and node.id in constants:
