@@ -306,20 +306,20 @@ class CDTG(Hooks):
             background = [GENERIC_BACKGROUND]
         else:
             background = [desc.background_caption] + (list(desc.background_attributes) if attributes else [])
-        self.bind_texts(benchmark, list(class_names), per_class, background)
-        self.texts_used[benchmark] = {
-            'file': str(desc.path), 'sha256': hashlib.sha256(Path(desc.path).read_bytes()).hexdigest(),
-            'source': '--descriptions' if desc is self.file_descriptions else 'shipped',
-            'author': desc.provenance.get('author'), 'model': desc.provenance.get('model')}
+        record = {'file': str(desc.path), 'sha256': hashlib.sha256(Path(desc.path).read_bytes()).hexdigest(),
+                  'source': '--descriptions' if desc is self.file_descriptions else 'shipped',
+                  'author': desc.provenance.get('author'), 'model': desc.provenance.get('model')}
+        self.bind_texts(benchmark, list(class_names), per_class, background, record)
         self._from_file = (benchmark, list(class_names))
 
     def bind_texts(self, key: str, class_names: list[str], class_texts: list[list[str]],
-                   background_texts: list[str]) -> None:
+                   background_texts: list[str], record: dict | None = None) -> None:
         r"""Bind arbitrary texts: class i (class_id i) is described by `class_texts[i]` (a caption, then optional
         attribute sentences), the background by `background_texts`. The 'paper' attention reads each caption only,
         'attributes' every sentence. `key` names this set of texts (e.g. a benchmark); `bind` uses this with the
         description files, predict.py with a one-off description typed by the user. Texts are embedded (frozen
-        encoder: through the on-disk cache) or tokenised (LoRA: encoded in the graph at every episode)."""
+        encoder: through the on-disk cache) or tokenised (LoRA: encoded in the graph at every episode). `record`: what
+        `texts_used` (results.json, checkpoints) keeps about them; default: the typed texts and their SHA-256."""
         if len(class_names) != len(class_texts) or not class_texts:
             raise ValueError(f'bind_texts needs one text list per class (got {len(class_names)} names, '
                              f'{len(class_texts)} text lists)')
@@ -345,9 +345,10 @@ class CDTG(Hooks):
             self.register_buffer('token_table', table.to(device), persistent=False)
         self.register_buffer('text_mask', mask.to(device), persistent=False)
         self.benchmark, self.class_names = key, list(class_names)
-        typed = '\n'.join(t for g in groups for t in g).encode()
-        self.texts_used[key] = {'file': None, 'sha256': hashlib.sha256(typed).hexdigest(), 'source': 'typed',
-                                'texts': groups}
+        if record is None:
+            typed = '\n'.join(t for g in groups for t in g).encode()
+            record = {'file': None, 'sha256': hashlib.sha256(typed).hexdigest(), 'source': 'typed', 'texts': groups}
+        self.texts_used[key] = record
         self._from_file = None                   # `bind` sets it after this call, a direct call leaves it unset
 
     def _texts(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
