@@ -1,5 +1,6 @@
 r"""The episode loops shared by train.py, test.py and the demo: every model call goes through the staged pipeline
-(`forward` for training, `encode` + `infer` at test time, so test-time adaptation can never be skipped)."""
+(`forward` for training, `infer_episode` = `encode` + `infer` at test time, so test-time adaptation can never be
+skipped)."""
 import math
 import time
 import warnings
@@ -189,8 +190,8 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
 def evaluate(model, loader, device: torch.device, class_names: list[str], desc: str = 'eval',
              keep_predictions: int = 0, dist: Dist = SINGLE, precision: str = 'fp32',
              miou_over: str = 'all') -> tuple[dict, list[dict]]:
-    r"""Predict every episode of `loader` through the test-time entry point (`infer`, which adapts per episode
-    when the method is set to) and return the scores (mIoU averaged `miou_over` the classes, see common/metrics.py;
+    r"""Predict every episode of `loader` through the test-time entry point (`infer_episode`: `infer`, which
+    adapts per episode when the method is set to, on the encoded episode) and return the scores (mIoU averaged `miou_over` the classes, see common/metrics.py;
     label 255 ignored) and, for the first `keep_predictions` episodes of this process, the CPU tensors needed to
     draw them. In a distributed run each process evaluates its share of the episodes and the per-class sums are
     all-reduced, so every process returns the scores of all episodes."""
@@ -208,7 +209,7 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
             b, k = blank.nonzero()[0].tolist()
             example = example or batch['support_names'][b][k]
         with autocast(device, precision):
-            output = model.infer(model.encode(*episode_inputs(batch)))
+            output = model.infer_episode(*episode_inputs(batch))
             loss = total_loss(model.loss(output, batch))
         pred = model.segment(output)
         meter.update(pred, batch['query_mask'], batch['class_id'], loss)

@@ -7,7 +7,8 @@ Every method runs the same stages (written once, here):
     mask   = method.segment(output)                                             # its K-shot policy
 
 `forward` is encode + match (training); `infer(record)` is the one test-time entry point, which runs the method's
-test-time adaptation (model/adapt.py) when it has one; `predict` = segment(infer(encode(...))). A method subclasses
+test-time adaptation (model/adapt.py) when it has one; `infer_episode(images...)` is infer(encode(...)) (streaming
+the shots of a shot-by-shot K-shot vote, see there) and `predict` = segment(infer_episode(...)). A method subclasses
 `FewShotSegmenter`, implements `match` and declares, as class attributes: its `kshot` policy, its `Options`
 dataclass (which become command-line flags), its `backbone_spec`, its `plugin_point`, and optionally its loss terms,
 training recipe (`configure_optimizers`) and test-time adaptation (`adaptation_parameters` / `adaptation_loss`).
@@ -105,14 +106,14 @@ class EpisodeRecord:
                              EpisodeContext(self.ctx.class_id[i:i + 1], k, self.ctx.support_masks[sl]))
 
     def shot(self, k: int) -> 'EpisodeRecord':
-        r"""The B episodes with their k-th support only (1-shot records sharing the encoded query)."""
+        r"""The B episodes with their k-th support only (1-shot records sharing the encoded query). Support b*K+k of
+        the B*K rows is row k, k+K, ...: a strided view, no copy of the support features."""
         n = self.nshot
-        rows = torch.arange(self.batch, device=self.query_img.device) * n + k
         sup = self.supports
         return EpisodeRecord(self.query_img, self.query_feats,
-                             SupportSet(sup.imgs[:, k:k + 1], sup.masks[:, k:k + 1], [f[rows] for f in sup.feats],
+                             SupportSet(sup.imgs[:, k:k + 1], sup.masks[:, k:k + 1], [f[k::n] for f in sup.feats],
                                         sup.class_id),
-                             EpisodeContext(self.ctx.class_id, 1, self.ctx.support_masks[rows]))
+                             EpisodeContext(self.ctx.class_id, 1, self.ctx.support_masks[k::n]))
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> 'EpisodeRecord':
         r"""A record whose tensors are `fn(tensor)` (e.g. clones made outside inference mode)."""
@@ -258,7 +259,8 @@ class Hooks(nn.Module):
         return feats
 
     def support_features(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> list[torch.Tensor]:
-        r"""feats: per tap [B*K,C_l,h_l,w_l], before any masking."""
+        r"""feats: per tap [B*K,C_l,h_l,w_l], before any masking. Per image: a support's output may depend on that
+        support and its mask only, not on the other shots (`infer_episode` may pass one shot at a time)."""
         return feats
 
     def prototypes(self, fg: list[torch.Tensor], bg: list[torch.Tensor | None], feats: list[torch.Tensor],
@@ -292,9 +294,10 @@ class FewShotSegmenter(nn.Module):
     plugin_point: str = 'features'
     adaptation_defaults: Adaptation = Adaptation()
     default_lr: float = 1e-3
-    #: Test time, 'vote' methods with K > 1: match the shots one at a time after the single backbone pass ('one':
-    #: the same predictions at about half the peak memory, and faster on CPU), all K in one batch ('all'), or
-    #: 'auto' = one on CPU, all on CUDA (set by test.py --match-shots; scripts/bench.py measures both).
+    #: Test time, 'vote' methods with K > 1: match the shots one at a time ('one': the same predictions at a
+    #: fraction of the peak memory, and faster on CPU; `infer_episode` then also encodes each support just before
+    #: its match), all K in one batch after one backbone pass ('all'), or 'auto' = one on CPU, all on CUDA (set by
+    #: test.py --match-shots; scripts/bench.py measures both).
     match_shots: str = 'auto'
 
     def __init__(self, backbone: Backbone, options=None):
@@ -370,14 +373,44 @@ class FewShotSegmenter(nn.Module):
             return adapt_and_match(self, record)
         return self.match_episode(record)
 
+    def infer_episode(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
+                      class_id: torch.Tensor) -> Output:
+        r"""`infer(encode(...))` from the images: what the evaluation loops, `predict` and the benchmarks call.
+
+        A 'vote' method matching shot by shot (`match_shots`) without test-time adaptation streams the shots: the
+        query is encoded once, then each support is encoded just before its own match and dropped after it, so the
+        episode holds the features of the query and one support instead of all K (HSNet, 5-shot, 400x400: about
+        half the peak memory of the batched path, below the reference's per-shot forwards). The logits are those of
+        `infer(encode(...))` up to float rounding (backbone batches of one image instead of 1 + K); the support
+        hook sees one shot at a time, which the hook contract allows (`Hooks.support_features` is per image).
+        """
+        k = support_imgs.shape[1]
+        if self.adaptation.steps > 0 or not self._shot_by_shot(k, query_img.device):
+            return self.infer(self.encode(query_img, support_imgs, support_masks, class_id))
+        masks = support_masks.float()
+        query_ctx = EpisodeContext(class_id, k, masks.flatten(0, 1))
+        query_feats = self.hooks.query_features(self.backbone(query_img), query_ctx)
+        logits = []
+        for s in range(k):
+            ctx = EpisodeContext(class_id, 1, masks[:, s])
+            feats = self.hooks.support_features(self.backbone(support_imgs[:, s]), ctx)
+            record = EpisodeRecord(query_img, query_feats,
+                                   SupportSet(support_imgs[:, s:s + 1], masks[:, s:s + 1], feats, class_id), ctx)
+            logits.append(self.match(record).logits)
+            del record, feats                                  # this support's features go before the next one's
+        return Output(torch.cat(logits, dim=1))
+
     def match_episode(self, record: EpisodeRecord) -> Output:
         r"""`match`, shot by shot for the 'vote' policy when `match_shots` says so (see there)."""
-        mode = self.match_shots
-        if mode == 'auto':
-            mode = 'all' if record.query_img.device.type == 'cuda' else 'one'
-        if self.kshot != 'vote' or record.nshot == 1 or mode == 'all':
+        if not self._shot_by_shot(record.nshot, record.query_img.device):
             return self.match(record)
         return Output(torch.cat([self.match(record.shot(k)).logits for k in range(record.nshot)], dim=1))
+
+    def _shot_by_shot(self, nshot: int, device: torch.device) -> bool:
+        mode = self.match_shots
+        if mode == 'auto':
+            mode = 'all' if device.type == 'cuda' else 'one'
+        return self.kshot == 'vote' and nshot > 1 and mode == 'one'
 
     def segment(self, output: Output) -> torch.Tensor:
         r"""Binary query mask [B,H,W] (int64) by the method's K-shot policy."""
@@ -386,8 +419,8 @@ class FewShotSegmenter(nn.Module):
     @torch.no_grad()
     def predict(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
                 class_id: torch.Tensor) -> torch.Tensor:
-        r"""Binary query mask [B,H,W] from K shots, through `infer`."""
-        return self.segment(self.infer(self.encode(query_img, support_imgs, support_masks, class_id)))
+        r"""Binary query mask [B,H,W] from K shots, through `infer_episode`."""
+        return self.segment(self.infer_episode(query_img, support_imgs, support_masks, class_id))
 
     @staticmethod
     def upsample(logits: torch.Tensor, record: EpisodeRecord) -> torch.Tensor:

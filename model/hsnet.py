@@ -1,7 +1,7 @@
 r"""HSNet: Hypercorrelation Squeeze Networks for few-shot segmentation (Min, Kang & Cho, ICCV 2021)."""
 from model.backbone import Backbone
 from model.base import EpisodeRecord, FewShotSegmenter, Output
-from model.layers import HPNLearner, mask_features, multilayer_correlation
+from model.layers import HPNLearner, multilayer_correlation
 
 
 class HSNet(FewShotSegmenter):
@@ -19,6 +19,6 @@ class HSNet(FewShotSegmenter):
         self.learner = HPNLearner(backbone.stage_sizes)
 
     def match(self, record: EpisodeRecord) -> Output:
-        support_feats = mask_features(record.support_feats, record.ctx.support_masks)
-        corrs = multilayer_correlation(record.query_feats, support_feats, self.backbone.stage_ids)
+        corrs = multilayer_correlation(record.query_feats, record.support_feats, self.backbone.stage_ids,
+                                       support_masks=record.ctx.support_masks)      # the masked support taps
         return Output(self.per_shot(self.learner(corrs), record))

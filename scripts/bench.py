@@ -130,8 +130,7 @@ def build(method: str, cdtg: bool, device: torch.device, **options):
 def episode_runner(model, ep, precision, device):
     def run():
         with torch.no_grad(), autocast(device, precision):
-            return model.infer(model.encode(ep['query_img'], ep['support_imgs'], ep['support_masks'],
-                                            ep['class_id']))
+            return model.infer_episode(ep['query_img'], ep['support_imgs'], ep['support_masks'], ep['class_id'])
     return run
 
 

@@ -595,7 +595,7 @@ def predict_episodes(cell: Cell, model, dataset, indices: list[int], device) -> 
             seed_everything(int(cell.results.get('seed') or 0) + i)        # identical draws for both models
             batch = collate_episodes([dataset.load_episode(Episode(int(e['class_id']), e['query'],
                                                                    tuple(e['supports'])))])
-            pred = model.segment(model.infer(model.encode(*episode_inputs(to_device(batch, device)))))[0].cpu()
+            pred = model.segment(model.infer_episode(*episode_inputs(to_device(batch, device))))[0].cpu()
             out.append({'query_img': batch['query_img'][0], 'query_mask': batch['query_mask'][0], 'pred': pred,
                         'class': e['class'], 'index': i, 'query': e['query']})
     return out

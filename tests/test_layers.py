@@ -79,8 +79,9 @@ def _reference_correlation(q, s, eps=1e-5):
     return out
 
 
-@pytest.mark.parametrize('channels', [(6, 5, 3), (2, 2, 1)])     # matmul path, and the small-channel path
-def test_multilayer_correlation_matches_float64_formula_with_shared_query(channels):
+@pytest.mark.parametrize('channels,path', [((6, 5, 3), 'cpu'), ((6, 5, 3), 'autograd'), ((6, 5, 3), 'masked'),
+                                           ((2, 2, 1), 'cpu')])   # wide maps (3 paths), and the small-channel path
+def test_multilayer_correlation_matches_float64_formula_with_shared_query(channels, path):
     torch.manual_seed(0)
     stage_ids = [2, 2, 3, 4]
     shapes = {2: (channels[0], 7, 7), 3: (channels[1], 4, 4), 4: (channels[2], 2, 3)}
@@ -88,7 +89,15 @@ def test_multilayer_correlation_matches_float64_formula_with_shared_query(channe
     q = [torch.randn(b, *shapes[s]) for s in stage_ids]
     s = [torch.randn(b * k, *shapes[st]) for st in stage_ids]
     s[0][1, :, :2] = 0                                  # masked-out support pixels -> zero correlation
+    if path == 'masked':                                # most support pixels zero in every item: skipped columns
+        for tap in range(len(s)):
+            s[tap] = s[tap] * (torch.rand(s[tap].shape[-2:]) < 0.3).float()
+        s[1][4, :, 0, 0] = 0.5                          # a pixel non-zero in one support only is kept
+    if path == 'autograd':
+        q = [f.requires_grad_() for f in q]
     corrs = multilayer_correlation(q, s, stage_ids)
+    if path != 'autograd' and max(channels) > 4:        # written in the order the 4D conv reads as NCHW
+        assert all(c.permute(0, 2, 3, 1, 4, 5).is_contiguous() for c in corrs)
     assert [c.shape[1] for c in corrs] == [1, 1, 2]     # deepest stage first
     by_stage = {4: corrs[0], 3: corrs[1], 2: corrs[2]}
     for tap, stage in enumerate(stage_ids):
@@ -101,6 +110,24 @@ def test_multilayer_correlation_matches_float64_formula_with_shared_query(channe
     assert (by_stage[2][1, 0, :, :, :2] == 0).all()
     if max(channels) <= 4:     # the small-channel path writes the order the 4D conv reads without a copy
         assert all(c.permute(0, 2, 3, 4, 5, 1).is_contiguous() for c in corrs)
+
+
+@pytest.mark.parametrize('grad', [False, True])
+def test_correlation_masks_supports_exactly_as_mask_features(grad):
+    torch.manual_seed(0)
+    stage_ids = [2, 2, 3]
+    q = [torch.randn(1, 6, 8, 8), torch.randn(1, 6, 8, 8), torch.randn(1, 5, 4, 4)]
+    s = [torch.randn(2, *f.shape[1:]).requires_grad_(grad) for f in q]
+    masks = (torch.rand(2, 32, 32) > 0.6).float()
+    before = [t.detach().clone() for t in s]
+    got = multilayer_correlation(q, s, stage_ids, support_masks=masks)
+    assert all(torch.equal(a, b) for a, b in zip(s, before))             # the taps themselves are not masked
+    expected = multilayer_correlation(q, mask_features(s, masks), stage_ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not all(torch.equal(a, b) for a, b in zip(got, multilayer_correlation(q, s, stage_ids)))
+    if grad:
+        sum(c.sum() for c in got).backward()
+        assert s[0].grad is not None
 
 
 def test_correlation_rejects_uneven_support_count():
@@ -151,14 +178,8 @@ def test_learner_handles_any_input_size(size):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize('keep', [0.0, 0.3, 0.9])
-def test_correlation_skips_masked_out_support_pixels_exactly(keep):
-    from model.layers.correlation import _masked_bmm
-    g = torch.Generator().manual_seed(3)
-    q, s = torch.randn(3, 40, 16, generator=g), torch.randn(3, 16, 50, generator=g)
-    s = s * (torch.rand(50, generator=g) < keep).float()          # zero columns in every batch item
-    s[1, :, 7] = 0.5 if keep else 0.0                              # a column non-zero in one item only is kept
-    assert torch.equal(_masked_bmm(q, s), torch.bmm(q, s))
+
+
 # --- GroupNormLast: the learner's channels-last group norm --------------------------------------------------------
 def _channels_last(shape: tuple, mean: float, std: float, seed: int = 0) -> torch.Tensor:
     r"""A [B,C,*dims] tensor stored channels-last (memory order B,*dims,C), as the 4D conv writes it."""

@@ -50,16 +50,19 @@ class CenterPivotConv4d(nn.Module):
         oc = y1.shape[1]
         y1 = y1.permute(0, 2, 3, 1).reshape(bsz, hb2, wb2, ha, wa, oc)             # [B,hb',wb',ha,wa,oc]
 
-        # conv over support dims: [B,C,ha,wa,hb,wb] -> [B*ha*wa,C,hb,wb] (NHWC; no copy for a channels-last x)
+        # conv over support dims: [B,C,ha,wa,hb,wb] -> [B*ha*wa,C,hb,wb]: NHWC (no copy for a channels-last x),
+        # or NCHW as it is when x is stored B,ha,wa,C,hb,wb (the CPU correlation's order: converting 100 MB costs
+        # more than the NCHW kernel loses)
         y2 = x.permute(0, 2, 3, 1, 4, 5).reshape(bsz * ha * wa, ch, hb, wb)
-        y2 = self._support_conv(y2.contiguous(memory_format=torch.channels_last))
-        y2 = y2.reshape(bsz, ha, wa, hb2, wb2, oc)                                 # [B,ha,wa,hb',wb',oc]
+        if not y2.is_contiguous():
+            y2 = y2.contiguous(memory_format=torch.channels_last)
+        y2 = self._support_conv(y2).reshape(bsz, ha, wa, hb2, wb2, oc)            # [B,ha,wa,hb',wb',oc]
 
         out = y2.add_(y1.permute(0, 3, 4, 1, 2, 5))                                # [B,ha,wa,hb',wb',oc]
         return out.permute(0, 5, 1, 2, 3, 4)                                       # [B,oc,ha,wa,hb',wb']
 
     def _support_conv(self, x: torch.Tensor) -> torch.Tensor:
-        r"""conv_support on NHWC x [N,C,hb,wb] -> [N,hb',wb',oc] (contiguous).
+        r"""conv_support on x [N,C,hb,wb] (NHWC or NCHW) -> [N,hb',wb',oc] (contiguous for NHWC x).
 
         HSNet's mixing layers convolve 2x2 support maps with 3x3 kernels, where a direct convolution spends more than
         half its work on padding. When the map has fewer pixels than the kernel, the convolution is applied instead
@@ -75,7 +78,7 @@ class CenterPivotConv4d(nn.Module):
         weight = torch.cat([conv.weight.flatten(2), conv.weight.new_zeros(conv.out_channels, c, 1)], dim=2)
         dense = weight[:, :, index]                                                # [oc,C,hb*wb,hb'*wb']
         dense = dense.permute(2, 1, 3, 0).reshape(hb * wb * c, hb2 * wb2 * conv.out_channels)
-        flat = x.permute(0, 2, 3, 1).reshape(n, hb * wb * c)                       # NHWC memory: a free view
+        flat = x.permute(0, 2, 3, 1).reshape(n, hb * wb * c)                       # a free view for NHWC x
         bias = None if conv.bias is None else conv.bias.repeat(hb2 * wb2)
         y = F.linear(flat, dense.t(), bias)                                        # [N, hb'*wb'*oc]
         return y.view(n, hb2, wb2, conv.out_channels)
