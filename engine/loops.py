@@ -191,10 +191,10 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
              keep_predictions: int = 0, dist: Dist = SINGLE, precision: str = 'fp32',
              miou_over: str = 'all') -> tuple[dict, list[dict]]:
     r"""Predict every episode of `loader` through the test-time entry point (`infer_episode`: `infer`, which
-    adapts per episode when the method is set to, on the encoded episode) and return the scores (mIoU averaged `miou_over` the classes, see common/metrics.py;
-    label 255 ignored) and, for the first `keep_predictions` episodes of this process, the CPU tensors needed to
-    draw them. In a distributed run each process evaluates its share of the episodes and the per-class sums are
-    all-reduced, so every process returns the scores of all episodes."""
+    adapts per episode when the method is set to, on the encoded episode) and return the scores (mIoU averaged
+    `miou_over` the classes, see common/metrics.py; label 255 ignored) and, for the first `keep_predictions` episodes
+    of this process, the CPU tensors needed to draw them. In a distributed run each process evaluates its share of
+    the episodes and the per-class sums are all-reduced, so every process returns the scores of all episodes."""
     model.eval()
     meter = SegmentationMeter(class_names, device, over=miou_over)
     kept: list[dict] = []

@@ -3,17 +3,21 @@ r"""Speed and memory of every method (and CD-TG) on fixed synthetic episodes: ra
     python scripts/bench.py                                   # every method, +-CD-TG, 1/5-shot, 400x400, CPU
     python scripts/bench.py --device cuda --precision bf16    # on a GPU
     python scripts/bench.py --methods hsnet patnet --compare-reference
+    python scripts/bench.py --methods hsnet --cdtg off --shots 5 --reference-code hsnet   # a juhongm999/hsnet clone
     python scripts/bench.py --loader isic --datapath DATA     # data loading alone (episodes/s)
     python scripts/bench.py --quick                           # tiny sizes, one repetition: a smoke run
 
 For each method x CD-TG x K it reports test episodes/s (the test-time entry point, batch 1, as test.py), training
-steps/s (1-shot, `--train-bsz` episodes per step, forward + backward + optimizer step), the peak memory of the test
-and of the training phase (CUDA: `max_memory_allocated`; CPU: the process's resident memory, sampled every 2 ms,
-minus what it held before the phase), and the CD-TG overhead relative to the same method without it.
-`--compare-reference` adds the reference formulations that live in the project, measured in the same process with
-the same weights: PATNet's SVD pseudo-inverse transform (`--transform pinv`) and, for the K-shot vote methods, the
-reference's per-shot query encoding (a full forward per shot, then the vote), and prints the ratios. Writes the
-table to stdout and everything to `--json`.
+steps/s (1-shot, `--train-bsz` episodes per step, forward + backward + optimizer step), the peak memory of a test
+episode and the growth during training (CUDA: `max_memory_allocated`; CPU: the peak resident set size, by default
+of a fresh process that runs only that configuration, `--memory isolated`), and the CD-TG overhead relative to the
+same method without it. A method's configurations with and without CD-TG are timed alternately, episode by episode,
+so that a change in the machine's load does not pass for an overhead. `--compare-reference` adds the reference
+formulations that live in the project, measured in the same process with the same weights: PATNet's SVD
+pseudo-inverse transform (`--transform pinv`) and, for the K-shot vote methods, the reference's per-shot query
+encoding (a full forward per shot, then the vote) built from this project's layers; `--reference-code DIR` times the
+public HSNet code itself (juhongm999/hsnet) with the same weights and checks that it predicts the same mask. Writes
+the table to stdout and everything to `--json`.
 """
 import argparse
 import json
@@ -39,7 +43,10 @@ from model import METHODS, Output  # noqa: E402
 
 
 class PeakMemory:
-    r"""Peak memory of a code region: CUDA allocator peak, or on CPU the resident set size sampled by a thread."""
+    r"""Peak memory of a code region: the CUDA allocator's peak, or on CPU the process's peak resident set size
+    (Linux: the kernel's high-water mark VmHWM, reset at the start of the region through /proc/self/clear_refs;
+    elsewhere the resident size sampled every 2 ms). `total_mb` is the peak, `mb` the peak minus what the process
+    held when the region began."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -51,9 +58,11 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
             return self
         self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._exact = _reset_high_water_mark()
+        if not self._exact:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self):
@@ -64,6 +73,8 @@ class PeakMemory:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._exact:
+            self.peak = max(_high_water_mark(), _rss())
         else:
             self._stop.set()
             self._thread.join()
@@ -79,6 +90,26 @@ def _rss() -> int:
     except OSError:                                       # not Linux: the process's peak so far
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')                                  # resets VmHWM to the current resident size
+        return _high_water_mark() > 0
+    except OSError:
+        return False
+
+
+def _high_water_mark() -> int:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def episode(size: int, shots: int, batch: int, seed: int, device: torch.device):
@@ -160,40 +191,181 @@ def train_step(model, ep, precision, device):
     return run
 
 
+def interleaved(runners: dict, device, reps: int, warmup: int) -> dict[str, list[float]]:
+    r"""Time several configurations of one episode alternately (ABAB..., then BABA..., rep by rep), so that a change
+    in the machine's load during the run hits them alike; returns each one's times."""
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            times[name] += timed(runners[name], device, 1, 0)
+    return times
+
+
 def bench_models(args, device) -> list[dict]:
     rows = []
     for method in args.methods:
-        for cdtg in args.cdtg:
-            model = build(method, cdtg == 'on', device)
-            for shots in args.shots:
-                ep = episode(args.img_size, shots, 1, args.seed, device)
-                with PeakMemory(device) as mem_test:
-                    t_test = timed(episode_runner(model, ep, args.precision, device), device, args.reps, args.warmup)
-                train_ep = episode(args.img_size, 1, args.train_bsz, args.seed, device)
-                with PeakMemory(device) as mem_train:
-                    t_train = timed(train_step(model, train_ep, args.precision, device), device,
-                                    args.train_reps, min(args.warmup, 1)) if shots == args.shots[0] else []
-                row = {'method': method, 'cdtg': cdtg, 'shots': shots, 'test_s': statistics.median(t_test),
-                       'test_times': t_test, 'test_peak_mb': mem_test.mb, 'test_peak_total_mb': mem_test.total_mb,
-                       'train_s': statistics.median(t_train) if t_train else None,
-                       'train_peak_mb': mem_train.mb if t_train else None}
+        models = {cdtg: build(method, cdtg == 'on', device) for cdtg in args.cdtg}
+        for shots in args.shots:
+            ep = episode(args.img_size, shots, 1, args.seed, device)
+            times = interleaved({c: episode_runner(m, ep, args.precision, device) for c, m in models.items()},
+                                device, args.reps, args.warmup)
+            for cdtg, model in models.items():
+                row = {'method': method, 'cdtg': cdtg, 'shots': shots, 'test_s': statistics.median(times[cdtg]),
+                       'test_times': times[cdtg]}
+                row.update(test_memory(args, model, ep, device))
+                t_train = []
+                if shots == args.shots[0]:
+                    train_ep = episode(args.img_size, 1, args.train_bsz, args.seed, device)
+                    with PeakMemory(device) as mem_train:
+                        t_train = timed(train_step(model, train_ep, args.precision, device), device,
+                                        args.train_reps, min(args.warmup, 1))
+                row['train_s'] = statistics.median(t_train) if t_train else None
+                row['train_peak_mb'] = mem_train.mb if t_train else None
                 if args.compare_reference and model.kshot == 'vote' and shots > 1:
-                    row['reference_kshot_s'] = statistics.median(timed(reference_kshot(model, ep, args.precision,
-                                                                                       device), device, args.reps, 0))
-                    model.match_shots = 'all'
-                    row['batched_shots_s'] = statistics.median(timed(episode_runner(model, ep, args.precision, device),
-                                                                     device, args.reps, 0))
-                    model.match_shots = 'auto'
+                    row.update(compare_kshot(model, ep, args, device))
                 if args.compare_reference and method == 'patnet':
                     pinv = build(method, cdtg == 'on', device, transform='pinv')
                     pinv.load_state_dict(model.state_dict())
                     row['pinv_s'] = statistics.median(timed(episode_runner(pinv, ep, args.precision, device), device,
                                                             args.reps, 0))
                     del pinv
+                if args.reference_code and method == 'hsnet' and cdtg == 'off':
+                    row.update(compare_public_hsnet(model, ep, args, device))
                 rows.append(row)
                 print(_line(row, rows), flush=True)
-            del model
+        del models
     return rows
+
+
+def test_memory(args, model, ep, device) -> dict:
+    r"""Peak memory of one test episode: in a fresh process (`--memory isolated`: the figure a user running only
+    this configuration sees, comparable with another program's peak) or in this one (`inline`)."""
+    if args.memory == 'isolated':
+        return {'memory': 'isolated', **isolated_peak(args, model_key(model), ep['support_imgs'].shape[1])}
+    with PeakMemory(device) as mem:
+        episode_runner(model, ep, args.precision, device)()
+    return {'memory': 'inline', 'test_peak_mb': mem.mb, 'test_peak_total_mb': mem.total_mb}
+
+
+def model_key(model) -> tuple[str, str]:
+    from model import METHODS
+    name = next(n for n, cls in METHODS.items() if type(model) is cls)
+    return name, 'off' if type(model.hooks).__name__ == 'Hooks' else 'on'
+
+
+def isolated_peak(args, key: tuple[str, str], shots: int, public: str | None = None) -> dict:
+    r"""Run one test episode of (method, cdtg) in a fresh process with this run's settings (`--peak-of`) and return
+    its peak memory: the process's peak during the episode, and that minus what it held before the episode."""
+    import subprocess
+    cmd = [sys.executable, str(Path(__file__).resolve()), '--peak-of', key[0], key[1], str(shots),
+           '--img-size', str(args.img_size), '--precision', args.precision, '--device', args.device,
+           '--seed', str(args.seed), '--threads', str(torch.get_num_threads())]
+    if public:
+        cmd += ['--reference-code', public]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f'measuring the peak memory of {key[0]} ({key[1]}, {shots}-shot) in a fresh process failed:\n'
+                        + done.stderr[-2000:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {'test_peak_mb': result['mb'], 'test_peak_total_mb': result['total_mb']}
+
+
+def peak_of(args, device) -> dict:
+    r"""The child side of `isolated_peak`: build, run one episode once to warm up, and measure the next one."""
+    method, cdtg, shots = args.peak_of
+    ep = episode(args.img_size, int(shots), 1, args.seed, device)
+    model = build(method, cdtg == 'on', device)
+    run = public_hsnet(args.reference_code, model, ep)[0] if args.reference_code else \
+        episode_runner(model, ep, args.precision, device)
+    run()
+    with PeakMemory(device) as mem:
+        run()
+    out = {'mb': mem.mb, 'total_mb': mem.total_mb}
+    print(json.dumps(out))
+    return out
+
+
+def compare_kshot(model, ep, args, device) -> dict:
+    r"""The same K-shot vote computed as the reference code does (a whole forward per shot: the query encoded again
+    for every shot, then the vote), and all K shots matched in one batch, timed alternately with the default."""
+    runners = {'default': episode_runner(model, ep, args.precision, device),
+               'reference': reference_kshot(model, ep, args.precision, device)}
+    times = interleaved(runners, device, args.reps, 0)
+    model.match_shots = 'all'
+    batched = timed(episode_runner(model, ep, args.precision, device), device, args.reps, 0)
+    model.match_shots = 'auto'
+    return {'reference_kshot_s': statistics.median(times['reference']),
+            'reference_pair_s': statistics.median(times['default']), 'batched_shots_s': statistics.median(batched)}
+
+
+def public_hsnet(path: str, model, ep) -> tuple:
+    r"""The public HSNet (github.com/juhongm999/hsnet, a local checkout at `path`) with `model`'s weights: returns a
+    runner of its K-shot `predict_mask_nshot` on `ep` (batch 1, no gradients) and the module. Nothing of it is
+    redistributed here; its `model/` package is imported under another name."""
+    import importlib
+    import types
+    root = Path(path) / 'model'
+    if not (root / 'hsnet.py').is_file() or not (root / 'base' / 'correlation.py').is_file():
+        raise UserError(f'--reference-code {path}: not a checkout of github.com/juhongm999/hsnet (expected '
+                        f'{root / "hsnet.py"}); clone it with: git clone https://github.com/juhongm999/hsnet')
+    if 'hsnet_public' not in sys.modules:
+        package = types.ModuleType('hsnet_public')
+        package.__path__ = [str(root)]
+        sys.modules['hsnet_public'] = package
+    public = importlib.import_module('hsnet_public.hsnet')
+    resnet = public.resnet
+    original = resnet.resnet50
+    resnet.resnet50 = lambda pretrained=False, **kw: original(weights=None)     # no download: our weights go in
+    try:
+        net = public.HypercorrSqueezeNetwork('resnet50', False)
+    finally:
+        resnet.resnet50 = original
+    missing, unexpected = net.backbone.load_state_dict(model.backbone.net.state_dict(), strict=False)
+    if unexpected or any(not k.startswith('fc.') for k in missing):
+        raise UserError(f'--reference-code {path}: its ResNet-50 does not take our backbone weights '
+                        f'(missing {missing[:3]}, unexpected {unexpected[:3]})')
+    names = {'squeeze.0': 'encoder_layer4', 'squeeze.1': 'encoder_layer3', 'squeeze.2': 'encoder_layer2',
+             'mix43': 'encoder_layer4to3', 'mix32': 'encoder_layer3to2', 'conv_query': 'conv1',
+             'conv_support': 'conv2'}
+    learner = {}
+    for key, value in model.learner.state_dict().items():
+        for ours, theirs in names.items():
+            key = key.replace(ours, theirs)
+        learner[key] = value
+    net.hpn_learner.load_state_dict(learner)                                   # strict: every tensor maps
+    net = net.to(ep['query_img'].device).eval()
+    batch = {'query_img': ep['query_img'], 'support_imgs': ep['support_imgs'], 'support_masks': ep['support_masks']}
+
+    def run():
+        with torch.no_grad():
+            return net.predict_mask_nshot(batch, ep['support_imgs'].shape[1])
+    return run, net
+
+
+def compare_public_hsnet(model, ep, args, device) -> dict:
+    r"""Time the public HSNet's K-shot prediction against ours on the same episode and weights (alternately), check
+    that both predict the same mask, and measure its peak memory as ours (`--memory`)."""
+    run_public, _ = public_hsnet(args.reference_code, model, ep)
+    ours = episode_runner(model, ep, args.precision, device)
+    with torch.no_grad():
+        theirs = run_public().long()
+        mine = model.segment(ours())
+    times = interleaved({'ours': ours, 'public': run_public}, device, args.reps, 0)
+    out = {'public_s': statistics.median(times['public']), 'public_pair_s': statistics.median(times['ours']),
+           'public_mask_agreement': float((theirs == mine).float().mean())}
+    if args.memory == 'isolated':
+        peak = isolated_peak(args, ('hsnet', 'off'), ep['support_imgs'].shape[1], public=args.reference_code)
+        out['public_peak_total_mb'] = peak['test_peak_total_mb']
+    return out
+
+
+def _peak(row: dict) -> float:
+    r"""The table's test peak: the process's whole peak when measured in a fresh process, else the growth."""
+    return row['test_peak_total_mb'] if row.get('memory') == 'isolated' else row['test_peak_mb']
 
 
 def _line(row: dict, rows: list[dict]) -> str:
@@ -204,13 +376,18 @@ def _line(row: dict, rows: list[dict]) -> str:
     train = f'{1 / row["train_s"]:7.2f}' if row['train_s'] else '      -'
     train_mb = f'{row["train_peak_mb"]:8.0f}' if row['train_peak_mb'] is not None else '       -'
     text = (f'{row["method"]:7s} {row["cdtg"]:4s} {row["shots"]:2d} | {1 / row["test_s"]:8.2f} '
-            f'{1000 * row["test_s"]:9.1f} {row["test_peak_mb"]:8.0f} {overhead} | {train} {train_mb}')
+            f'{1000 * row["test_s"]:9.1f} {_peak(row):8.0f} {overhead} | {train} {train_mb}')
     extra = []
     if 'reference_kshot_s' in row:
-        extra.append(f'vs per-shot query encoding {row["test_s"] / row["reference_kshot_s"]:.2f}x, '
+        extra.append(f'vs per-shot query encoding {row["reference_pair_s"] / row["reference_kshot_s"]:.2f}x, '
                      f'shots batched {row["batched_shots_s"] / row["reference_kshot_s"]:.2f}x')
     if 'pinv_s' in row:
         extra.append(f'pinv/rank2 {row["pinv_s"] / row["test_s"]:.2f}')
+    if 'public_s' in row:
+        memory = (f', its peak {row["public_peak_total_mb"]:.0f} MB vs ours {row["test_peak_total_mb"]:.0f} MB'
+                  if 'public_peak_total_mb' in row else '')
+        extra.append(f'vs public HSNet code {row["public_pair_s"] / row["public_s"]:.2f}x (same mask on '
+                     f'{100 * row["public_mask_agreement"]:.2f}% of pixels{memory})')
     return text + (' | ' + '; '.join(extra) if extra else '')
 
 
@@ -246,6 +423,14 @@ def main(argv=None) -> dict:
     bounded(p, '--threads', int, None, low=1, help='torch CPU threads (default: all cores available)')
     p.add_argument('--compare-reference', action='store_true',
                    help='also time PATNet --transform pinv and the per-shot query encoding of K-shot votes')
+    p.add_argument('--memory', default=None, choices=['isolated', 'inline'],
+                   help='test-episode peak memory measured in a fresh process per configuration (default on CPU, '
+                        'comparable with the peak of another program) or in this process (default with --quick '
+                        'and on CUDA, where the allocator peak is exact in process)')
+    p.add_argument('--reference-code', default=None, metavar='DIR',
+                   help='a checkout of github.com/juhongm999/hsnet: also time its K-shot prediction and measure its '
+                        'peak memory with the same weights and episodes as hsnet (--compare-reference not needed)')
+    p.add_argument('--peak-of', nargs=3, default=None, metavar=('METHOD', 'CDTG', 'SHOTS'), help=argparse.SUPPRESS)
     p.add_argument('--quick', action='store_true', help='64x64, one repetition, no warm-up (a smoke run)')
     p.add_argument('--loader', default=None, help='also time data loading alone for this benchmark')
     p.add_argument('--datapath', default='datasets')
@@ -265,11 +450,16 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
     torch.set_num_threads(threads)
+    if args.peak_of:
+        return peak_of(args, device)
+    if args.memory is None:
+        args.memory = 'inline' if args.quick or device.type == 'cuda' else 'isolated'
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
     print(f'{args.img_size}x{args.img_size}, {args.precision}, {where}, random weights; test: median of {args.reps} '
-          f'episodes (batch 1) after {args.warmup} warm-up; train: 1-shot, {args.train_bsz} episodes per step')
+          f'episodes (batch 1) after {args.warmup} warm-up, with and without CD-TG timed alternately; peak memory '
+          f'of a test episode ({args.memory}); train: 1-shot, {args.train_bsz} episodes per step')
     print(HEADER)
     out = {'img_size': args.img_size, 'device': where, 'precision': args.precision, 'torch': torch.__version__,
            'rows': bench_models(args, device)}

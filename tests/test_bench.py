@@ -6,6 +6,10 @@ import math
 import statistics
 from pathlib import Path
 
+import pytest
+import torch
+
+from common.errors import UserError
 from model import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,3 +39,34 @@ def test_bench_quick_runs_every_method(tmp_path, capsys):
     for method in METHODS:                                             # one table line per row
         assert sum(line.split()[:1] == [method] for line in printed.splitlines()) == 4
     assert saved['img_size'] == 64
+
+
+def test_bench_times_configurations_alternately():
+    calls = []
+    times = load_bench().interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
+                                     torch.device('cpu'), reps=4, warmup=1)
+    assert calls == ['a', 'b'] + ['a', 'b', 'b', 'a'] * 2               # warm-up, then ABBAABBA
+    assert [len(t) for t in times.values()] == [4, 4]
+
+
+def test_peak_memory_catches_a_freed_allocation():
+    bench = load_bench()
+    with bench.PeakMemory(torch.device('cpu')) as mem:
+        block = torch.ones(64, 2**20)                                     # 256 MB, touched, then freed
+        del block
+    assert mem.mb > 200 and mem.total_mb > mem.mb
+
+
+def test_bench_measures_peak_memory_in_a_fresh_process():
+    result = load_bench().main(['--quick', '--methods', 'hsnet', '--cdtg', 'off', '--shots', '2', '--memory',
+                                'isolated', '--threads', '1'])
+    row = result['rows'][0]
+    assert row['memory'] == 'isolated'
+    assert row['test_peak_total_mb'] > 100                               # the process (torch alone holds more)
+    assert 0 <= row['test_peak_mb'] < row['test_peak_total_mb']
+
+
+def test_reference_code_must_be_a_hsnet_checkout(tmp_path):
+    with pytest.raises(UserError, match='git clone https://github.com/juhongm999/hsnet'):
+        load_bench().main(['--quick', '--methods', 'hsnet', '--cdtg', 'off', '--shots', '2',
+                           '--reference-code', str(tmp_path)])

@@ -287,6 +287,29 @@ def test_vote_methods_match_shot_by_shot_like_all_at_once(name):
     assert torch.equal(model.segment(Output(together)), model.segment(Output(apart)))
 
 
+@pytest.mark.parametrize('name', [n for n in sorted(METHODS) if METHODS[n].kshot == 'vote'])
+def test_streamed_shots_predict_what_the_encoded_episode_predicts(name):
+    r"""`infer_episode` with shot-by-shot matching encodes the query once and each support just before its match
+    (one backbone pass per image, query first); the logits are those of infer(encode(...)) up to rounding."""
+    model = make(name)
+    ep = inputs(3)
+    args = (ep['query_img'], ep['support_imgs'], ep['support_masks'], ep['class_id'])
+    batches = []
+    handle = model.backbone.register_forward_pre_hook(lambda module, x: batches.append(x[0].shape[0]))
+    with torch.no_grad():
+        model.match_shots = 'all'
+        together = model.infer_episode(*args).logits
+        assert batches == [2 + 2 * 3]                                  # one pass: 2 queries + 6 supports
+        batches.clear()
+        model.match_shots = 'one'
+        streamed = model.infer_episode(*args).logits
+        assert batches == [2, 2, 2, 2]                                 # queries once, then shot by shot
+        assert torch.equal(model.predict(*args), model.segment(Output(streamed)))
+    handle.remove()
+    assert torch.allclose(together, streamed, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.segment(Output(together)), model.segment(Output(streamed)))
+
+
 def test_set_test_time_refuses_methods_without_adaptation():
     with pytest.raises(Exception, match='no test-time adaptation'):
         make('hsnet').set_test_time(finetune_steps=3)

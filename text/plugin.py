@@ -118,21 +118,32 @@ class TextAlign(nn.Module):
         r"""u(t) for the paper mode: [N,D] -> [N,C]."""
         return self.out(self.value(self.mlp(self.proj(text))))
 
-    def align_tokens(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        r"""x [N,L,C] (pixels as tokens); text [N,T,D] with mask [N,T] (True = real sentence) -> [N,L,C]."""
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        r"""What `align_tokens` needs of the text [N,T,D]: u(t) [N,C] (paper mode, from text[:, 0]) or the keys
+        [N,T,C] (attributes mode). It depends on the text only, so the taps of one level (and, in a shared space,
+        every level) compute it once: for 2048-d maps it reads ~68 MB of weights, more than aligning a tap costs."""
         if self.mode == 'paper':
-            x = x + self.text_bias(text[:, 0]).unsqueeze(1)
+            return self.text_bias(text[:, 0])
+        return self.mlp(self.proj(text))
+
+    def align_tokens(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None,
+                     encoded: torch.Tensor | None = None) -> torch.Tensor:
+        r"""x [N,L,C] (pixels as tokens); text [N,T,D] with mask [N,T] (True = real sentence) -> [N,L,C].
+        `encoded`: `encode_text(text)` if the caller already has it."""
+        encoded = self.encode_text(text) if encoded is None else encoded
+        if self.mode == 'paper':
+            x = x + encoded.unsqueeze(1)
         else:
-            keys = self.mlp(self.proj(text))                               # [N,T,C]
             pad = None if mask is None else ~mask
-            x = x + self.attn(x, keys, keys, key_padding_mask=pad, need_weights=False)[0]
+            x = x + self.attn(x, encoded, encoded, key_padding_mask=pad, need_weights=False)[0]
         return self.norm(x)
 
-    def forward(self, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None,
+                encoded: torch.Tensor | None = None) -> torch.Tensor:
         r"""feat [N,C,h,w]; text [N,T,D] with mask [N,T]. paper mode uses text[:, 0]."""
         n, c, h, w = feat.shape
-        x = self.align_tokens(feat.flatten(2).transpose(1, 2), text, mask)  # [N,C,h,w] -> [N,hw,C]
-        return x.transpose(1, 2).reshape(n, c, h, w)                        # [N,hw,C] -> [N,C,h,w]
+        x = self.align_tokens(feat.flatten(2).transpose(1, 2), text, mask, encoded)   # [N,C,h,w] -> [N,hw,C]
+        return x.transpose(1, 2).reshape(n, c, h, w)                                   # [N,hw,C] -> [N,C,h,w]
 
     def pooled(self, feat: torch.Tensor, texts: list[torch.Tensor], weights: list[torch.Tensor],
                eps: float) -> list[torch.Tensor]:
@@ -176,9 +187,9 @@ class LevelProjection(nn.Module):
         self.up = nn.Linear(width, channels) if channels != width else nn.Identity()
 
     def forward(self, feat: torch.Tensor, shared: TextAlign, text: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, encoded: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = feat.shape
-        x = self.up(shared.align_tokens(self.down(feat.flatten(2).transpose(1, 2)), text, mask))   # [N,hw,C]
+        x = self.up(shared.align_tokens(self.down(feat.flatten(2).transpose(1, 2)), text, mask, encoded))  # [N,hw,C]
         return x.transpose(1, 2).reshape(n, c, h, w)
 
 
@@ -373,11 +384,18 @@ class CDTG(Hooks):
         return self._texts(torch.full((n,), len(self.class_names), dtype=torch.long, device=device))
 
     # --- alignment and fusion ---------------------------------------------------------------------------------
-    def aligned(self, level: int, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        r"""A(F) of one level: [N,C,h,w] -> [N,C,h,w] (per-level module, or the shared W-d space)."""
+    def aligned(self, level: int, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+                encoded: torch.Tensor | None = None) -> torch.Tensor:
+        r"""A(F) of one level: [N,C,h,w] -> [N,C,h,w] (per-level module, or the shared W-d space). `encoded`: the
+        level's `encoded_text(level, text)` if the caller has it (the taps of a level share it)."""
         if self.shared_align is None:
-            return self.align[level](feat, text, mask)
-        return self.align[level](feat, self.shared_align, text, mask)
+            return self.align[level](feat, text, mask, encoded)
+        return self.align[level](feat, self.shared_align, text, mask, encoded)
+
+    def encoded_text(self, level: int, text: torch.Tensor) -> torch.Tensor:
+        r"""The text as the level's alignment uses it (`TextAlign.encode_text`; one for all levels in a shared
+        space)."""
+        return (self.align[level] if self.shared_align is None else self.shared_align).encode_text(text)
 
     def image_weight(self, level: int):
         if self.config.fusion == 'learned':
@@ -401,13 +419,17 @@ class CDTG(Hooks):
         r"""Maps moved towards their class-text alignment: F + w·(A(F) - F) with w = g·(1-α) (gated, feature
         hosts) or w = 1-α (α·F + (1-α)·A(F), prototype hosts with --cdtg-features)."""
         text, mask = self.class_texts(class_id)
+        encoded: dict[int, torch.Tensor] = {}                       # per level (or once, in a shared space)
         out = []
         for i, f in enumerate(feats):
             level = self.tap_level[i]
+            key = level if self.shared_align is None else -1
+            if key not in encoded:
+                encoded[key] = self.encoded_text(level, text)
             weight = 1 - self.image_weight(level)
             if self.point == 'features':
                 weight = self.gate[level] * weight
-            out.append(f + weight * (self.aligned(level, f, text, mask) - f))
+            out.append(_lerp(f, self.aligned(level, f, text, mask, encoded[key]), weight))
         return out
 
     def prototypes(self, fg: list[torch.Tensor], bg: list[torch.Tensor | None], feats: list[torch.Tensor],
@@ -549,6 +571,17 @@ def _plugin_point(config: dict) -> str | None:
     from model import METHODS
     cls = METHODS.get(config.get('method'))
     return getattr(cls, 'plugin_point', None)
+
+
+def _lerp(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    r"""start + weight·(end - start) in one pass (in the promoted dtype: LayerNorm's output is float32 under
+    autocast), written into end's buffer when autograd does not need it."""
+    dtype = torch.promote_types(start.dtype, end.dtype)
+    start, end = start.to(dtype), end.to(dtype)
+    weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
+    if torch.is_grad_enabled():
+        return torch.lerp(start, end, weight)
+    return torch.lerp(start, end, weight, out=end)
 
 
 def _per_set(text_proto: torch.Tensor, protos: torch.Tensor, nshot: int) -> torch.Tensor:

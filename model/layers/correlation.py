@@ -39,8 +39,8 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
     out = []
     for stage in sorted(set(stage_ids), reverse=True):
         taps = [i for i, s in enumerate(stage_ids) if s == stage]
-        q = torch.stack([query_feats[i] for i in taps], dim=1)         # [Nq,L,C,hq,wq]
-        s = torch.stack([support_feats[i] for i in taps], dim=1)       # [Nq*K,L,C,hs,ws]
+        q = _stack_channels_last([query_feats[i] for i in taps])       # [Nq,L,C,hq,wq]
+        s = _stack_channels_last([support_feats[i] for i in taps])     # [Nq*K,L,C,hs,ws]
         _, nl, c, hq, wq = q.shape
         hs, ws = s.shape[-2:]
         if support_masks is not None:
@@ -62,6 +62,13 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
         corr = corr.view(nq, nl, hq, wq, k, hs, ws).permute(0, 4, 1, 2, 3, 5, 6)  # [Nq,K,L,hq,wq,hs,ws]
         out.append(corr.reshape(nq * k, nl, hq, wq, hs, ws))
     return out
+
+
+def _stack_channels_last(taps: list[torch.Tensor]) -> torch.Tensor:
+    r"""Taps [N,C,h,w] -> [N,L,C,h,w] stored N,L,h,w,C, whatever the taps' strides (the backbone's channels-last maps
+    are read without a transpose). A fixed layout keeps the products below, and so the logits, independent of how
+    a plug-in or a slice happened to store its maps."""
+    return torch.stack([t.movedim(1, -1) for t in taps], dim=1).movedim(-1, 2)
 
 
 def _cpu_correlation(q: torch.Tensor, s: torch.Tensor, dims: tuple[int, int, int, int]) -> torch.Tensor:
