@@ -308,10 +308,7 @@ def public_hsnet(path: str, model, ep) -> tuple:
     redistributed here; its `model/` package is imported under another name."""
     import importlib
     import types
-    root = Path(path) / 'model'
-    if not (root / 'hsnet.py').is_file() or not (root / 'base' / 'correlation.py').is_file():
-        raise UserError(f'--reference-code {path}: not a checkout of github.com/juhongm999/hsnet (expected '
-                        f'{root / "hsnet.py"}); clone it with: git clone https://github.com/juhongm999/hsnet')
+    root = check_reference_code(path)
     if 'hsnet_public' not in sys.modules:
         package = types.ModuleType('hsnet_public')
         package.__path__ = [str(root)]
@@ -344,6 +341,14 @@ def public_hsnet(path: str, model, ep) -> tuple:
         with torch.no_grad():
             return net.predict_mask_nshot(batch, ep['support_imgs'].shape[1])
     return run, net
+
+
+def check_reference_code(path: str) -> Path:
+    root = Path(path) / 'model'
+    if not (root / 'hsnet.py').is_file() or not (root / 'base' / 'correlation.py').is_file():
+        raise UserError(f'--reference-code {path}: not a checkout of github.com/juhongm999/hsnet (expected '
+                        f'{root / "hsnet.py"}); clone it with: git clone https://github.com/juhongm999/hsnet')
+    return root
 
 
 def compare_public_hsnet(model, ep, args, device) -> dict:
@@ -450,6 +455,8 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
     torch.set_num_threads(threads)
+    if args.reference_code:
+        check_reference_code(args.reference_code)
     if args.peak_of:
         return peak_of(args, device)
     if args.memory is None:
