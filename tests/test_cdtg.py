@@ -140,6 +140,30 @@ def test_pooled_alignment_closed_form_equals_pooling_the_aligned_map(dtype, tol)
         assert ((g.double() - w).norm() / w.norm()).item() < tol
 
 
+def test_text_encodings_are_reused_only_while_nothing_changes():
+    torch.manual_seed(0)
+    plugin = _Bound([8, 16], [2, 3], 'prototypes', CDTGConfig(clip_weights='none', style_aug=False)).eval()
+    align = plugin.align[1]
+    with torch.no_grad():
+        first = plugin._table_encoding(1)
+        assert plugin._table_encoding(1) is first                               # reused across calls
+        assert torch.equal(first, align.encode_text(plugin.text_table))
+        align.value.weight.add_(0.5)                                            # as an optimizer step: in place
+        second = plugin._table_encoding(1)
+        assert not torch.allclose(second, first)
+        assert torch.equal(second, align.encode_text(plugin.text_table))
+        plugin.double()                                                         # converted: recomputed
+        assert plugin._table_encoding(1).dtype == torch.float64
+        plugin._table_encoding(1)
+        plugin.bind_texts('other', ['a', 'b', 'c'], [['x'], ['y'], ['z']], ['w'])
+        assert plugin._encodings == {}                                          # rebound: forgotten
+    plugin.register_buffer('text_table', torch.randn(4, 1, 512, dtype=torch.float64), persistent=False)
+    graph = plugin._table_encoding(1)                                           # autograd: never stored
+    assert graph.requires_grad and plugin._table_encoding(1) is not graph
+    graph.sum().backward()
+    assert align.value.weight.grad is not None
+
+
 def test_learned_fusion_gate():
     cfg = CDTGConfig(clip_weights='none', alpha=0.7, fusion='learned', style_aug=False)
     plugin = _Bound([8], [2], 'prototypes', cfg)

@@ -300,6 +300,7 @@ class CDTG(Hooks):
         self.class_names: list[str] = []
         self.texts_used: dict[str, dict] = {}
         self._from_file: tuple[str, list[str]] | None = None      # what `bind` bound from a description file
+        self._encodings: dict[int, tuple] = {}                      # `_table_encoding`'s reusable results
 
     # --- text -------------------------------------------------------------------------------------------------
     def descriptions_for(self, benchmark: str) -> Descriptions:
@@ -373,6 +374,11 @@ class CDTG(Hooks):
             record = {'file': None, 'sha256': hashlib.sha256(typed).hexdigest(), 'source': 'typed', 'texts': groups}
         self.texts_used[key] = record
         self._from_file = None                   # `bind` sets it after this call, a direct call leaves it unset
+        self._encodings = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self._encodings = {}                     # .to(), .double(), ...: the parameters may be new tensors
+        return super()._apply(fn, *args, **kwargs)
 
     def _texts(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Embeddings [N,T,D] and mask [N,T] of the given rows of the bound table (last row = background)."""
@@ -438,20 +444,47 @@ class CDTG(Hooks):
             weight = 1 - self.image_weight(level)
             if self.point == 'features':
                 weight = self.gate[level] * weight
-            out.append(_lerp(f, self.aligned(level, f, text, mask, encoded(level, 'class', text)), weight))
+            u = encoded(level, 'class', class_id.long(), text)
+            out.append(_lerp(f, self.aligned(level, f, text, mask, u), weight))
         return out
 
-    def _encoder_cache(self) -> Callable[[int, str, torch.Tensor], torch.Tensor]:
-        r"""`encoded_text` memoised for one hook call: the taps of a level (every level, in a shared space) share
-        their text encoding, which for 2048-d maps reads more weights than aligning the tap itself costs."""
+    def _encoder_cache(self) -> Callable[[int, str, torch.Tensor, torch.Tensor], torch.Tensor]:
+        r"""The text encodings of one hook call, `encoded(level, which, rows, text)` = `encoded_text(level, text)`
+        for `text` = rows `rows` of the bound table. The taps of a level (every level, in a shared space) share them:
+        for 2048-d maps the text layers read more weights than aligning a tap costs. With frozen text embeddings
+        they are the rows of the whole table's encoding (`_table_encoding`), which is kept across calls while
+        nothing it depends on changes; with LoRA (texts encoded in the graph) they are computed once per call."""
         cache: dict[tuple[int, str], torch.Tensor] = {}
 
-        def encoded(level: int, which: str, text: torch.Tensor) -> torch.Tensor:
+        def encoded(level: int, which: str, rows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            if self.bank is not None:
+                return self._table_encoding(level)[rows]
             key = (level if self.shared_align is None else -1, which)
             if key not in cache:
                 cache[key] = self.encoded_text(level, text)
             return cache[key]
         return encoded
+
+    def _table_encoding(self, level: int) -> torch.Tensor:
+        r"""`encode_text` of every row of the bound text table (classes, then background) for `level`'s alignment.
+        Without autograd it is computed once and reused until the table is rebound (`bind_texts`), the module is
+        converted or moved (`_apply`), a parameter of the alignment changes in place (an optimizer step,
+        load_state_dict: each bumps the tensor's version) or the autocast state differs; under autograd it is
+        recomputed in the graph at every call."""
+        module = self.align[level] if self.shared_align is None else self.shared_align
+        params = list(module.parameters())
+        device = self.text_table.device.type
+        stamp = (tuple((p.data_ptr(), p._version, p.dtype) for p in params),
+                 torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = level if self.shared_align is None else -1
+        cached = self._encodings.get(key)
+        if not grad and cached is not None and cached[0] == stamp:
+            return cached[1]
+        table = module.encode_text(self.text_table)
+        if not grad:
+            self._encodings[key] = (stamp, table)
+        return table
 
     def prototypes(self, fg: list[torch.Tensor], bg: list[torch.Tensor | None], feats: list[torch.Tensor],
                    ctx: EpisodeContext) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
@@ -468,8 +501,10 @@ class CDTG(Hooks):
             return fg, bg
         n = feats[0].shape[0]
         k = ctx.nshot
-        cls_text, cls_mask = self.class_texts(ctx.class_id.repeat_interleave(k))        # per support
-        bg_text, bg_mask = self.background_texts(n, feats[0].device)
+        cls_rows = ctx.class_id.long().repeat_interleave(k)                            # per support
+        bg_rows = torch.full((n,), len(self.class_names), dtype=torch.long, device=feats[0].device)
+        cls_text, cls_mask = self._texts(cls_rows)
+        bg_text, bg_mask = self._texts(bg_rows)
         closed_form = self.config.attn == 'paper' and self.shared_align is None
         encoded = self._encoder_cache()
         new_fg, new_bg = [], []
@@ -478,10 +513,8 @@ class CDTG(Hooks):
             a = self.image_weight(level)
             m = resize_mask(ctx.support_masks, tuple(f.shape[-2:])).to(f.dtype)
             use_bg = bg[i] is not None
-            if use_bg:                   # both texts through the level's text layers at once: their weights read once
-                u_cls, u_bg = encoded(level, 'both', torch.cat([cls_text, bg_text])).split(n)
-            else:
-                u_cls, u_bg = encoded(level, 'class', cls_text), None
+            u_cls = encoded(level, 'class', cls_rows, cls_text)
+            u_bg = encoded(level, 'background', bg_rows, bg_text) if use_bg else None
             if closed_form:                                   # MAP of the aligned maps without forming them
                 texts, weights, us = ([cls_text, bg_text], [m, 1 - m], [u_cls, u_bg]) if use_bg else \
                     ([cls_text], [m], [u_cls])
