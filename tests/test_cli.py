@@ -92,12 +92,17 @@ def test_five_shot_runs_the_backbone_once_per_query(tiny_checkpoint, datapath, t
         sizes.append(img.shape[0])
         return original(self, img)
     monkeypatch.setattr(Backbone, 'forward', counting)
-    res = test_cli.main(['--load', str(tiny_checkpoint), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
-                         '--nshot', '5', '--episodes', '4', '--bsz', '2', '--workers', '0',
-                         '--logpath', str(tmp_path / 'k5')])
+    common = ['--load', str(tiny_checkpoint), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
+              '--nshot', '5', '--episodes', '4', '--bsz', '2', '--workers', '0']
+    res = test_cli.main(common + ['--match-shots', 'all', '--logpath', str(tmp_path / 'all')])
     assert res['nshot'] == 5 and all(len(e['supports']) == 5 for e in res['episodes'])
     # 4 episodes in batches of 2: two backbone passes of 2 queries + 2*5 supports; no per-shot query passes
     assert sizes == [12, 12]
+    sizes.clear()
+    streamed = test_cli.main(common + ['--logpath', str(tmp_path / 'one')])       # CPU default: shot by shot
+    # per batch: the 2 queries once, then the 2 supports of each shot just before that shot's match
+    assert sizes == [2] * 6 * 2
+    assert streamed['episodes'] == res['episodes'] and streamed['per_class'] == pytest.approx(res['per_class'])
 
 
 def test_checkpoint_errors(tmp_path, datapath):

@@ -398,9 +398,6 @@ class CDTG(Hooks):
     def class_texts(self, class_id: torch.Tensor):
         return self._texts(class_id.long())
 
-    def background_texts(self, n: int, device):
-        return self._texts(torch.full((n,), len(self.class_names), dtype=torch.long, device=device))
-
     # --- alignment and fusion ---------------------------------------------------------------------------------
     def aligned(self, level: int, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
                 encoded: torch.Tensor | None = None) -> torch.Tensor:
@@ -455,14 +452,13 @@ class CDTG(Hooks):
         they are the rows of the whole table's encoding (`_table_encoding`), which is kept across calls while
         nothing it depends on changes; with LoRA (texts encoded in the graph) they are computed once per call."""
         cache: dict[tuple[int, str], torch.Tensor] = {}
+        table = self.bank is not None
 
         def encoded(level: int, which: str, rows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            if self.bank is not None:
-                return self._table_encoding(level)[rows]
-            key = (level if self.shared_align is None else -1, which)
+            key = (level if self.shared_align is None else -1, 'table' if table else which)
             if key not in cache:
-                cache[key] = self.encoded_text(level, text)
-            return cache[key]
+                cache[key] = self._table_encoding(level) if table else self.encoded_text(level, text)
+            return cache[key][rows] if table else cache[key]
         return encoded
 
     def _table_encoding(self, level: int) -> torch.Tensor:
