@@ -20,6 +20,7 @@ public HSNet code itself (juhongm999/hsnet) with the same weights and checks tha
 the table to stdout and everything to `--json`.
 """
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -279,8 +280,12 @@ def peak_of(args, device) -> dict:
     method, cdtg, shots = args.peak_of
     ep = episode(args.img_size, int(shots), 1, args.seed, device)
     model = build(method, cdtg == 'on', device)
-    run = public_hsnet(args.reference_code, model, ep)[0] if args.reference_code else \
-        episode_runner(model, ep, args.precision, device)
+    if args.reference_code:                      # the public network holds its own copy of the weights: ours goes
+        run = public_hsnet(args.reference_code, model, ep)[0]
+        del model
+        gc.collect()
+    else:
+        run = episode_runner(model, ep, args.precision, device)
     run()
     with PeakMemory(device) as mem:
         run()
