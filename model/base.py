@@ -380,7 +380,7 @@ class FewShotSegmenter(nn.Module):
         A 'vote' method matching shot by shot (`match_shots`) without test-time adaptation streams the shots: the
         query is encoded once, then each support is encoded just before its own match and dropped after it, so the
         episode holds the features of the query and one support instead of all K (HSNet, 5-shot, 400x400, CPU: a
-        peak of 1.27 GB against about 3 GB with the K shots in one batch, and below the public code's per-shot
+        peak of 1.27 GB against about 3 GB with the K shots in one batch, as much as the public code's per-shot
         forwards). The logits are those of `infer(encode(...))` up to float rounding (backbone batches of one image
         instead of 1 + K); the support hook sees one shot at a time, which the hook contract allows
         (`Hooks.support_features` is per image).
