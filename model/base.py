@@ -54,6 +54,10 @@ class SupportSet:
     def nshot(self) -> int:
         return self.imgs.shape[1]
 
+    def context(self) -> 'EpisodeContext':
+        r"""The hooks' context of these supports (and of the queries matched against them)."""
+        return EpisodeContext(self.class_id, self.nshot, self.masks.flatten(0, 1))
+
     def select(self, index: torch.Tensor | list[int]) -> 'SupportSet':
         r"""The support sets of the given episodes (e.g. one of 3 CHAOS chunks per query slice)."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.imgs.device)
@@ -345,7 +349,7 @@ class FewShotSegmenter(nn.Module):
 
     def encode_query(self, query_img: torch.Tensor, supports: SupportSet) -> EpisodeRecord:
         r"""Encode B queries against already encoded support sets (one per query)."""
-        ctx = EpisodeContext(supports.class_id, supports.nshot, supports.masks.flatten(0, 1))
+        ctx = supports.context()
         return EpisodeRecord(query_img, self.hooks.query_features(self.backbone(query_img), ctx), supports, ctx)
 
     def _record(self, query_img, query_feats, support_imgs, support_masks, class_id, support_feats) -> EpisodeRecord:
@@ -393,12 +397,9 @@ class FewShotSegmenter(nn.Module):
         query_feats = self.hooks.query_features(self.backbone(query_img), query_ctx)
         logits = []
         for s in range(k):
-            ctx = EpisodeContext(class_id, 1, masks[:, s])
-            feats = self.hooks.support_features(self.backbone(support_imgs[:, s]), ctx)
-            record = EpisodeRecord(query_img, query_feats,
-                                   SupportSet(support_imgs[:, s:s + 1], masks[:, s:s + 1], feats, class_id), ctx)
-            logits.append(self.match(record).logits)
-            del record, feats                                  # this support's features go before the next one's
+            supports = self.encode_supports(support_imgs[:, s:s + 1], masks[:, s:s + 1], class_id)
+            logits.append(self.match(EpisodeRecord(query_img, query_feats, supports, supports.context())).logits)
+            del supports                                       # this support's features go before the next one's
         return Output(torch.cat(logits, dim=1))
 
     def match_episode(self, record: EpisodeRecord) -> Output:

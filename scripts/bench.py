@@ -29,6 +29,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -217,7 +218,7 @@ def bench_models(args, device) -> list[dict]:
             for cdtg, model in models.items():
                 row = {'method': method, 'cdtg': cdtg, 'shots': shots, 'test_s': statistics.median(times[cdtg]),
                        'test_times': times[cdtg]}
-                row.update(test_memory(args, model, ep, device))
+                row.update(test_memory(args, method, cdtg, model, ep, device))
                 t_train = []
                 if shots == args.shots[0]:
                     train_ep = episode(args.img_size, 1, args.train_bsz, args.seed, device)
@@ -242,20 +243,14 @@ def bench_models(args, device) -> list[dict]:
     return rows
 
 
-def test_memory(args, model, ep, device) -> dict:
+def test_memory(args, method: str, cdtg: str, model, ep, device) -> dict:
     r"""Peak memory of one test episode: in a fresh process (`--memory isolated`: the figure a user running only
     this configuration sees, comparable with another program's peak) or in this one (`inline`)."""
     if args.memory == 'isolated':
-        return {'memory': 'isolated', **isolated_peak(args, model_key(model), ep['support_imgs'].shape[1])}
+        return {'memory': 'isolated', **isolated_peak(args, (method, cdtg), ep['support_imgs'].shape[1])}
     with PeakMemory(device) as mem:
         episode_runner(model, ep, args.precision, device)()
     return {'memory': 'inline', 'test_peak_mb': mem.mb, 'test_peak_total_mb': mem.total_mb}
-
-
-def model_key(model) -> tuple[str, str]:
-    from model import METHODS
-    name = next(n for n, cls in METHODS.items() if type(model) is cls)
-    return name, 'off' if type(model.hooks).__name__ == 'Hooks' else 'on'
 
 
 def isolated_peak(args, key: tuple[str, str], shots: int, public: str | None = None) -> dict:
@@ -281,7 +276,7 @@ def peak_of(args, device) -> dict:
     ep = episode(args.img_size, int(shots), 1, args.seed, device)
     model = build(method, cdtg == 'on', device)
     if args.reference_code:                      # the public network holds its own copy of the weights: ours goes
-        run = public_hsnet(args.reference_code, model, ep)[0]
+        run = public_hsnet(args.reference_code, model, ep)
         del model
         gc.collect()
     else:
@@ -307,9 +302,9 @@ def compare_kshot(model, ep, args, device) -> dict:
             'reference_pair_s': statistics.median(times['default']), 'batched_shots_s': statistics.median(batched)}
 
 
-def public_hsnet(path: str, model, ep) -> tuple:
+def public_hsnet(path: str, model, ep) -> Callable[[], torch.Tensor]:
     r"""The public HSNet (github.com/juhongm999/hsnet, a local checkout at `path`) with `model`'s weights: returns a
-    runner of its K-shot `predict_mask_nshot` on `ep` (batch 1, no gradients) and the module. Nothing of it is
+    runner of its K-shot `predict_mask_nshot` on `ep` (batch 1, no gradients). Nothing of it is
     redistributed here; its `model/` package is imported under another name."""
     import importlib
     import types
@@ -345,7 +340,7 @@ def public_hsnet(path: str, model, ep) -> tuple:
     def run():
         with torch.no_grad():
             return net.predict_mask_nshot(batch, ep['support_imgs'].shape[1])
-    return run, net
+    return run
 
 
 def check_reference_code(path: str) -> Path:
@@ -359,7 +354,7 @@ def check_reference_code(path: str) -> Path:
 def compare_public_hsnet(model, ep, args, device) -> dict:
     r"""Time the public HSNet's K-shot prediction against ours on the same episode and weights (alternately), check
     that both predict the same mask, and measure its peak memory as ours (`--memory`)."""
-    run_public, _ = public_hsnet(args.reference_code, model, ep)
+    run_public = public_hsnet(args.reference_code, model, ep)
     ours = episode_runner(model, ep, args.precision, device)
     with torch.no_grad():
         theirs = run_public().long()

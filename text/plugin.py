@@ -410,7 +410,12 @@ class CDTG(Hooks):
     def encoded_text(self, level: int, text: torch.Tensor) -> torch.Tensor:
         r"""The text as the level's alignment uses it (`TextAlign.encode_text`; one for all levels in a shared
         space)."""
-        return (self.align[level] if self.shared_align is None else self.shared_align).encode_text(text)
+        return self._text_layers(level)[1].encode_text(text)
+
+    def _text_layers(self, level: int) -> tuple[int, TextAlign]:
+        r"""The `TextAlign` that encodes texts for `level`, and a key naming it (-1: the shared W-d space, which
+        serves every level)."""
+        return (level, self.align[level]) if self.shared_align is None else (-1, self.shared_align)
 
     def image_weight(self, level: int):
         if self.config.fusion == 'learned':
@@ -455,7 +460,7 @@ class CDTG(Hooks):
         table = self.bank is not None
 
         def encoded(level: int, which: str, rows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            key = (level if self.shared_align is None else -1, 'table' if table else which)
+            key = (self._text_layers(level)[0], 'table' if table else which)
             if key not in cache:
                 cache[key] = self._table_encoding(level) if table else self.encoded_text(level, text)
             return cache[key][rows] if table else cache[key]
@@ -467,13 +472,12 @@ class CDTG(Hooks):
         converted or moved (`_apply`), a parameter of the alignment changes in place (an optimizer step,
         load_state_dict: each bumps the tensor's version) or the autocast state differs; under autograd it is
         recomputed in the graph at every call."""
-        module = self.align[level] if self.shared_align is None else self.shared_align
+        key, module = self._text_layers(level)
         params = list(module.parameters())
         device = self.text_table.device.type
         stamp = (tuple((p.data_ptr(), p._version, p.dtype) for p in params),
                  torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = level if self.shared_align is None else -1
         cached = self._encodings.get(key)
         if not grad and cached is not None and cached[0] == stamp:
             return cached[1]
