@@ -13,6 +13,10 @@ class HSNet(FewShotSegmenter):
 
     kshot = 'vote'
     plugin_point = 'features'
+    #: Correlate every support pixel, as the reference code does (`multilayer_correlation(dense=True)`), instead of
+    #: skipping the masked-out ones on CPU. Same logits; scripts/bench.py --compare-reference sets it to time the
+    #: reference's K-shot formulation.
+    dense_correlation: bool = False
 
     def __init__(self, backbone: Backbone, options=None):
         super().__init__(backbone, options)
@@ -20,5 +24,6 @@ class HSNet(FewShotSegmenter):
 
     def match(self, record: EpisodeRecord) -> Output:
         corrs = multilayer_correlation(record.query_feats, record.support_feats, self.backbone.stage_ids,
-                                       support_masks=record.ctx.support_masks)      # the masked support taps
+                                       support_masks=record.ctx.support_masks,      # the masked support taps
+                                       dense=self.dense_correlation)
         return Output(self.per_shot(self.learner(corrs), record))

@@ -70,3 +70,26 @@ def test_reference_code_must_be_a_hsnet_checkout(tmp_path):
     with pytest.raises(UserError, match='git clone https://github.com/juhongm999/hsnet'):
         load_bench().main(['--quick', '--methods', 'hsnet', '--cdtg', 'off', '--shots', '2',
                            '--reference-code', str(tmp_path)])
+
+
+def test_compare_reference_times_the_reference_kshot_with_a_dense_correlation(monkeypatch, capsys):
+    import model.layers.correlation as correlation
+    bench = load_bench()
+    sparse_calls = []
+    sparse = correlation._cpu_correlation
+    monkeypatch.setattr(correlation, '_cpu_correlation', lambda *a: sparse_calls.append(1) or sparse(*a))
+    device = torch.device('cpu')
+    ep = bench.episode(64, 3, 1, 0, device)
+    model = bench.build('hsnet', False, device)
+    ours = model.segment(bench.episode_runner(model, ep, 'fp32', device)())
+    assert len(sparse_calls) == 3 * 3                                    # 3 shots x 3 wide stages on the CPU path
+    sparse_calls.clear()
+    reference = bench.reference_kshot(model, ep, 'fp32', device)()
+    assert not sparse_calls and model.dense_correlation is False        # every support pixel; the switch restored
+    assert (reference == ours).float().mean() > 0.999                   # the same vote, up to float rounding
+    assert (bench.reference_kshot(model, ep, 'fp32', device, dense=False)() == ours).float().mean() > 0.999
+    assert len(sparse_calls) == 9
+    row = bench.main(['--quick', '--methods', 'hsnet', '--cdtg', 'off', '--shots', '3', '--compare-reference',
+                      '--threads', '1'])['rows'][0]
+    assert all(row[k] > 0 for k in ('reference_kshot_s', 'reference_layers_kshot_s', 'batched_shots_s'))
+    assert 'vs reference K-shot' in capsys.readouterr().out

@@ -80,7 +80,8 @@ def _reference_correlation(q, s, eps=1e-5):
 
 
 @pytest.mark.parametrize('channels,path', [((6, 5, 3), 'cpu'), ((6, 5, 3), 'autograd'), ((6, 5, 3), 'masked'),
-                                           ((2, 2, 1), 'cpu')])   # wide maps (3 paths), and the small-channel path
+                                           ((6, 5, 3), 'dense'), ((2, 2, 1), 'cpu')])
+# wide maps (4 paths: dense = every support pixel in one product, as the reference code), the small-channel path
 def test_multilayer_correlation_matches_float64_formula_with_shared_query(channels, path):
     torch.manual_seed(0)
     stage_ids = [2, 2, 3, 4]
@@ -89,15 +90,17 @@ def test_multilayer_correlation_matches_float64_formula_with_shared_query(channe
     q = [torch.randn(b, *shapes[s]) for s in stage_ids]
     s = [torch.randn(b * k, *shapes[st]) for st in stage_ids]
     s[0][1, :, :2] = 0                                  # masked-out support pixels -> zero correlation
-    if path == 'masked':                                # most support pixels zero in every item: skipped columns
+    if path in ('masked', 'dense'):                     # most support pixels zero in every item: skipped columns
         for tap in range(len(s)):
             s[tap] = s[tap] * (torch.rand(s[tap].shape[-2:]) < 0.3).float()
         s[1][4, :, 0, 0] = 0.5                          # a pixel non-zero in one support only is kept
     if path == 'autograd':
         q = [f.requires_grad_() for f in q]
-    corrs = multilayer_correlation(q, s, stage_ids)
-    if path != 'autograd' and max(channels) > 4:        # written in the order the 4D conv reads as NCHW
+    corrs = multilayer_correlation(q, s, stage_ids, dense=path == 'dense')
+    if path in ('cpu', 'masked') and max(channels) > 4:  # written in the order the 4D conv reads as NCHW
         assert all(c.permute(0, 2, 3, 1, 4, 5).is_contiguous() for c in corrs)
+    if path == 'dense':                                 # the one product per stage, in the reference's layout
+        assert all(c.is_contiguous() for c in corrs)
     assert [c.shape[1] for c in corrs] == [1, 1, 2]     # deepest stage first
     by_stage = {4: corrs[0], 3: corrs[1], 2: corrs[2]}
     for tap, stage in enumerate(stage_ids):

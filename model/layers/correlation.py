@@ -18,7 +18,7 @@ def _normalise(x: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
 
 def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[torch.Tensor],
                            stage_ids: list[int], eps: float = 1e-5,
-                           support_masks: torch.Tensor | None = None) -> list[torch.Tensor]:
+                           support_masks: torch.Tensor | None = None, dense: bool = False) -> list[torch.Tensor]:
     r"""All-pairs cosine similarity between query and support pixels, clamped at 0, stacked per stage.
 
     Args:
@@ -29,6 +29,9 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
         support_masks: [Nq*K,H,W] or None: correlate the support taps multiplied by these masks (resized to each
             tap, exactly `mask_features`: HSNet's masked support), applied to the stage's stacked copy instead of
             making a masked copy of every tap first.
+        dense: always one product per stage over every support pixel, as the reference code computes it (and this
+            function on a GPU or under autograd); by default the CPU path without autograd skips support pixels
+            whose features are all zero (`_cpu_correlation`). Both give the same values.
     Returns:
         One tensor per stage, deepest stage first: [Nq*K, L_stage, hq, wq, hs, ws].
     """
@@ -53,7 +56,7 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
             with torch.autocast(q.device.type, enabled=False):
                 out.append(_small_channel_correlation(at_least_fp32(q), at_least_fp32(s), (hq, wq, hs, ws)))
             continue
-        if q.device.type == 'cpu' and not (q.requires_grad or s.requires_grad):
+        if q.device.type == 'cpu' and not (dense or q.requires_grad or s.requires_grad):
             out.append(_cpu_correlation(q, s, (hq, wq, hs, ws)))
             continue
         q = q.reshape(nq * nl, c, hq * wq)                                          # [Nq*L,C,HWq]
