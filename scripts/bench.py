@@ -11,13 +11,16 @@ For each method x CD-TG x K it reports test episodes/s (the test-time entry poin
 steps/s (1-shot, `--train-bsz` episodes per step, forward + backward + optimizer step), the peak memory of a test
 episode and the growth during training (CUDA: `max_memory_allocated`; CPU: the peak resident set size, by default
 of a fresh process that runs only that configuration, `--memory isolated`), and the CD-TG overhead relative to the
-same method without it. A method's configurations with and without CD-TG are timed alternately, episode by episode,
-so that a change in the machine's load does not pass for an overhead. `--compare-reference` adds the reference
-formulations that live in the project, measured in the same process with the same weights: PATNet's SVD
-pseudo-inverse transform (`--transform pinv`) and, for the K-shot vote methods, the reference's K-shot formulation
-built from this project's layers: a full forward per shot (the query encoded again each time), then the vote, with
-HSNet's correlation over every support pixel as the reference computes it (also shown with this project's
-correlation, which skips the masked-out pixels on CPU); `--reference-code DIR` times the
+same method without it, two ways: the difference of the episode times (a method's configurations with and without
+CD-TG are timed alternately, episode by episode, so that a change in the machine's load does not pass for an
+overhead; what is left is a few percent of run-to-run noise) and the time spent inside the plug-in's hooks during the
+same episodes ("hooks", relative to the plain episode: the plug-in's own cost, without that noise).
+
+`--compare-reference` adds the reference formulations that live in the project, measured in the same process with
+the same weights: PATNet's SVD pseudo-inverse transform (`--transform pinv`) and, for the K-shot vote methods, the
+reference's K-shot formulation built from this project's layers: a full forward per shot (the query encoded again
+each time), then the vote, with HSNet's correlation over every support pixel as the reference computes it (also
+shown with this project's correlation, which skips the masked-out pixels on CPU). `--reference-code DIR` times the
 public HSNet code itself (juhongm999/hsnet) with the same weights and checks that it predicts the same mask. Writes
 the table to stdout and everything to `--json`.
 """
@@ -149,6 +152,42 @@ def timed(fn, device, reps: int, warmup: int) -> list[float]:
     return times
 
 
+class HookClock:
+    r"""Time spent inside a model's plug-in hooks (`Hooks.query_features`, `support_features`, `prototypes`: every
+    place a plug-in computes), per call of the wrapped episode runner: the plug-in's own cost, measured in the same
+    episodes as the A/B difference and free of its run-to-run noise. On CUDA each hook call is synchronised."""
+
+    HOOKS = ('query_features', 'support_features', 'prototypes')
+
+    def __init__(self, hooks, device: torch.device):
+        self.hooks, self.device, self.total, self.episodes = hooks, device, 0.0, []
+        for name in self.HOOKS:
+            setattr(hooks, name, self._timed(getattr(hooks, name)))
+
+    def _timed(self, fn):
+        def run(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(self.device)
+            self.total += time.perf_counter() - start
+            return out
+        return run
+
+    def runner(self, run):
+        r"""`run`, also recording the hook time of each call in `episodes`."""
+        def timed_run():
+            before = self.total
+            out = run()
+            self.episodes.append(self.total - before)
+            return out
+        return timed_run
+
+    def remove(self):
+        for name in self.HOOKS:
+            delattr(self.hooks, name)
+
+
 def build(method: str, cdtg: bool, device: torch.device, **options):
     config = {'method': method, 'backbone': None, 'method_options': options}
     if cdtg:
@@ -223,11 +262,19 @@ def bench_models(args, device) -> list[dict]:
         models = {cdtg: build(method, cdtg == 'on', device) for cdtg in args.cdtg}
         for shots in args.shots:
             ep = episode(args.img_size, shots, 1, args.seed, device)
-            times = interleaved({c: episode_runner(m, ep, args.precision, device) for c, m in models.items()},
-                                device, args.reps, args.warmup)
+            runners = {c: episode_runner(m, ep, args.precision, device) for c, m in models.items()}
+            clock = HookClock(models['on'].hooks, device) if 'on' in models else None
+            if clock:
+                runners['on'] = clock.runner(runners['on'])
+            times = interleaved(runners, device, args.reps, args.warmup)
+            if clock:
+                clock.remove()
             for cdtg, model in models.items():
                 row = {'method': method, 'cdtg': cdtg, 'shots': shots, 'test_s': statistics.median(times[cdtg]),
                        'test_times': times[cdtg]}
+                if cdtg == 'on':
+                    row['hooks_times'] = clock.episodes[args.warmup:]
+                    row['hooks_s'] = statistics.median(row['hooks_times'])
                 row.update(test_memory(args, method, cdtg, model, ep, device))
                 t_train = []
                 if shots == args.shots[0]:
@@ -392,8 +439,8 @@ def _peak(row: dict) -> float:
 def _line(row: dict, rows: list[dict]) -> str:
     plain = next((r for r in rows if r['method'] == row['method'] and r['shots'] == row['shots']
                   and r['cdtg'] == 'off'), None)
-    overhead = (f'{100 * (row["test_s"] / plain["test_s"] - 1):+6.1f}%'
-                if row['cdtg'] == 'on' and plain else '       ')
+    overhead = (f'{100 * (row["test_s"] / plain["test_s"] - 1):+6.1f}% {100 * row["hooks_s"] / plain["test_s"]:5.1f}%'
+                if row['cdtg'] == 'on' and plain else ' ' * 14)
     train = f'{1 / row["train_s"]:7.2f}' if row['train_s'] else '      -'
     train_mb = f'{row["train_peak_mb"]:8.0f}' if row['train_peak_mb'] is not None else '       -'
     text = (f'{row["method"]:7s} {row["cdtg"]:4s} {row["shots"]:2d} | {1 / row["test_s"]:8.2f} '
@@ -415,8 +462,8 @@ def _line(row: dict, rows: list[dict]) -> str:
     return text + (' | ' + '; '.join(extra) if extra else '')
 
 
-HEADER = ('method  cdtg  K |  test ep/s  ms/episode  peak MB  CD-TG  | train st/s  peak MB | reference\n'
-          + '-' * 110)
+HEADER = ('method  cdtg  K |  test ep/s  ms/episode  peak MB  CD-TG  hooks | train st/s  peak MB | reference\n'
+          + '-' * 117)
 
 
 def bench_loader(args) -> dict:

@@ -35,6 +35,8 @@ def test_bench_quick_runs_every_method(tmp_path, capsys):
         assert (row['train_s'] is not None) == (shots == 1)            # one training measurement per model
         if row['train_s'] is not None:
             assert row['train_s'] > 0
+        if cdtg == 'on':                                               # the plug-in's share of the same episode
+            assert len(row['hooks_times']) == 1 and 0 < row['hooks_s'] < row['test_s']
     printed = capsys.readouterr().out
     for method in METHODS:                                             # one table line per row
         assert sum(line.split()[:1] == [method] for line in printed.splitlines()) == 4
@@ -47,6 +49,31 @@ def test_bench_times_configurations_alternately():
                                      torch.device('cpu'), reps=4, warmup=1)
     assert calls == ['a', 'b'] + ['a', 'b', 'b', 'a'] * 2               # warm-up, then ABBAABBA
     assert [len(t) for t in times.values()] == [4, 4]
+
+
+def test_hook_clock_times_only_the_hooks_and_comes_off():
+    import time
+
+    from model.base import Hooks
+
+    class Slow(Hooks):
+        def prototypes(self, fg, bg, feats, ctx):
+            time.sleep(0.05)
+            return fg, bg
+
+    hooks = Slow()
+    clock = load_bench().HookClock(hooks, torch.device('cpu'))
+
+    def episode():
+        time.sleep(0.3)                                                   # the host's own work is not counted
+        hooks.query_features([], None)
+        return hooks.prototypes([1], [2], [], None)
+
+    run = clock.runner(episode)
+    assert run() == ([1], [2]) and run() == ([1], [2])
+    assert len(clock.episodes) == 2 and all(0.05 <= t < 0.3 for t in clock.episodes)
+    clock.remove()
+    assert 'prototypes' not in vars(hooks) and hooks.prototypes.__func__ is Slow.prototypes
 
 
 def test_peak_memory_catches_a_freed_allocation():
