@@ -131,13 +131,45 @@ def test_pooled_alignment_closed_form_equals_pooling_the_aligned_map(dtype, tol)
         align.norm.weight.normal_(1, 0.3)
         align.norm.bias.normal_(0, 0.3)
     feat = torch.relu(torch.randn(3, 64, 25, 25, dtype=torch.float64) * 2 + 1.5)
-    text = torch.randn(3, 2, 12, dtype=torch.float64)
+    texts = [torch.randn(3, 2, 12, dtype=torch.float64), torch.randn(3, 1, 12, dtype=torch.float64)]
     m = resize_mask((torch.rand(3, 100, 100) > 0.6).double(), (25, 25))[:, 0].double()
-    want = [(align(feat, text) * w[:, None]).sum((2, 3)) / (w.sum((1, 2))[:, None] + 1e-6) for w in (m, 1 - m)]
-    got = align.to(dtype).pooled(feat.to(dtype), [text.to(dtype)] * 2, [m.to(dtype), (1 - m).to(dtype)], 1e-6)
+    want = [(align(feat, t) * w[:, None]).sum((2, 3)) / (w.sum((1, 2))[:, None] + 1e-6)
+            for t, w in zip(texts, (m, 1 - m))]
+    got = align.to(dtype).pooled(feat.to(dtype), [t.to(dtype) for t in texts], [m.to(dtype), (1 - m).to(dtype)], 1e-6)
+    assert len(got) == 2
     for g, w in zip(got, want):
         assert g.dtype == dtype
         assert ((g.double() - w).norm() / w.norm()).item() < tol
+
+
+def test_pooled_alignment_closed_form_has_the_gradient_of_the_aligned_map():
+    r"""A host that trains the layers below its prototypes (PMMs' fuse layer) back-propagates through `pooled`:
+    the gradients w.r.t. the features, the weights and the alignment's parameters equal those of pooling the
+    explicit aligned map (float64), the moments' terms included."""
+    torch.manual_seed(0)
+    align = TextAlign(6, 16).double()
+    with torch.no_grad():
+        align.norm.weight.normal_(1, 0.3)
+    feat = torch.relu(torch.randn(2, 16, 5, 5, dtype=torch.float64) + 1)
+    texts = [torch.randn(2, 1, 6, dtype=torch.float64), torch.randn(2, 1, 6, dtype=torch.float64)]
+    m = torch.rand(2, 5, 5, dtype=torch.float64)
+    probe = torch.randn(2, 2, 16, dtype=torch.float64)              # a loss that is not invariant to the norm
+
+    def grads(pool):
+        f, w = feat.clone().requires_grad_(), m.clone().requires_grad_()
+        align.zero_grad()
+        out = torch.stack(pool(f, w), dim=1)
+        (out * probe).sum().backward()
+        return [f.grad, w.grad] + [p.grad.clone() for p in align.parameters() if p.grad is not None]
+
+    def explicit(f, w):
+        return [(align(f, t) * x[:, None]).sum((2, 3)) / (x.sum((1, 2))[:, None] + 1e-6)
+                for t, x in zip(texts, (w, 1 - w))]
+
+    got, want = grads(lambda f, w: align.pooled(f, texts, [w, 1 - w], 1e-6)), grads(explicit)
+    assert len(got) == len(want) > 2
+    for g, e in zip(got, want):
+        assert torch.allclose(g, e, rtol=1e-9, atol=1e-12)
 
 
 def test_text_encodings_are_reused_only_while_nothing_changes():

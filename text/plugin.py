@@ -153,40 +153,45 @@ class TextAlign(nn.Module):
         With x_p = F_p + u (u = `text_bias(t)`), LayerNorm's per-pixel moments follow from F's and u's:
         μ_p = mean_c F_p + ū, σ²_p = var_c F_p + var u + 2 cov_c(F_p, u); then with a_p = w_p / sqrt(σ²_p + ε_LN)
             Σ_p w_p LN(x_p) = γ ⊙ (Σ_p a_p F_p + u Σ_p a_p − Σ_p a_p μ_p) + β Σ_p w_p.
-        F is read by one moment pass and, per text, one covariance and one pooling product (instead of building,
-        transposing and normalising a full [N,hw,C] map per text). feat [N,C,h,w]; texts [N,T,D] (caption first);
-        weights [N,h,w] at the feature size; `encoded`: the texts' `encode_text` if the caller has them. Float32 at
-        least (a sum over thousands of pixels).
+        F is read three times whatever the number of texts T: one moment pass, one product for the T covariances and
+        one for the T poolings (instead of building, transposing and normalising a full [N,hw,C] map per text).
+        feat [N,C,h,w]; texts T x [N,T',D] (caption first); weights T x [N,h,w] at the feature size; `encoded`: the
+        texts' `encode_text` if the caller has them. Float32 at least (a sum over thousands of pixels).
         """
         with torch.autocast(feat.device.type, enabled=False):
             f = feat.flatten(2)
             f = f if f.dtype in (torch.float32, torch.float64) else f.float()               # [N,C,L]
-            var_f, mean_f = _pixel_moments(f)                                               # [N,L]
-            gamma, beta = self.norm.weight.to(f.dtype), self.norm.bias.to(f.dtype)
-            out = []
-            for i, (text, w) in enumerate(zip(texts, weights)):
-                u = (self.text_bias(text[:, 0]) if encoded is None else encoded[i]).to(f.dtype)   # [N,C]
-                u_mean = u.mean(dim=1, keepdim=True)
-                u_c = u - u_mean
-                cov = torch.bmm(u_c.unsqueeze(1), f).squeeze(1) / f.shape[1]                 # [N,L]
-                var = var_f + u_c.pow(2).mean(dim=1, keepdim=True) + 2 * cov
-                w = w.flatten(1).to(f.dtype)                                                 # [N,L]
-                a = w * torch.rsqrt(var.clamp_min(0) + self.norm.eps)
-                total = w.sum(dim=1, keepdim=True)
-                num = (torch.bmm(f, a.unsqueeze(2)).squeeze(2) + u * a.sum(dim=1, keepdim=True)
-                       - (a * (mean_f + u_mean)).sum(dim=1, keepdim=True))                  # [N,C]
-                out.append((gamma * num + beta * total) / (total + eps))
-        return out
+            var_f, mean_f = _pixel_moments(f)                                               # [N,1,L]
+            if encoded is None:
+                encoded = [self.text_bias(text[:, 0]) for text in texts]
+            u = torch.stack([e.to(f.dtype) for e in encoded], dim=1)                         # [N,T,C]
+            w = torch.stack([x.flatten(1).to(f.dtype) for x in weights], dim=1)              # [N,T,L]
+            u_mean = u.mean(dim=2, keepdim=True)                                             # [N,T,1]
+            u_c = u - u_mean
+            var = (torch.bmm(u_c, f).mul_(2 / f.shape[1]).add_(var_f)
+                   .add_(u_c.pow(2).mean(dim=2, keepdim=True)))                              # [N,T,L]
+            a = w * var.clamp_min_(0).add_(self.norm.eps).rsqrt_()
+            total = w.sum(dim=2, keepdim=True)                                               # [N,T,1]
+            num = (torch.bmm(a, f.transpose(1, 2)) + u * a.sum(dim=2, keepdim=True)
+                   - (a * (mean_f + u_mean)).sum(dim=2, keepdim=True))                      # [N,T,C]
+            out = (self.norm.weight.to(f.dtype) * num + self.norm.bias.to(f.dtype) * total) / (total + eps)
+        return list(out.unbind(dim=1))
 
 
 def _pixel_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Biased variance and mean over the channels of every pixel of f [N,C,L]: LayerNorm's moment kernel (a
-    vectorised cascade of Welford updates, as accurate as torch.var_mean and ~3x faster on CPU for channels-last
-    maps; its normalised output is discarded), with eps = 0 so that var = rstd⁻² (a constant pixel: rstd = inf,
-    var = 0)."""
+    r"""Biased variance and mean [N,1,L] over the channels of every pixel of f [N,C,L].
+
+    Without autograd: LayerNorm's moment kernel (a vectorised cascade of Welford updates, as accurate as
+    torch.var_mean and ~3x faster on CPU for channels-last maps; its normalised output is discarded), with eps = 0 so
+    that var = rstd⁻² (a constant pixel: rstd = inf, var = 0). Its backward only follows the normalised output, not
+    the moments, so when f needs a gradient (a host training the layers below its prototypes) it is torch.var_mean.
+    """
     n, c, length = f.shape
+    if f.requires_grad and torch.is_grad_enabled():
+        var, mean = torch.var_mean(f, dim=1, correction=0, keepdim=True)
+        return var, mean
     _, mean, rstd = torch.native_layer_norm(f.transpose(1, 2), [c], None, None, 0.0)     # [N,L,1]
-    return rstd.reciprocal().square().view(n, length), mean.view(n, length)
+    return rstd.reciprocal().square().view(n, 1, length), mean.view(n, 1, length)
 
 
 class LevelProjection(nn.Module):
