@@ -512,11 +512,15 @@ class CDTG(Hooks):
         bg_text, bg_mask = self._texts(bg_rows)
         closed_form = self.config.attn == 'paper' and self.shared_align is None
         encoded = self._encoder_cache()
+        masks = {}                                            # the support masks at each tap size, resized once
         new_fg, new_bg = [], []
         for i, f in enumerate(feats):
             level = self.tap_level[i]
             a = self.image_weight(level)
-            m = resize_mask(ctx.support_masks, tuple(f.shape[-2:])).to(f.dtype)
+            key = (tuple(f.shape[-2:]), f.dtype)
+            if key not in masks:
+                masks[key] = resize_mask(ctx.support_masks, key[0]).to(f.dtype)
+            m = masks[key]
             use_bg = bg[i] is not None
             u_cls = encoded(level, 'class', cls_rows, cls_text)
             u_bg = encoded(level, 'background', bg_rows, bg_text) if use_bg else None
