@@ -142,6 +142,18 @@ def test_pooled_alignment_closed_form_equals_pooling_the_aligned_map(dtype, tol)
         assert ((g.double() - w).norm() / w.norm()).item() < tol
 
 
+def test_pixel_moments_match_float64_on_channels_last_relu_maps():
+    from text.plugin import _pixel_moments
+    torch.manual_seed(0)
+    f = torch.relu(torch.randn(2, 300, 40) * 2 + 0.5).transpose(1, 2)           # [N,C,L] stored channels-last
+    f[0, :, 7] = 3.7                                                             # a constant pixel
+    var, mean = _pixel_moments(f)
+    var64, mean64 = torch.var_mean(f.double(), dim=1, correction=0, keepdim=True)
+    assert var.shape == mean.shape == (2, 1, 300) and (var >= 0).all()
+    assert torch.allclose(mean.double(), mean64, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(var.double(), var64, rtol=1e-5, atol=1e-5 * var64.mean().item())
+
+
 def test_pooled_alignment_closed_form_has_the_gradient_of_the_aligned_map():
     r"""A host that trains the layers below its prototypes (PMMs' fuse layer) back-propagates through `pooled`:
     the gradients w.r.t. the features, the weights and the alignment's parameters equal those of pooling the

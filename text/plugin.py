@@ -181,17 +181,17 @@ class TextAlign(nn.Module):
 def _pixel_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Biased variance and mean [N,1,L] over the channels of every pixel of f [N,C,L].
 
-    Without autograd: LayerNorm's moment kernel (a vectorised cascade of Welford updates, as accurate as
-    torch.var_mean and ~3x faster on CPU for channels-last maps; its normalised output is discarded), with eps = 0 so
-    that var = rstd⁻² (a constant pixel: rstd = inf, var = 0). Its backward only follows the normalised output, not
-    the moments, so when f needs a gradient (a host training the layers below its prototypes) it is torch.var_mean.
+    Without autograd: var = E[f²] - mean², from two read-only reductions along the channels (contiguous in the
+    backbone's channels-last maps: ~10x faster on CPU than torch.var_mean or LayerNorm's moment kernel, which writes a
+    normalised copy). Its rounding error, about ε·E[f²]/var, is that of var_mean for backbone taps (ReLU maps:
+    E[f²]/var = 1.0-1.3 per pixel at every ResNet-50 tap); a constant pixel gives var ≈ 0 (clamped at 0). With
+    autograd (a host training the layers below its prototypes) it is torch.var_mean.
     """
-    n, c, length = f.shape
     if f.requires_grad and torch.is_grad_enabled():
-        var, mean = torch.var_mean(f, dim=1, correction=0, keepdim=True)
-        return var, mean
-    _, mean, rstd = torch.native_layer_norm(f.transpose(1, 2), [c], None, None, 0.0)     # [N,L,1]
-    return rstd.reciprocal().square().view(n, 1, length), mean.view(n, 1, length)
+        return torch.var_mean(f, dim=1, correction=0, keepdim=True)
+    mean = f.mean(dim=1, keepdim=True)
+    square = torch.linalg.vector_norm(f, dim=1, keepdim=True).square_().div_(f.shape[1])
+    return square.sub_(mean * mean).clamp_min_(0), mean
 
 
 class LevelProjection(nn.Module):
