@@ -153,8 +153,9 @@ class TextAlign(nn.Module):
         With x_p = F_p + u (u = `text_bias(t)`), LayerNorm's per-pixel moments follow from F's and u's:
         μ_p = mean_c F_p + ū, σ²_p = var_c F_p + var u + 2 cov_c(F_p, u); then with a_p = w_p / sqrt(σ²_p + ε_LN)
             Σ_p w_p LN(x_p) = γ ⊙ (Σ_p a_p F_p + u Σ_p a_p − Σ_p a_p μ_p) + β Σ_p w_p.
-        F is read three times whatever the number of texts T: one moment pass, one product for the T covariances and
-        one for the T poolings (instead of building, transposing and normalising a full [N,hw,C] map per text).
+        F is only read, four times whatever the number of texts T: two moment reductions, one product for the T
+        covariances and one for the T poolings (instead of building, transposing and normalising a full [N,hw,C] map
+        per text).
         feat [N,C,h,w]; texts T x [N,T',D] (caption first); weights T x [N,h,w] at the feature size; `encoded`: the
         texts' `encode_text` if the caller has them. Float32 at least (a sum over thousands of pixels).
         """
