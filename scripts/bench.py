@@ -534,6 +534,9 @@ def main(argv=None) -> dict:
     print(f'{args.img_size}x{args.img_size}, {args.precision}, {where}, random weights; test: median of {args.reps} '
           f'episodes (batch 1) after {args.warmup} warm-up, with and without CD-TG timed alternately; peak memory '
           f'of a test episode ({args.memory}); train: 1-shot, {args.train_bsz} episodes per step')
+    if args.quick:
+        print('--quick: a smoke run at 64x64, one episode each; its times and shares are not figures (per-call '
+              'overheads dominate at this size): measure at 400x400 without --quick')
     print(HEADER)
     out = {'img_size': args.img_size, 'device': where, 'precision': args.precision, 'torch': torch.__version__,
            'rows': bench_models(args, device)}
