@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from model.backbone import Backbone
 from model.base import Adaptation, EpisodeContext, EpisodeRecord, FewShotSegmenter, Output, option
 from model.layers import (HPNLearner, anchor_factor, at_least_fp32, dense_transform_matrix, masked_average_pooling,
-                          multilayer_correlation, normalize_rows, rank2_coefficients, resize_mask)
+                          multilayer_correlation, normalize_rows, rank2_coefficients, resize_mask, resized_masks)
 
 TRANSFORMS = ('rank2', 'pinv')
 # The reference pools prototypes as Σ F·m / (Σ m + 1e-6) (sum-based since its 2023 commit).
@@ -109,12 +109,7 @@ class PATNet(FewShotSegmenter):
 
     def _support_masks(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> dict:
         r"""The support masks resized once per distinct tap size: {(h, w): [B*K,1,h,w]}."""
-        masks = {}
-        for feat in feats:
-            size = tuple(feat.shape[-2:])
-            if size not in masks:
-                masks[size] = resize_mask(ctx.support_masks, size).to(feat.dtype)
-        return masks
+        return resized_masks(ctx.support_masks, feats)
 
     def _rank2_maps(self, query_feats, support_feats, fg, bg, ctx):
         r"""2-channel maps z = Lᵀ G⁺ Ĉ f whose cosine correlations equal those of the reference's Pᵀ f.

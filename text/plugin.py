@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 from model.base import EpisodeContext, Hooks
-from model.layers import masked_average_pooling, resize_mask
+from model.layers import masked_average_pooling, resized_masks
 from text.descriptions import Descriptions, load_description_file, load_descriptions
 from text.encoder import CLIP_MODELS, ClipTextEncoder, TextBank, identity_mismatch
 from text.flags import ATTN_MODES, BACKGROUNDS, FUSIONS, add_args
@@ -513,15 +513,12 @@ class CDTG(Hooks):
         bg_text, bg_mask = self._texts(bg_rows)
         closed_form = self.config.attn == 'paper' and self.shared_align is None
         encoded = self._encoder_cache()
-        masks = {}                                            # the support masks at each tap size, resized once
+        masks = resized_masks(ctx.support_masks, feats)       # the support masks at each tap size, resized once
         new_fg, new_bg = [], []
         for i, f in enumerate(feats):
             level = self.tap_level[i]
             a = self.image_weight(level)
-            key = (tuple(f.shape[-2:]), f.dtype)
-            if key not in masks:
-                masks[key] = resize_mask(ctx.support_masks, key[0]).to(f.dtype)
-            m = masks[key]
+            m = masks[tuple(f.shape[-2:])]
             use_bg = bg[i] is not None
             u_cls = encoded(level, 'class', cls_rows, cls_text)
             u_bg = encoded(level, 'background', bg_rows, bg_text) if use_bg else None

@@ -11,16 +11,21 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask, size, mode='bilinear', align_corners=True)
 
 
-def mask_features(feats: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
-    r"""Multiply every feature map [N,C,h,w] by the mask resized to its size (one resize per distinct size)."""
-    cache: dict[tuple[int, int], torch.Tensor] = {}
-    out = []
+def resized_masks(mask: torch.Tensor, feats: list[torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
+    r"""The mask [N,H,W] resized once per distinct size of the maps [N,C,h,w]: {(h, w): [N,1,h,w]} in the maps'
+    dtype."""
+    out: dict[tuple[int, int], torch.Tensor] = {}
     for feat in feats:
         size = tuple(feat.shape[-2:])
-        if size not in cache:
-            cache[size] = resize_mask(mask, size).to(feat.dtype)
-        out.append(feat * cache[size])
+        if size not in out:
+            out[size] = resize_mask(mask, size).to(feat.dtype)
     return out
+
+
+def mask_features(feats: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+    r"""Multiply every feature map [N,C,h,w] by the mask resized to its size (one resize per distinct size)."""
+    masks = resized_masks(mask, feats)
+    return [feat * masks[tuple(feat.shape[-2:])] for feat in feats]
 
 
 def masked_average_pooling(feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
