@@ -120,6 +120,11 @@ def test_prototype_fusion_maths_float64(n_protos, per_episode, with_bg):
     assert plugin.tap_level == [0, 0, 1] and len(plugin.align) == 2
 
 
+def _pool_aligned_map(align, feat, texts, weights, eps=1e-6):
+    r"""The definition `TextAlign.pooled` computes in closed form: MAP of the explicit aligned map, one per text."""
+    return [(align(feat, t) * w[:, None]).sum((2, 3)) / (w.sum((1, 2))[:, None] + eps) for t, w in zip(texts, weights)]
+
+
 @pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_pooled_alignment_closed_form_equals_pooling_the_aligned_map(dtype, tol):
     r"""TextAlign.pooled (the paper mode's MAP of LayerNorm(F + u) from F's moments, never forming the map) against
@@ -133,8 +138,7 @@ def test_pooled_alignment_closed_form_equals_pooling_the_aligned_map(dtype, tol)
     feat = torch.relu(torch.randn(3, 64, 25, 25, dtype=torch.float64) * 2 + 1.5)
     texts = [torch.randn(3, 2, 12, dtype=torch.float64), torch.randn(3, 1, 12, dtype=torch.float64)]
     m = resize_mask((torch.rand(3, 100, 100) > 0.6).double(), (25, 25))[:, 0].double()
-    want = [(align(feat, t) * w[:, None]).sum((2, 3)) / (w.sum((1, 2))[:, None] + 1e-6)
-            for t, w in zip(texts, (m, 1 - m))]
+    want = _pool_aligned_map(align, feat, texts, (m, 1 - m))
     got = align.to(dtype).pooled(feat.to(dtype), [t.to(dtype) for t in texts], [m.to(dtype), (1 - m).to(dtype)], 1e-6)
     assert len(got) == 2
     for g, w in zip(got, want):
@@ -174,11 +178,8 @@ def test_pooled_alignment_closed_form_has_the_gradient_of_the_aligned_map():
         (out * probe).sum().backward()
         return [f.grad, w.grad] + [p.grad.clone() for p in align.parameters() if p.grad is not None]
 
-    def explicit(f, w):
-        return [(align(f, t) * x[:, None]).sum((2, 3)) / (x.sum((1, 2))[:, None] + 1e-6)
-                for t, x in zip(texts, (w, 1 - w))]
-
-    got, want = grads(lambda f, w: align.pooled(f, texts, [w, 1 - w], 1e-6)), grads(explicit)
+    got = grads(lambda f, w: align.pooled(f, texts, [w, 1 - w], 1e-6))
+    want = grads(lambda f, w: _pool_aligned_map(align, f, texts, (w, 1 - w)))
     assert len(got) == len(want) > 2
     for g, e in zip(got, want):
         assert torch.allclose(g, e, rtol=1e-9, atol=1e-12)
