@@ -48,7 +48,8 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
     p.add_argument('--logpath', type=str, default=None, help='run folder (default: logs/<method>-<benchmark>-<time>)')
     p.add_argument('--resume', action='store_true', help='continue the run in --logpath from its last.pt')
     p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
-    bounded(p, '--log-every', int, 50, low=1, help='training steps between loss scalars')
+    bounded(p, '--log-every', int, 50, low=1,
+            help='training steps between loss scalars and health readings (log.txt, health.json)')
     bounded(p, '--save-every-steps', int, 0, low=0,
             help='also write last.pt every N training steps within an epoch (0 = at epoch ends only); --resume '
                  'continues from the exact step')

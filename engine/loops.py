@@ -57,8 +57,9 @@ def override_recipe(recipe, schedule: str = 'method', total_steps: int = 1, warm
     schedule: 'method' keeps the method's own scheduler (its paper's); 'none' (constant), 'cosine' (to 0 at
     `total_steps`) and 'poly' ((1 - t/T)^0.9) replace it, with a linear warm-up over `warmup_steps` (only with
     these; combined with a method's own schedule it would be ambiguous). grad_clip: a max gradient norm that
-    replaces the method's (None keeps it).
+    replaces the method's (None keeps it; a plug-in's group keeps its own clip, `clip_gradients`).
     """
+    check_groups(recipe.optimizer)
     if grad_clip is not None:
         recipe.grad_clip = grad_clip
     if schedule == 'method':
@@ -76,6 +77,40 @@ def override_recipe(recipe, schedule: str = 'method', total_steps: int = 1, warm
         return warm * shape(step)
     recipe.scheduler = torch.optim.lr_scheduler.LambdaLR(recipe.optimizer, factor)
     return recipe
+
+
+def check_groups(optimizer: torch.optim.Optimizer) -> None:
+    r"""A group that asks for decoupled weight decay (a plug-in's) gets it: torch's Adam reads
+    'decoupled_weight_decay' per group from torch 2.7 on; older releases would silently apply L2 decay instead."""
+    for group in optimizer.param_groups:
+        if (group.get('decoupled_weight_decay') and group.get('weight_decay')
+                and isinstance(optimizer, torch.optim.Adam)
+                and 'decoupled_weight_decay' not in optimizer.defaults):
+            raise UserError(f'the {group.get("name", "plug-in")} optimiser group asks for decoupled weight decay, '
+                            f'which torch {torch.__version__}\'s Adam does not have (torch >= 2.7 does); upgrade '
+                            'torch, or pass --cdtg-weight-decay 0')
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                   clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Clip the gradients of every optimiser group that has a 'max_grad_norm' of its own (a plug-in's) to it, then
+    clip the total gradient norm of `params` to `clip` (inf: measured only). Returns that total norm (a non-finite
+    gradient keeps it non-finite, for the guard) and each such group's norm before its clip, by group name."""
+    groups = {}
+    for group in optimizer.param_groups:
+        if group.get('max_grad_norm'):
+            groups[group.get('name', 'group')] = torch.nn.utils.clip_grad_norm_(group['params'],
+                                                                                group['max_grad_norm'])
+    return torch.nn.utils.clip_grad_norm_(params, clip), groups
+
+
+def probe_readings(pred: torch.Tensor, batch: dict, readings: dict) -> dict:
+    r"""A training step's health readings: the predicted and the true foreground fraction of the batch's queries
+    (label-255 pixels left out of the latter), and the plug-in's `readings` of its forward."""
+    mask = batch['query_mask']
+    valid = mask != IGNORE_INDEX
+    return {'fg_fraction': float(pred.float().mean()),
+            'gt_fg_fraction': float((mask == 1).sum() / valid.sum().clamp_min(1)), **readings}
 
 
 class NonFiniteGuard:
@@ -120,7 +155,7 @@ def training_batch(batch: dict, boundary: str) -> dict:
 def train_epoch(model, loader, recipe, device: torch.device, class_names: list[str], desc: str = 'train',
                 on_step=None, seed: int = 0, epoch: int = 0, start_step: int = 0,
                 guard: NonFiniteGuard | None = None, forward=None, dist: Dist = SINGLE, precision: str = 'fp32',
-                scaler=None, boundary: str = 'background') -> dict:
+                scaler=None, boundary: str = 'background', probe_every: int = 0, on_probe=None) -> dict:
     r"""One pass over the training episodes (from `start_step` on, when resuming mid-epoch) with the method's
     recipe (optimizer, per-step LR schedule, gradient clipping).
 
@@ -133,7 +168,8 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
     Distributed runs pass `forward`, the DDP-wrapped model (gradients averaged over the processes, each holding
     its share of the global batch), and `dist`; the scores are all-reduced. `precision` 'bf16'/'fp16' runs the
     forward under autocast; fp16 scales the loss with `scaler` (a `torch.amp.GradScaler`). `boundary`: what the
-    loss does with label-255 pixels (`training_batch`).
+    loss does with label-255 pixels (`training_batch`). Every `probe_every` steps (0 = never) the step's forward runs
+    with the plug-in's health probe on and `on_probe(step, readings)` receives `probe_readings` (after the step).
     """
     model.train()
     forward = forward or model
@@ -142,19 +178,26 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
     term_sums: dict[str, torch.Tensor] = {}
     params = model.trainable_parameters()
     clip = recipe.grad_clip if recipe.grad_clip else float('inf')
+    hooks = model.hooks
     for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True),
                                  start=start_step):
         seed_step(seed, epoch, step)
         batch = episode_batch(batch, device)
+        probing = on_probe is not None and probe_every > 0 and step % probe_every == 0
         with autocast(device, precision):
-            output = forward(*episode_inputs(batch))
+            hooks.probing = probing
+            try:
+                output = forward(*episode_inputs(batch))
+            finally:
+                hooks.probing = False
             terms = model.loss(output, training_batch(batch, boundary))
             loss = total_loss(terms)
+        readings = hooks.readings() if probing else None
         recipe.optimizer.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
             scaler.unscale_(recipe.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)          # the norm, clipped only if the recipe asks
+        grad_norm, group_norms = clip_gradients(recipe.optimizer, params, clip)  # clipped only where asked
         if scaler is not None:                     # fp16: inf gradients are overflow; the scaler skips those steps
             grad_norm = grad_norm.new_zeros(())
         if not guard.check(loss.detach(), grad_norm, epoch, step, dist):
@@ -170,11 +213,15 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
         if recipe.scheduler is not None:
             recipe.scheduler.step()
         with torch.no_grad():
-            meter.update(model.segment(output), batch['query_mask'], batch['class_id'], loss.detach())
+            pred = model.segment(output)
+            meter.update(pred, batch['query_mask'], batch['class_id'], loss.detach())
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0) + value.detach() * batch['class_id'].numel()
         if on_step is not None:
             on_step(step, loss, terms)
+        if probing:
+            readings.update({f'grad_norm_{name}': float(norm) for name, norm in group_norms.items()})
+            on_probe(step, probe_readings(pred, batch, readings))
     meter.all_reduce(dist)
     if not meter.loss_n:
         return {'loss': None, 'miou': float('nan'), 'fbiou': float('nan'), 'dice': float('nan')}

@@ -84,6 +84,8 @@ def _test(args, cls, split: str, dist, device_name: str) -> dict:
             warnings.warn(message, UserWarning, stacklevel=1)
             log.info(f'warning: {message}')
         plugin = plugin_record(model)
+        if plugin is not None and (ckpt.get('plugin') or {}).get('optimizer'):
+            plugin['optimizer'] = ckpt['plugin']['optimizer']         # the group as training built it
         # every comparability choice behind the numbers (None: does not apply to this run); see README,
         # "Comparing with published numbers"
         conventions = {

@@ -20,6 +20,7 @@ from common.utils import configure_backends, resolve_device, rng_state, seed_eve
 from data import FixedEpisodes, TrainingEpisodes, build_dataset, build_loader, dataset_class, dataset_options
 from engine.factory import build_model, checkpoint_model_state, method_options, plugin_record, strip_plugin_keys
 from engine.figures import episode_figure, figure_array
+from engine.health import HealthLog
 from engine.loops import NonFiniteGuard, evaluate, override_recipe, train_epoch
 from model import method_class
 
@@ -169,7 +170,12 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
         result = model.load_state_dict(ckpt['model'], strict=not rebuild)
         if rebuild and result.unexpected_keys:
             raise UserError(f'{logpath_of(config)}/last.pt does not fit this model: {result.unexpected_keys[:3]}')
-        recipe.optimizer.load_state_dict(ckpt['optimizer'])
+        try:
+            recipe.optimizer.load_state_dict(ckpt['optimizer'])
+        except ValueError as err:                       # groups of another count or size
+            raise UserError(f'{logpath_of(config)}/last.pt holds optimizer state that does not fit the optimizer '
+                            f'groups this version builds ({err}); it was written by an older version (before '
+                            'CD-TG had its own optimiser group?) and cannot be resumed: start a new --logpath') from err
         if recipe.scheduler is not None and ckpt.get('scheduler') is not None:
             recipe.scheduler.load_state_dict(ckpt['scheduler'])
         if scaler is not None and ckpt.get('scaler') is not None:
@@ -186,7 +192,7 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
              f'{train_set.describe()}')
     if plugin:
         log.info(f'CD-TG plug-in ({plugin["parameters"]:,} learnable parameters): {plugin["config"]}, text encoder '
-                 f'{plugin["text_encoder"]}, reading {plugin["reading"]}')
+                 f'{plugin["text_encoder"]}, reading {plugin["reading"]}, optimiser group {plugin["optimizer"]}')
     log.info(f'model selection on {val_set.describe()}')
     if ckpt is None and config['bn_calibration'] > 0:
         log.info(f'backbone BatchNorm statistics re-estimated on {config["bn_calibration"]} source training images')
@@ -232,6 +238,11 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
         if every and (step + 1) % every == 0 and step + 1 < steps_per_epoch and dist.main:
             save_checkpoint(checkpoint(epoch, (epoch, step + 1), last_val), logpath_of(config) / 'last.pt')
 
+    health = HealthLog(log, model.hooks, logpath_of(config) if dist.main else None)
+
+    def on_probe(step: int, readings: dict) -> None:
+        health.record(epoch * steps_per_epoch + step, epoch, readings)
+
     history = []
     for epoch in range(start_epoch, config['epochs']):
         first = start_step if epoch == start_epoch else 0
@@ -241,7 +252,8 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
         trn = train_epoch(model, train_loader, recipe, device, train_set.class_names, desc=f'epoch {epoch} train',
                           on_step=on_step, seed=config['seed'], epoch=epoch, start_step=first, guard=guard,
                           forward=forward, dist=dist, precision=precision, scaler=scaler,
-                          boundary=config.get('train_boundary', 'ignore'))   # older runs left 255 out of the loss
+                          boundary=config.get('train_boundary', 'ignore'),   # older runs left 255 out of the loss
+                          probe_every=config['log_every'] if dist.main else 0, on_probe=on_probe)
         model.hooks.bind(val_set.name, val_set.class_names)
         val, kept = evaluate(model, val_loader, device, val_set.class_names, desc=f'epoch {epoch} val', dist=dist,
                              precision=precision, keep_predictions=config.get('tb_images', 0))

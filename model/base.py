@@ -253,7 +253,27 @@ class Hooks(nn.Module):
     `encode` calls `query_features` and `support_features` on the backbone taps; methods with prototypes call
     `prototypes` on them before using them. A plug-in sizes its modules from the host's `feature_channels` /
     `feature_levels`, which describe the maps passed to `prototypes` (prototype hosts) or the taps (feature hosts).
+    Its parameters train in optimiser groups it defines (`optimizer_groups`), which every host's recipe adds; the
+    training loop can ask it for health readings (`probing`, `readings`, `check_health`).
     """
+
+    #: True during the training forwards whose health the loop reads (every --log-every steps).
+    probing: bool = False
+
+    def optimizer_groups(self, host_lr: float, adaptive: bool) -> list[dict]:
+        r"""Optimiser parameter groups of the plug-in's trainable parameters, given the host's base learning rate and
+        whether its optimizer is adaptive (Adam) or SGD. Keys besides torch's: 'max_grad_norm' (a gradient-norm clip
+        of the group's own, engine/loops.py) and 'name'. Default: one group with the host optimizer's defaults."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{'params': params, 'name': 'plugin'}] if params else []
+
+    def readings(self) -> dict:
+        r"""Health readings of the forwards run while `probing` was on, since the last call (none by default)."""
+        return {}
+
+    def check_health(self, readings: dict, step: int) -> list[str]:
+        r"""Warnings about a run's health from its readings at training step `step` (none by default)."""
+        return []
 
     def bind(self, benchmark: str, class_names: list[str]) -> None:
         r"""Called before running episodes of `benchmark`, whose `class_id`s index `class_names`."""
@@ -448,10 +468,24 @@ class FewShotSegmenter(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def host_parameters(self) -> list[nn.Parameter]:
+        r"""The trainable parameters of the method itself, without the plug-in's (which train in its own groups)."""
+        plugin = {id(p) for p in self.hooks.parameters()}
+        return [p for p in self.trainable_parameters() if id(p) not in plugin]
+
+    def param_groups(self, host_groups: list[dict], lr: float, adaptive: bool) -> list[dict]:
+        r"""A recipe's optimizer groups: the method's own (over `host_parameters`), then the plug-in's
+        (`Hooks.optimizer_groups`, given the recipe's base learning rate `lr` and whether its optimizer is `adaptive`
+        (Adam) or SGD). Every recipe builds its optimizer from this, so a plug-in trains by its own settings under
+        any host's optimizer and schedule."""
+        return [g for g in host_groups if g['params']] + self.hooks.optimizer_groups(lr, adaptive)
+
     def configure_optimizers(self, lr: float | None = None, total_steps: int = 1) -> Recipe:
-        r"""The paper's training recipe. Default (HSNet, PATNet): Adam over every trainable parameter, constant LR
-        (`default_lr` unless `lr` is given)."""
-        return Recipe(torch.optim.Adam(self.trainable_parameters(), lr=lr or self.default_lr))
+        r"""The paper's training recipe. Default (HSNet, PATNet): Adam over the method's trainable parameters,
+        constant LR (`default_lr` unless `lr` is given), plus the plug-in's own group."""
+        lr = lr or self.default_lr
+        return Recipe(torch.optim.Adam(self.param_groups([{'params': self.host_parameters()}], lr, adaptive=True),
+                                       lr=lr))
 
     # --- test-time adaptation ---------------------------------------------------------------------------------
     def set_test_time(self, finetune_steps: int | None = None, finetune_lr: float | None = None) -> None:

@@ -149,11 +149,12 @@ class IFA(FewShotSegmenter):
         return terms
 
     def configure_optimizers(self, lr: float | None = None, total_steps: int = 1) -> Recipe:
-        r"""SGD (lr 1e-3, momentum 0.9, weight decay 5e-4) over layer2/layer3 (and a plug-in's parameters), lr ÷10
+        r"""SGD (lr 1e-3, momentum 0.9, weight decay 5e-4) over layer2/layer3 (a plug-in in its own group), lr ÷10
         twice (`milestones`); the scheduler is stepped after every optimizer step, so a drop at step s takes effect
         from step s on, as the reference's `if iters in lr_decay_iters`."""
-        optimizer = torch.optim.SGD(self.trainable_parameters(), lr=lr or self.default_lr, momentum=SGD_MOMENTUM,
-                                    weight_decay=SGD_WEIGHT_DECAY)
+        lr = lr or self.default_lr
+        optimizer = torch.optim.SGD(self.param_groups([{'params': self.host_parameters()}], lr, adaptive=False),
+                                    lr=lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY)
         if self.options.milestones == 'thirds':
             milestones = sorted({max(total_steps // 3, 1), max(2 * total_steps // 3, 1)})
         else:

@@ -276,17 +276,19 @@ class PMMs(FewShotSegmenter):
 
     def configure_optimizers(self, lr: float | None = None, total_steps: int = 1) -> Recipe:
         r"""The reference's SGD (momentum 0.9, weight decay 5e-4 on every group) with four parameter groups: backbone
-        weights ×1, backbone biases ×2, other weights ×10, other biases ×20 (plug-in parameters count as new
-        layers); poly LR decay (power 0.9) over `total_steps`, stepped after every optimizer step."""
+        weights ×1, backbone biases ×2, other weights ×10, other biases ×20 (a plug-in adds its own group, relative
+        to the ×1 base rate); poly LR decay (power 0.9) over `total_steps`, stepped after every optimizer step."""
         lr = lr or self.default_lr
         backbone = {id(p) for p in self.backbone.parameters()}
+        host = {id(p) for p in self.host_parameters()}
         groups = {key: [] for key in LR_MULT}
         for name, p in self.named_parameters():
-            if p.requires_grad:
+            if id(p) in host:
                 kind = 'bias' if name.endswith('bias') else 'weight'
                 groups[('backbone_' if id(p) in backbone else '') + kind].append(p)
-        param_groups = [{'params': ps, 'lr': lr * LR_MULT[key], 'name': key} for key, ps in groups.items() if ps]
-        optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        param_groups = [{'params': ps, 'lr': lr * LR_MULT[key], 'name': key} for key, ps in groups.items()]
+        optimizer = torch.optim.SGD(self.param_groups(param_groups, lr, adaptive=False), lr=lr, momentum=MOMENTUM,
+                                    weight_decay=WEIGHT_DECAY)
         return Recipe(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total_steps)))
 
 

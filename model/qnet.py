@@ -239,8 +239,9 @@ class QNet(FewShotSegmenter):
     def configure_optimizers(self, lr: float | None = None, total_steps: int = 1) -> Recipe:
         r"""The reference's SGD (lr 1e-3, momentum 0.9, weight decay 5e-4) on every trainable parameter; the LR is
         multiplied by 0.98 every 1000 steps (milestones 1000, 2000, ... below `total_steps`), stepped per step."""
-        optimizer = torch.optim.SGD(self.trainable_parameters(), lr=lr or self.default_lr, momentum=MOMENTUM,
-                                    weight_decay=WEIGHT_DECAY)
+        lr = lr or self.default_lr
+        optimizer = torch.optim.SGD(self.param_groups([{'params': self.host_parameters()}], lr, adaptive=False),
+                                    lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         milestones = list(range(LR_EVERY, max(int(total_steps), 1), LR_EVERY))
         return Recipe(optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=LR_GAMMA))
 

@@ -35,7 +35,7 @@ def cdtg_config(**kw):
 def test_closed_form_attention_equals_multihead_attention_with_repeated_keys():
     torch.manual_seed(0)
     c, d, n, h, w = 16, 12, 2, 3, 5
-    align = TextAlign(d, c, 'paper').double()
+    align = TextAlign(d, c, 'paper', bias='template').double()    # the reference's form
     mha = nn.MultiheadAttention(c, 8).double()                   # sequence-first, as the reference
     with torch.no_grad():
         mha.in_proj_weight[2 * c:] = align.value.weight          # W_q, W_k stay random: they cannot matter
@@ -81,14 +81,16 @@ class _Bound(CDTG):
         self.benchmark, self.class_names = 'fake', [f'c{i}' for i in range(n_classes)]
 
 
-@pytest.mark.parametrize('n_protos, per_episode, with_bg', [(1, False, True), (3, False, True), (3, True, True),
-                                                         (1, True, False)])
-def test_prototype_fusion_maths_float64(n_protos, per_episode, with_bg):
+@pytest.mark.parametrize('n_protos, per_episode, with_bg, bias', [(1, False, True, 'bounded'),
+                                                               (3, False, True, 'template'),
+                                                               (3, True, True, 'bounded'), (1, True, False, 'bounded')])
+def test_prototype_fusion_maths_float64(n_protos, per_episode, with_bg, bias):
     r"""Prototype sets [N,P,C]: per support (N = B*K, PATNet) or already averaged over shots (N = B, Q-Net/IFA),
     P >= 1 prototypes per set (PMMs' mixtures), no background set (Q-Net): every prototype of a set moves towards
-    the same text prototype, FP_p <- 0.7 FP_p + 0.3 FP_t, with FP_t averaged over the shots for per-episode sets."""
+    the same text prototype, FP_p <- 0.7 FP_p + 0.3 FP_t, with FP_t averaged over the shots for per-episode sets;
+    each text encoded as its row of the whole table (bounded: less what the rows share)."""
     torch.manual_seed(0)
-    cfg = CDTGConfig(clip_weights='none', alpha=0.7, style_aug=False)
+    cfg = CDTGConfig(clip_weights='none', alpha=0.7, style_aug=False, text_bias=bias)
     plugin = _Bound([8, 8, 16], [2, 2, 3], 'prototypes', cfg).double().eval()
     b, k = 2, 2
     feats = [torch.randn(b * k, 8, 6, 6, dtype=torch.float64), torch.randn(b * k, 8, 6, 6, dtype=torch.float64),
@@ -102,12 +104,13 @@ def test_prototype_fusion_maths_float64(n_protos, per_episode, with_bg):
     for i, f in enumerate(feats):
         level = plugin.tap_level[i]
         align = plugin.align[level]
-        cls_text = plugin.text_table[[2, 2, 0, 0]]                # supports follow their episode's class
-        bg_text = plugin.text_table[[3, 3, 3, 3]]                 # last row = background
-        m = resize_mask(masks, f.shape[-2:])                     # [B*K,1,h,w]
+        table = align.encode_table(plugin.text_table, plugin.text_mask)
+        cls_text = table[[2, 2, 0, 0]]                            # supports follow their episode's class
+        bg_text = table[[3, 3, 3, 3]]                             # last row = background
+        m = resize_mask(masks, f.shape[-2:]).double()            # [B*K,1,h,w], summed in float64
         # MAP with the reference plug-in's epsilon (generate_prototype: Σ F·m / (Σ m + 1e-6)), as PATNet's
-        fp_t = (align(f, cls_text) * m).sum((2, 3)) / (m.sum((2, 3)) + 1e-6)          # [B*K,C]
-        bp_t = (align(f, bg_text) * (1 - m)).sum((2, 3)) / ((1 - m).sum((2, 3)) + 1e-6)
+        fp_t = (align(f, None, encoded=cls_text) * m).sum((2, 3)) / (m.sum((2, 3)) + 1e-6)          # [B*K,C]
+        bp_t = (align(f, None, encoded=bg_text) * (1 - m)).sum((2, 3)) / ((1 - m).sum((2, 3)) + 1e-6)
         if per_episode:
             fp_t, bp_t = (0.5 * (t[0::2] + t[1::2]) for t in (fp_t, bp_t))   # mean of each episode's 2 shots
         assert new_fg[i].shape == fg[i].shape
@@ -125,13 +128,15 @@ def _pool_aligned_map(align, feat, texts, weights, eps=1e-6):
     return [(align(feat, t) * w[:, None]).sum((2, 3)) / (w.sum((1, 2))[:, None] + eps) for t, w in zip(texts, weights)]
 
 
+@pytest.mark.parametrize('bias', ['bounded', 'template'])
 @pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_pooled_alignment_closed_form_equals_pooling_the_aligned_map(dtype, tol):
+def test_pooled_alignment_closed_form_equals_pooling_the_aligned_map(dtype, tol, bias):
     r"""TextAlign.pooled (the paper mode's MAP of LayerNorm(F + u) from F's moments, never forming the map) against
     MAP of the full aligned map in float64; backbone-like features (ReLU outputs, large mean), trained-looking
-    LayerNorm affine parameters, a soft (resized) mask and its complement."""
+    LayerNorm affine parameters, a soft (resized) mask and its complement; both text biases (the bounded u_p scales
+    with each pixel's σ_p)."""
     torch.manual_seed(0)
-    align = TextAlign(12, 64).double()
+    align = TextAlign(12, 64, bias=bias, ratio=0.6).double()
     with torch.no_grad():
         align.norm.weight.normal_(1, 0.3)
         align.norm.bias.normal_(0, 0.3)
@@ -158,12 +163,13 @@ def test_pixel_moments_match_float64_on_channels_last_relu_maps():
     assert torch.allclose(var.double(), var64, rtol=1e-5, atol=1e-5 * var64.mean().item())
 
 
-def test_pooled_alignment_closed_form_has_the_gradient_of_the_aligned_map():
+@pytest.mark.parametrize('bias', ['bounded', 'template'])
+def test_pooled_alignment_closed_form_has_the_gradient_of_the_aligned_map(bias):
     r"""A host that trains the layers below its prototypes (PMMs' fuse layer) back-propagates through `pooled`:
-    the gradients w.r.t. the features, the weights and the alignment's parameters equal those of pooling the
-    explicit aligned map (float64), the moments' terms included."""
+    the gradients w.r.t. the features, the weights and the alignment's parameters (the bounded ratio s included)
+    equal those of pooling the explicit aligned map (float64), the moments' terms included."""
     torch.manual_seed(0)
-    align = TextAlign(6, 16).double()
+    align = TextAlign(6, 16, bias=bias).double()
     with torch.no_grad():
         align.norm.weight.normal_(1, 0.3)
     feat = torch.relu(torch.randn(2, 16, 5, 5, dtype=torch.float64) + 1)
@@ -192,11 +198,11 @@ def test_text_encodings_are_reused_only_while_nothing_changes():
     with torch.no_grad():
         first = plugin._table_encoding(1)
         assert plugin._table_encoding(1) is first                               # reused across calls
-        assert torch.equal(first, align.encode_text(plugin.text_table))
+        assert torch.equal(first, align.encode_table(plugin.text_table, plugin.text_mask))
         align.value.weight.add_(0.5)                                            # as an optimizer step: in place
         second = plugin._table_encoding(1)
         assert not torch.allclose(second, first)
-        assert torch.equal(second, align.encode_text(plugin.text_table))
+        assert torch.equal(second, align.encode_table(plugin.text_table, plugin.text_mask))
         plugin.double()                                                         # converted: recomputed
         assert plugin._table_encoding(1).dtype == torch.float64
         plugin._table_encoding(1)

@@ -179,8 +179,9 @@ def test_cdtg_features_and_background_are_refused_where_they_mean_nothing():
 
 def test_shared_width_alignment_by_hand():
     r"""--cdtg-width W: levels of width C != W go through Linear C -> W, one shared TextAlign(W), Linear W -> C; a
-    level of width W uses the shared module directly. Parameter count and the map, by hand in float64."""
-    cfg = CDTGConfig(clip_weights='none', width=8, style_aug=False)
+    level of width W uses the shared module directly. Parameter count and the map, by hand in float64 (the template's
+    text bias, whose u has a closed form per text)."""
+    cfg = CDTGConfig(clip_weights='none', width=8, style_aug=False, text_bias='template')
     plugin = CDTG([8, 8, 16], [2, 2, 3], 'prototypes', cfg).double()
     d, w = 512, 8
     shared = d * w + w + 2 * (w * w + w) + 2 * (w * w + w) + 2 * w          # proj, MLP, value + out, LayerNorm

@@ -2,10 +2,27 @@ r"""The CD-TG plug-in's command-line flags and the names they choose from, witho
 train.py/test.py -h and argument errors need nothing more)."""
 import argparse
 
+from common.config import bounded
+
 CLIP_MODELS = ('RN50', 'ViT-B-32', 'ViT-B-16')
 ATTN_MODES = ('paper', 'attributes')
-FUSIONS = ('fixed', 'learned')
+FUSIONS = ('fixed', 'learned', 'gated')
 BACKGROUNDS = ('domain', 'generic')
+#: The text bias u(t) of the alignment LayerNorm(F + u): bounded (ours: bias-free text layers, unit direction, a
+#: learned share of each pixel's feature scale) or the reference template's unbounded form.
+TEXT_BIASES = ('bounded', 'template')
+#: Which text the plug-in binds: the descriptions, or one of two controls (seeded random embeddings; each class
+#: described by another class's text).
+TEXT_SOURCES = ('descriptions', 'random', 'shuffled')
+#: The plug-in's own optimiser group (chosen on the synthetic pair, see README "CD-TG's training"): its learning rate
+#: as a multiple of the host's base rate, by the host's optimizer (Adam scales every parameter's step to about the
+#: learning rate whatever its gradient, so the plug-in's ~100x smaller gradients need a ~100x smaller rate there;
+#: SGD's steps follow the gradient, which already makes them small), its decoupled weight decay (AdamW's default) and
+#: its gradient-norm clip (a safety net: its gradient norm is ~1e-3 in normal training).
+LR_SCALES = {'adam': 0.01, 'sgd': 1.0}
+WEIGHT_DECAY, GRAD_CLIP = 0.01, 1.0
+#: Initial share ||u|| / ||F|| of the bounded text bias (it is learned, and never exceeds MAX_TEXT_RATIO).
+TEXT_RATIO, MAX_TEXT_RATIO = 0.3, 1.0
 
 
 def add_args(parser: argparse.ArgumentParser, stage: str) -> None:
@@ -26,7 +43,29 @@ def add_args(parser: argparse.ArgumentParser, stage: str) -> None:
         g.add_argument('--alpha', type=float, default=0.7,
                        help='image weight of the fusion (text: 1 - alpha), 0.7 as the reference code')
         g.add_argument('--fusion', type=str, default='fixed', choices=FUSIONS,
-                       help='fixed alpha, or a learned per-level gate initialised at --alpha')
+                       help='fixed alpha (the paper); learned: a per-level sigmoid gate initialised at --alpha; '
+                            'gated (prototype hosts): FP + g(1-alpha)(FP_t - FP) with a learned per-level g = 0 at '
+                            'start (the host\'s own prototypes), g = 1 being the paper\'s fusion')
+        g.add_argument('--cdtg-text-bias', type=str, default='bounded', choices=TEXT_BIASES,
+                       help='bounded (default, ours): LayerNorm(F + s sigma_F u(t)/rms(u)), bias-free text layers and '
+                            'a learned share s of each pixel\'s feature scale; template: the reference\'s unbounded '
+                            'LayerNorm(F + u(t)) with biases (for reproduction)')
+        bounded(g, '--cdtg-text-ratio', float, TEXT_RATIO, low=0, high=MAX_TEXT_RATIO, low_open=True,
+                help='bounded text bias: initial ||u|| / ||F|| per pixel (learned; never above 1)')
+        g.add_argument('--cdtg-text', type=str, default='descriptions', choices=TEXT_SOURCES,
+                       help='descriptions (default); random: seeded random embeddings instead of the texts; '
+                            'shuffled: each class gets another class\'s description (a seeded derangement) -- the '
+                            'two controls of scripts/ablations/sanity.sh')
+        bounded(g, '--cdtg-lr-scale', float, None, low=0, low_open=True,
+                help="learning rate of the plug-in's own optimiser group, as a multiple of the host's base "
+                     f"learning rate (the host's schedule applies to it too); default {LR_SCALES['adam']:g} on Adam "
+                     f"hosts (hsnet, patnet, dmtnet), {LR_SCALES['sgd']:g} on SGD hosts (pmms, rpmms, qnet, ifa)")
+        bounded(g, '--cdtg-weight-decay', float, WEIGHT_DECAY, low=0,
+                help="decoupled weight decay of the plug-in's group (AdamW-style on Adam hosts; SGD's own decay on "
+                     'SGD hosts)')
+        bounded(g, '--cdtg-grad-clip', float, GRAD_CLIP, low=0,
+                help="clip the gradient norm of the plug-in's parameters to this, before the host's own clipping "
+                     '(0 = off)')
         g.add_argument('--cdtg-features', action='store_true',
                        help='prototype hosts: also feed the text-aligned maps alpha F + (1-alpha) A(F) into the '
                             'host\'s matching (the paper\'s framework figure; default: only prototypes are '

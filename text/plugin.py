@@ -39,20 +39,25 @@ from model.base import EpisodeContext, Hooks
 from model.layers import masked_average_pooling, resized_masks
 from text.descriptions import Descriptions, load_description_file, load_descriptions
 from text.encoder import CLIP_MODELS, ClipTextEncoder, TextBank, identity_mismatch
-from text.flags import ATTN_MODES, BACKGROUNDS, FUSIONS, add_args
+from text.flags import (ATTN_MODES, BACKGROUNDS, FUSIONS, GRAD_CLIP, LR_SCALES, MAX_TEXT_RATIO, TEXT_BIASES,
+                        TEXT_RATIO, TEXT_SOURCES, WEIGHT_DECAY, add_args)
 
 TEXT_DIMS = {'RN50': 1024, 'ViT-B-32': 512, 'ViT-B-16': 512}
 #: MAP(F, m) = Σ F·m / (Σ m + ε): the reference plug-in's `generate_prototype` and PATNet both use 1e-6.
 MAP_EPS = 1e-6
 #: The reference's single background caption for every dataset (Lilacis/CD_TG clip_prompts/background.json), used
 #: with `--cdtg-background generic`.
+#: Health probes read this many supports of a batch.
+PROBE_SUPPORTS = 4
+#: `check_health` warns when the text prototypes of two classes stay this alike (cosine) for this many steps.
+ALIKE_COS, ALIKE_STEPS = 0.99, 100
 GENERIC_BACKGROUND = ('A photo of the background, representing regions without specific anatomical structures or '
                       'target objects, often appearing uniform or low-textured.')
 
 
 @dataclass
 class CDTGConfig:
-    r"""Everything that defines the plug-in (saved in checkpoints)."""
+    r"""Everything that defines the plug-in (saved in checkpoints): its form, its text, and its optimiser group."""
     clip: str = 'ViT-B-32'
     clip_weights: str = 'openai'
     attn: str = 'paper'
@@ -67,6 +72,12 @@ class CDTGConfig:
     width: int | None = None
     background: str = 'domain'
     descriptions: str | None = None
+    text_bias: str = 'bounded'
+    text_ratio: float = TEXT_RATIO
+    text: str = 'descriptions'
+    lr_scale: float | None = None                  # None: by the host's optimizer (LR_SCALES)
+    weight_decay: float = WEIGHT_DECAY
+    grad_clip: float = GRAD_CLIP
 
     def validate(self) -> 'CDTGConfig':
         if self.clip not in CLIP_MODELS:
@@ -86,6 +97,21 @@ class CDTGConfig:
             raise UserError(f'--cdtg-width must be a multiple of 8 (the attention heads), e.g. 512 (got {self.width})')
         if self.background not in BACKGROUNDS:
             raise UserError(f'--cdtg-background {self.background!r}: choose one of {", ".join(BACKGROUNDS)}')
+        if self.text_bias not in TEXT_BIASES:
+            raise UserError(f'--cdtg-text-bias {self.text_bias!r}: choose one of {", ".join(TEXT_BIASES)}')
+        if not 0.0 < self.text_ratio < MAX_TEXT_RATIO:
+            raise UserError(f'--cdtg-text-ratio must lie in (0, {MAX_TEXT_RATIO:g}) (got {self.text_ratio})')
+        if self.text not in TEXT_SOURCES:
+            raise UserError(f'--cdtg-text {self.text!r}: choose one of {", ".join(TEXT_SOURCES)}')
+        if self.text == 'random' and self.text_lora:
+            raise UserError('--cdtg-text random replaces the text embeddings, so --text-lora would train adapters '
+                            'that nothing reads; use one of them')
+        if self.lr_scale is not None and not (self.lr_scale > 0 and math.isfinite(self.lr_scale)):
+            raise UserError(f'--cdtg-lr-scale must be a finite number > 0 (got {self.lr_scale})')
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UserError(f'--cdtg-weight-decay must be a finite number >= 0 (got {self.weight_decay})')
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise UserError(f'--cdtg-grad-clip must be a finite number >= 0, 0 = off (got {self.grad_clip})')
         return self
 
     def to_dict(self) -> dict:
@@ -93,51 +119,109 @@ class CDTGConfig:
 
 
 class TextAlign(nn.Module):
-    r"""Aligns a feature map [N,C,h,w] with text, per pixel: LayerNorm_C(F + attention(F, text)).
+    r"""Aligns a feature map [N,C,h,w] with text, per pixel: LayerNorm_C(F + u), u the text term.
 
     mode 'paper': the reference design (MLP d->d->d on the text, then MultiheadAttention(d, 8) with the pixels as
         queries and the same text vector repeated at every position as keys and values). With identical keys the
-        attention weights are uniform, so the output is exactly LayerNorm(F + u(t)), u(t) = W_o(W_v·MLP(t) + b_v) + b_o,
+        attention weights are uniform, so the term is one vector per text, u(t) = W_o(W_v·MLP(t) + b_v) + b_o,
         computed here in that closed form (W_q, W_k would receive zero gradient and are not created).
     mode 'attributes': real cross-attention of every pixel over the class's caption and attribute sentences.
     The text embedding is first projected to the level's width C.
+
+    bias 'bounded' (default, our deviation from the template): the text layers have no biases, so the text is the
+    only source of u (the template's biases give every class nearly the same u); u keeps only its direction
+    û = (u - mean_c u) / rms_c(u - mean_c u), and each pixel p gets u_p = s·σ_p·û with σ_p = sqrt(var_c F_p + ε_LN)
+    the scale LayerNorm divides that pixel by, and s = MAX_TEXT_RATIO·sigmoid(θ) learned (initialised at `ratio`).
+    So ||u_p|| / ||F_p - mean|| = s <= 1 at every pixel whatever the weights do, and LayerNorm(F + u) can never
+    become LayerNorm(u) (the template's u grew to 10^4 x F under Adam). bias 'template': the reference's unbounded
+    form, for reproduction.
     """
 
-    def __init__(self, text_dim: int, channels: int, mode: str = 'paper', heads: int = 8):
+    def __init__(self, text_dim: int, channels: int, mode: str = 'paper', heads: int = 8, bias: str = 'bounded',
+                 ratio: float = TEXT_RATIO):
         super().__init__()
-        self.mode = mode
-        self.proj = nn.Linear(text_dim, channels)
-        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels))
+        self.mode, self.bounded = mode, bias == 'bounded'
+        with_bias = not self.bounded
+        self.proj = nn.Linear(text_dim, channels, bias=with_bias)
+        self.mlp = nn.Sequential(nn.Linear(channels, channels, bias=with_bias), nn.ReLU(),
+                                 nn.Linear(channels, channels, bias=with_bias))
         if mode == 'paper':
-            self.value = nn.Linear(channels, channels)
-            self.out = nn.Linear(channels, channels)
+            self.value = nn.Linear(channels, channels, bias=with_bias)
+            self.out = nn.Linear(channels, channels, bias=with_bias)
         else:
-            self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+            self.attn = nn.MultiheadAttention(channels, heads, batch_first=True, bias=with_bias)
         self.norm = nn.LayerNorm(channels)
+        if self.bounded:
+            if not 0 < ratio < MAX_TEXT_RATIO:
+                raise ValueError(f'the initial text ratio must lie in (0, {MAX_TEXT_RATIO}), got {ratio}')
+            self.ratio_logit = nn.Parameter(torch.tensor(math.log(ratio / (MAX_TEXT_RATIO - ratio))))
+
+    def ratio(self) -> torch.Tensor:
+        r"""s, the bounded text term's share of each pixel's feature scale (in (0, MAX_TEXT_RATIO))."""
+        return MAX_TEXT_RATIO * torch.sigmoid(self.ratio_logit)
 
     def text_bias(self, text: torch.Tensor) -> torch.Tensor:
-        r"""u(t) for the paper mode: [N,D] -> [N,C]."""
-        return self.out(self.value(self.mlp(self.proj(text))))
+        r"""The paper mode's text vector [N,D] -> [N,C]: u(t) (template) or its unit direction û(t) (bounded)."""
+        u = self.out(self.value(self.mlp(self.proj(text))))
+        return _unit_rms(u) if self.bounded else u
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        r"""What `align_tokens` needs of the text [N,T,D]: u(t) [N,C] (paper mode, from text[:, 0]) or the keys
+        r"""What `align_tokens` needs of the text [N,T,D]: `text_bias` [N,C] (paper mode, from text[:, 0]) or the keys
         [N,T,C] (attributes mode). It depends on the text only, so the taps of one level (and, in a shared space,
         every level) compute it once: for 2048-d maps it reads ~68 MB of weights, more than aligning a tap costs."""
         if self.mode == 'paper':
             return self.text_bias(text[:, 0])
         return self.mlp(self.proj(text))
 
+    def encode_table(self, table: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        r"""`encode_text` of every row of a bound text table [R,T,D] (the classes, then the background; mask [R,T]).
+        Bounded: the part common to all rows is removed, so what is left of a row is what tells its text from the
+        others' (without this, training turns every class's u towards one shared direction, a learned bias again:
+        the cosine between the text prototypes of different classes rose to 1.000 within 50 steps on the synthetic
+        pair). Paper mode: û_r = unit(u(t_r) - mean_r u(t_r)) [R,C]; attributes: the keys [R,T,C] less their mean over
+        every real sentence (the attention's values then share no common part; its weights do not change, as the
+        query-key products all shift by one constant). Template: `encode_text` of each row."""
+        if not self.bounded:
+            return self.encode_text(table)
+        if self.mode == 'paper':
+            u = self.out(self.value(self.mlp(self.proj(table[:, 0]))))
+            return _unit_rms(u - u.mean(dim=0, keepdim=True))
+        keys = self.mlp(self.proj(table))
+        real = mask.unsqueeze(-1).to(keys.dtype)
+        return keys - (keys * real).sum(dim=(0, 1)) / real.sum()
+
+    def text_term(self, x: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        r"""u, what the text adds to the pixels x [N,L,C] before the LayerNorm: [N,1,C] (template paper mode, one
+        vector) or [N,L,C]. `encoded` = `encode_text(text)`, mask [N,T] (True = real sentence)."""
+        if self.mode == 'paper':
+            term = encoded.unsqueeze(1)
+        else:
+            pad = None if mask is None else ~mask
+            term = self.attn(x, encoded, encoded, key_padding_mask=pad, need_weights=False)[0]
+            term = _unit_rms(term) if self.bounded else term
+        if self.bounded:
+            term = term * (self.ratio() * _pixel_scale(x, self.norm.eps))            # s·σ_p·û
+        return term
+
     def align_tokens(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None,
                      encoded: torch.Tensor | None = None) -> torch.Tensor:
         r"""x [N,L,C] (pixels as tokens); text [N,T,D] with mask [N,T] (True = real sentence) -> [N,L,C].
         `encoded`: `encode_text(text)` if the caller already has it."""
         encoded = self.encode_text(text) if encoded is None else encoded
-        if self.mode == 'paper':
-            x = x + encoded.unsqueeze(1)
-        else:
-            pad = None if mask is None else ~mask
-            x = x + self.attn(x, encoded, encoded, key_padding_mask=pad, need_weights=False)[0]
-        return self.norm(x)
+        return self.norm(x + self.text_term(x, encoded, mask))
+
+    def text_ratio(self, x: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+        r"""||u|| / ||F|| over the pixels x [N,L,C] as LayerNorm sees them: sqrt(Σ_p ||u_p - mean_c u_p||²) /
+        sqrt(Σ_p C (var_c x_p + ε_LN)) (the mean over the channels is what LayerNorm removes). The bounded term gives
+        exactly s; the template's grows without limit when training drives it (a health reading)."""
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            x = x.to(dtype)
+            term = self.text_term(x, encoded.to(dtype), mask).to(dtype)
+            term = term - term.mean(dim=-1, keepdim=True)
+            num = term.pow(2).sum(dim=-1).expand(x.shape[:2]).sum()
+            den = (x.var(dim=-1, correction=0) + self.norm.eps).sum() * x.shape[-1]
+        return float((num / den).sqrt())
 
     def forward(self, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None,
                 encoded: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,9 +234,11 @@ class TextAlign(nn.Module):
                eps: float, encoded: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         r"""MAP(A(F, t_i), w_i) = Σ_p w_p A(F,t)_p / (Σ_p w_p + eps) for the paper mode, without forming A(F).
 
-        With x_p = F_p + u (u = `text_bias(t)`), LayerNorm's per-pixel moments follow from F's and u's:
-        μ_p = mean_c F_p + ū, σ²_p = var_c F_p + var u + 2 cov_c(F_p, u); then with a_p = w_p / sqrt(σ²_p + ε_LN)
-            Σ_p w_p LN(x_p) = γ ⊙ (Σ_p a_p F_p + u Σ_p a_p − Σ_p a_p μ_p) + β Σ_p w_p.
+        The term is u_p = k_p·v with one vector v per text: k_p = 1, v = u (template) or k_p = s·σ_p, v = û
+        (bounded). With x_p = F_p + k_p v, LayerNorm's per-pixel moments follow from F's and v's:
+        μ_p = mean_c F_p + k_p v̄, σ²_p = var_c F_p + k_p² var v + 2 k_p cov_c(F_p, v); then with
+        a_p = w_p / sqrt(σ²_p + ε_LN)
+            Σ_p w_p LN(x_p) = γ ⊙ (Σ_p a_p F_p + v Σ_p a_p k_p − Σ_p a_p μ_p) + β Σ_p w_p.
         F is only read, four times whatever the number of texts T: two moment reductions, one product for the T
         covariances and one for the T poolings (instead of building, transposing and normalising a full [N,hw,C] map
         per text).
@@ -165,18 +251,38 @@ class TextAlign(nn.Module):
             var_f, mean_f = _pixel_moments(f)                                               # [N,1,L]
             if encoded is None:
                 encoded = [self.text_bias(text[:, 0]) for text in texts]
-            u = torch.stack([e.to(f.dtype) for e in encoded], dim=1)                         # [N,T,C]
+            v = torch.stack([e.to(f.dtype) for e in encoded], dim=1)                         # [N,T,C]
             w = torch.stack([x.flatten(1).to(f.dtype) for x in weights], dim=1)              # [N,T,L]
-            u_mean = u.mean(dim=2, keepdim=True)                                             # [N,T,1]
-            u_c = u - u_mean
-            var = (torch.bmm(u_c, f).mul_(2 / f.shape[1]).add_(var_f)
-                   .add_(u_c.pow(2).mean(dim=2, keepdim=True)))                              # [N,T,L]
+            v_mean = v.mean(dim=2, keepdim=True)                                             # [N,T,1]
+            v_c = v - v_mean
+            cov = torch.bmm(v_c, f).div_(f.shape[1])                                         # [N,T,L]
+            var_v = v_c.pow(2).mean(dim=2, keepdim=True)                                     # [N,T,1]
+            if self.bounded:
+                k = (var_f + self.norm.eps).sqrt() * self.ratio().to(f.dtype)                # [N,1,L]
+                var = cov * (2 * k) + var_f + (k * k) * var_v                                 # out of place: k learns
+            else:
+                k = None
+                var = cov.mul_(2).add_(var_f).add_(var_v)
             a = w * var.clamp_min_(0).add_(self.norm.eps).rsqrt_()
+            ak = a if k is None else a * k
             total = w.sum(dim=2, keepdim=True)                                               # [N,T,1]
-            num = (torch.bmm(a, f.transpose(1, 2)) + u * a.sum(dim=2, keepdim=True)
-                   - (a * (mean_f + u_mean)).sum(dim=2, keepdim=True))                      # [N,T,C]
+            num = (torch.bmm(a, f.transpose(1, 2)) + v * ak.sum(dim=2, keepdim=True)
+                   - (a * mean_f + ak * v_mean).sum(dim=2, keepdim=True))                   # [N,T,C]
             out = (self.norm.weight.to(f.dtype) * num + self.norm.bias.to(f.dtype) * total) / (total + eps)
         return list(out.unbind(dim=1))
+
+
+def _unit_rms(u: torch.Tensor) -> torch.Tensor:
+    r"""u centred and scaled to unit root-mean-square over its last (channel) dimension: a direction that carries no
+    scale of its own (zero where u is constant)."""
+    return F.layer_norm(u, u.shape[-1:], eps=1e-12)
+
+
+def _pixel_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    r"""σ_p = sqrt(var_c x_p + eps) of every pixel of x [N,L,C] -> [N,L,1], in float32 at least: the scale
+    LayerNorm divides the pixel by."""
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return (x.var(dim=-1, correction=0, keepdim=True) + eps).sqrt()
 
 
 def _pixel_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +382,9 @@ class CDTG(Hooks):
         if config.background != 'domain' and (plugin_point != 'prototypes' or config.maps):
             raise UserError('--cdtg-background chooses the caption of the background prototype, which only the '
                             'prototype fusion without --cdtg-features uses')
+        if config.fusion == 'gated' and plugin_point == 'features':
+            raise UserError('--fusion gated: on this method the plug-in is already a gated residual that starts as '
+                            'the identity (F + g(1-alpha)(A(F) - F), g = 0 at start); use --fusion fixed')
         levels = sorted(set(feature_levels))
         self.tap_level = [levels.index(lv) for lv in feature_levels]
         widths = [feature_channels[feature_levels.index(lv)] for lv in levels]
@@ -288,17 +397,19 @@ class CDTG(Hooks):
             self.bank = TextBank(config.clip, config.clip_weights, config.text_cache, config.seed)
             text_dim = TEXT_DIMS[config.clip]
         self.identity = self.text_encoder.identity if self.text_encoder is not None else self.bank.identity
+        align = dict(mode=config.attn, bias=config.text_bias, ratio=config.text_ratio)
         if config.width is None:
-            self.align = nn.ModuleList([TextAlign(text_dim, c, config.attn) for c in widths])
+            self.align = nn.ModuleList([TextAlign(text_dim, c, **align) for c in widths])
             self.shared_align = None
         else:
             self.align = nn.ModuleList([LevelProjection(c, config.width) for c in widths])
-            self.shared_align = TextAlign(text_dim, config.width, config.attn)
+            self.shared_align = TextAlign(text_dim, config.width, **align)
         if config.fusion == 'learned':
             logit = math.log(config.alpha / (1 - config.alpha))
             self.alpha_logit = nn.Parameter(torch.full((len(levels),), logit))
-        if plugin_point == 'features':
-            self.gate = nn.Parameter(torch.zeros(len(levels)))
+        # the identity start: feature hosts always, prototype hosts with --fusion gated
+        self.gate = nn.Parameter(torch.zeros(len(levels))) if plugin_point == 'features' or \
+            config.fusion == 'gated' else None
         self.style = MedicalStyle(config.style_strength) if config.style_aug else None
         # a --descriptions file is read (and validated) now; it serves the benchmark it declares
         self.file_descriptions = load_description_file(config.descriptions) if config.descriptions else None
@@ -307,6 +418,10 @@ class CDTG(Hooks):
         self.texts_used: dict[str, dict] = {}
         self._from_file: tuple[str, list[str]] | None = None      # what `bind` bound from a description file
         self._encodings: dict[int, tuple] = {}                      # `_table_encoding`'s reusable results
+        self._group: dict = {}                                       # what `optimizer_groups` built
+        self._probed: dict[int, dict] = {}                          # this probe's readings per level
+        self._alike_since: int | None = None                        # first step of a run of indistinguishable texts
+        self._alike_warned: int | None = None                       # the run already warned about
 
     # --- text -------------------------------------------------------------------------------------------------
     def descriptions_for(self, benchmark: str) -> Descriptions:
@@ -367,20 +482,50 @@ class CDTG(Hooks):
             flat = self.bank.embed([t for g in groups for t in g])
             table = torch.zeros(len(groups), t_max, flat.shape[-1])
             table[mask] = flat
-            self.register_buffer('text_table', table.to(device), persistent=False)
         else:
             tokens = self.text_encoder.tokenize([t for g in groups for t in g])
             table = torch.zeros(len(groups), t_max, tokens.shape[-1], dtype=tokens.dtype)
             table[mask] = tokens
-            self.register_buffer('token_table', table.to(device), persistent=False)
-        self.register_buffer('text_mask', mask.to(device), persistent=False)
-        self.benchmark, self.class_names = key, list(class_names)
         if record is None:
             typed = '\n'.join(t for g in groups for t in g).encode()
             record = {'file': None, 'sha256': hashlib.sha256(typed).hexdigest(), 'source': 'typed', 'texts': groups}
-        self.texts_used[key] = record
+        table, mask, control = self._text_control(key, list(class_names), table, mask)
+        self.register_buffer('text_table' if self.bank is not None else 'token_table', table.to(device),
+                             persistent=False)
+        self.register_buffer('text_mask', mask.to(device), persistent=False)
+        self.benchmark, self.class_names = key, list(class_names)
+        self.texts_used[key] = dict(record, **control)
         self._from_file = None                   # `bind` sets it after this call, a direct call leaves it unset
         self._encodings = {}
+
+    def _text_control(self, key: str, class_names: list[str], table: torch.Tensor,
+                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        r"""`--cdtg-text`: the bound table (rows: classes, then background) as the descriptions give it, or a control:
+        'random' replaces every embedding by a random unit vector (CLIP's embeddings are unit vectors too), 'shuffled'
+        describes class i by the text of class π(i), π a derangement (no class keeps its own text; the background
+        keeps its own). Both are drawn from a generator seeded by (--seed, key), so training and every test of a run
+        use the same control. Returns the table, its mask and what results.json records about the control."""
+        source = self.config.text
+        if source == 'descriptions':
+            return table, mask, {}
+        digest = hashlib.sha256(f'{self.config.seed}:{key}:{source}'.encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little') >> 1)
+        if source == 'random':
+            noise = torch.randn(table.shape, generator=gen, dtype=torch.float64)
+            table = (noise / noise.norm(dim=-1, keepdim=True)).to(table.dtype) * mask[..., None]
+            return table, mask, {'text': 'random', 'note': 'random unit vectors instead of the text embeddings'}
+        n = len(class_names)
+        if n < 2:
+            raise UserError(f'--cdtg-text shuffled describes each class by another class\'s text, but {key} has '
+                            f'{n} class ({", ".join(class_names)}); use --cdtg-text descriptions or random here')
+        while True:
+            perm = torch.randperm(n, generator=gen)
+            if not bool((perm == torch.arange(n)).any()):
+                break
+        rows = torch.cat([perm, torch.arange(n, table.shape[0])])
+        return table[rows], mask[rows], {'text': 'shuffled',
+                                         'described_by': {class_names[i]: class_names[int(perm[i])]
+                                                          for i in range(n)}}
 
     def _apply(self, fn, *args, **kwargs):
         self._encodings = {}                     # .to(), .double(), ...: the parameters may be new tensors
@@ -388,35 +533,32 @@ class CDTG(Hooks):
 
     def _texts(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Embeddings [N,T,D] and mask [N,T] of the given rows of the bound table (last row = background)."""
+        return self._embedded_table()[rows], self.text_mask[rows]
+
+    def _embedded_table(self) -> torch.Tensor:
+        r"""The text embeddings of the whole bound table [R,T,D] (classes, then the background; T sentences per row,
+        `text_mask` says which are real): frozen and cached (`text_table`), or, with LoRA, encoded in the graph."""
         if self.benchmark is None:
             raise RuntimeError('CDTG.bind(benchmark, class_names) must be called before running episodes')
-        mask = self.text_mask[rows]
         if self.bank is not None:
-            return self.text_table[rows], mask
-        # LoRA: encode in the graph, once per distinct row of this batch
-        uniq, inverse = torch.unique(rows, return_inverse=True)
-        m = self.text_mask[uniq]
-        emb = self.text_encoder(self.token_table[uniq][m])                 # [n_sentences, D]
-        table = emb.new_zeros(len(uniq), m.shape[1], emb.shape[-1])
+            return self.text_table
+        m = self.text_mask
+        emb = self.text_encoder(self.token_table[m])                       # [n_sentences, D]
+        table = emb.new_zeros(*m.shape, emb.shape[-1])
         table[m] = emb
-        return table[inverse], mask
+        return table
 
     def class_texts(self, class_id: torch.Tensor):
         return self._texts(class_id.long())
 
     # --- alignment and fusion ---------------------------------------------------------------------------------
-    def aligned(self, level: int, feat: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+    def aligned(self, level: int, feat: torch.Tensor, text: torch.Tensor | None, mask: torch.Tensor,
                 encoded: torch.Tensor | None = None) -> torch.Tensor:
         r"""A(F) of one level: [N,C,h,w] -> [N,C,h,w] (per-level module, or the shared W-d space). `encoded`: the
-        level's `encoded_text(level, text)` if the caller has it (the taps of a level share it)."""
+        rows' encoding (`_encoder_cache`), which the taps of a level share; then `text` is not read."""
         if self.shared_align is None:
             return self.align[level](feat, text, mask, encoded)
         return self.align[level](feat, self.shared_align, text, mask, encoded)
-
-    def encoded_text(self, level: int, text: torch.Tensor) -> torch.Tensor:
-        r"""The text as the level's alignment uses it (`TextAlign.encode_text`; one for all levels in a shared
-        space)."""
-        return self._text_layers(level)[1].encode_text(text)
 
     def _text_layers(self, level: int) -> tuple[int, TextAlign]:
         r"""The `TextAlign` that encodes texts for `level`, and a key naming it (-1: the shared W-d space, which
@@ -424,16 +566,23 @@ class CDTG(Hooks):
         return (level, self.align[level]) if self.shared_align is None else (-1, self.shared_align)
 
     def image_weight(self, level: int):
+        r"""α of `level`: fixed, or a learned sigmoid (--fusion learned)."""
         if self.config.fusion == 'learned':
             return torch.sigmoid(self.alpha_logit[level])
         return self.config.alpha
+
+    def text_weight(self, level: int):
+        r"""w in X' = X + w·(T - X), the text's share of a fused prototype (T = FP_t) or map (T = A(F)): 1 - α, times
+        the gate g where there is one (feature hosts; --fusion gated), which is 0 at the start of training."""
+        w = 1 - self.image_weight(level)
+        return w if self.gate is None else self.gate[level] * w
 
     # --- hooks ------------------------------------------------------------------------------------------------
     def support_features(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> list[torch.Tensor]:
         if self.style is not None:
             feats = self.style(feats)                                      # identity in eval mode
         if self.point == 'features' or self.config.maps:
-            feats = self._mixed(feats, ctx.class_id.repeat_interleave(ctx.nshot))
+            feats = self._mixed(feats, ctx.class_id.repeat_interleave(ctx.nshot), ctx.support_masks)
         return feats
 
     def query_features(self, feats: list[torch.Tensor], ctx: EpisodeContext) -> list[torch.Tensor]:
@@ -441,44 +590,52 @@ class CDTG(Hooks):
             feats = self._mixed(feats, ctx.class_id)
         return feats
 
-    def _mixed(self, feats: list[torch.Tensor], class_id: torch.Tensor) -> list[torch.Tensor]:
-        r"""Maps moved towards their class-text alignment: F + w·(A(F) - F) with w = g·(1-α) (gated, feature
-        hosts) or w = 1-α (α·F + (1-α)·A(F), prototype hosts with --cdtg-features)."""
-        text, mask = self.class_texts(class_id)
+    def _mixed(self, feats: list[torch.Tensor], class_id: torch.Tensor,
+               support_masks: torch.Tensor | None = None) -> list[torch.Tensor]:
+        r"""Maps moved towards their class-text alignment: F + w·(A(F) - F), w = `text_weight` (g·(1-α) on feature
+        hosts; 1-α, i.e. α·F + (1-α)·A(F), on prototype hosts with --cdtg-features). `support_masks`: given for
+        supports, which a training probe reads."""
+        rows = class_id.long()
+        mask = self.text_mask[rows]
         encoded = self._encoder_cache()
+        masks = resized_masks(support_masks, feats) if self.probing and support_masks is not None else None
         out = []
         for i, f in enumerate(feats):
             level = self.tap_level[i]
-            weight = 1 - self.image_weight(level)
-            if self.point == 'features':
-                weight = self.gate[level] * weight
-            u = encoded(level, 'class', class_id.long(), text)
-            out.append(_lerp(f, self.aligned(level, f, text, mask, u), weight))
+            out.append(_lerp(f, self.aligned(level, f, None, mask, encoded(level, rows)), self.text_weight(level)))
+            if masks is not None and level not in self._probed:
+                m = masks[tuple(f.shape[-2:])]
+                with torch.no_grad():                             # FP and FP' pooled from the map before and after
+                    host, fused = (masked_average_pooling(x.float(), m, eps=MAP_EPS)[:, None] for x in (f, out[-1]))
+                self._probe(level, f, m, rows, host, fused, encoded)
         return out
 
-    def _encoder_cache(self) -> Callable[[int, str, torch.Tensor, torch.Tensor], torch.Tensor]:
-        r"""The text encodings of one hook call, `encoded(level, which, rows, text)` = `encoded_text(level, text)`
-        for `text` = rows `rows` of the bound table. The taps of a level (every level, in a shared space) share them:
-        for 2048-d maps the text layers read more weights than aligning a tap costs. With frozen text embeddings
-        they are the rows of the whole table's encoding (`_table_encoding`), which is kept across calls while
-        nothing it depends on changes; with LoRA (texts encoded in the graph) they are computed once per call."""
-        cache: dict[tuple[int, str], torch.Tensor] = {}
-        table = self.bank is not None
+    def _encoder_cache(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        r"""The text encodings of one hook call: `encoded(level, rows)` = rows `rows` of `_table_encoding(level)`.
+        The taps of a level (every level, in a shared space) share one table encoding: for 2048-d maps the text
+        layers read more weights than aligning a tap costs. With frozen text embeddings it is also kept across calls
+        while nothing it depends on changes; with LoRA the table is embedded in the graph once per call."""
+        cache: dict = {}
 
-        def encoded(level: int, which: str, rows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            key = (self._text_layers(level)[0], 'table' if table else which)
+        def encoded(level: int, rows: torch.Tensor) -> torch.Tensor:
+            key = self._text_layers(level)[0]
             if key not in cache:
-                cache[key] = self._table_encoding(level) if table else self.encoded_text(level, text)
-            return cache[key][rows] if table else cache[key]
+                if self.bank is None and 'table' not in cache:
+                    cache['table'] = self._embedded_table()
+                cache[key] = self._table_encoding(level, cache.get('table'))
+            return cache[key][rows]
         return encoded
 
-    def _table_encoding(self, level: int) -> torch.Tensor:
-        r"""`encode_text` of every row of the bound text table (classes, then background) for `level`'s alignment.
-        Without autograd it is computed once and reused until the table is rebound (`bind_texts`), the module is
-        converted or moved (`_apply`), a parameter of the alignment changes in place (an optimizer step,
-        load_state_dict: each bumps the tensor's version) or the autocast state differs; under autograd it is
-        recomputed in the graph at every call."""
+    def _table_encoding(self, level: int, embedded: torch.Tensor | None = None) -> torch.Tensor:
+        r"""`TextAlign.encode_table` of the whole bound table for `level`'s alignment (bounded: each row's direction
+        after the part common to all rows is removed). With frozen embeddings and without autograd it is computed
+        once and reused until the table is rebound (`bind_texts`), the module is converted or moved (`_apply`), a
+        parameter of the alignment changes in place (an optimizer step, load_state_dict: each bumps the tensor's
+        version) or the autocast state differs; under autograd (or with LoRA, from `embedded`) it is computed in
+        the graph at every call."""
         key, module = self._text_layers(level)
+        if self.bank is None:
+            return module.encode_table(self._embedded_table() if embedded is None else embedded, self.text_mask)
         params = list(module.parameters())
         device = self.text_table.device.type
         stamp = (tuple((p.data_ptr(), p._version, p.dtype) for p in params),
@@ -487,7 +644,7 @@ class CDTG(Hooks):
         cached = self._encodings.get(key)
         if not grad and cached is not None and cached[0] == stamp:
             return cached[1]
-        table = module.encode_text(self.text_table)
+        table = module.encode_table(self.text_table, self.text_mask)
         if not grad:
             self._encodings[key] = (stamp, table)
         return table
@@ -498,10 +655,11 @@ class CDTG(Hooks):
 
         Per level: FP_t = MAP(A(F_s, class text), m), BP_t = MAP(A(F_s, background text), 1 - m) per support
         [B*K,C]; averaged over the K shots when the host's sets are per episode (N = B); then every prototype of a
-        set is fused with its text prototype: FP_p <- α FP_p + (1 - α) FP_t for p = 1..P (PMMs' mixture components
-        each move towards the same text prototype), and likewise BP_p with BP_t. A host without background
-        prototypes (bg None) keeps None. With --cdtg-features the host pooled its prototypes from the aligned maps,
-        which already makes them the fused ones (see the module docstring): nothing changes here.
+        set is fused with its text prototype: FP_p <- FP_p + w (FP_t - FP_p) for p = 1..P, w = `text_weight` (1 - α:
+        FP_p <- α FP_p + (1 - α) FP_t; PMMs' mixture components each move towards the same text prototype), and
+        likewise BP_p with BP_t. A host without background prototypes (bg None) keeps None. With --cdtg-features the
+        host pooled its prototypes from the aligned maps, which already makes them the fused ones (see the module
+        docstring): nothing changes here.
         """
         if self.point != 'prototypes' or self.config.maps:
             return fg, bg
@@ -509,31 +667,98 @@ class CDTG(Hooks):
         k = ctx.nshot
         cls_rows = ctx.class_id.long().repeat_interleave(k)                            # per support
         bg_rows = torch.full((n,), len(self.class_names), dtype=torch.long, device=feats[0].device)
-        cls_text, cls_mask = self._texts(cls_rows)
-        bg_text, bg_mask = self._texts(bg_rows)
-        closed_form = self.config.attn == 'paper' and self.shared_align is None
+        text_masks = [self.text_mask[cls_rows], self.text_mask[bg_rows]]
         encoded = self._encoder_cache()
         masks = resized_masks(ctx.support_masks, feats)       # the support masks at each tap size, resized once
         new_fg, new_bg = [], []
         for i, f in enumerate(feats):
             level = self.tap_level[i]
-            a = self.image_weight(level)
+            w = self.text_weight(level)
             m = masks[tuple(f.shape[-2:])]
             use_bg = bg[i] is not None
-            u_cls = encoded(level, 'class', cls_rows, cls_text)
-            u_bg = encoded(level, 'background', bg_rows, bg_text) if use_bg else None
-            if closed_form:                                   # MAP of the aligned maps without forming them
-                texts, weights, us = ([cls_text, bg_text], [m, 1 - m], [u_cls, u_bg]) if use_bg else \
-                    ([cls_text], [m], [u_cls])
-                pooled = self.align[level].pooled(f, texts, weights, MAP_EPS, us)
-            else:
-                pooled = [masked_average_pooling(self.aligned(level, f, cls_text, cls_mask, u_cls), m, eps=MAP_EPS)]
-                if use_bg:
-                    pooled.append(masked_average_pooling(self.aligned(level, f, bg_text, bg_mask, u_bg), 1 - m,
-                                                         eps=MAP_EPS))
-            new_fg.append(a * fg[i] + (1 - a) * _per_set(pooled[0], fg[i], k))             # FP_t [B*K,C]
-            new_bg.append(a * bg[i] + (1 - a) * _per_set(pooled[1], bg[i], k) if use_bg else None)
+            weights = [m, 1 - m] if use_bg else [m]
+            us = [encoded(level, rows) for rows in (cls_rows, bg_rows)[:len(weights)]]
+            pooled = self.pooled_texts(level, f, text_masks, weights, us)              # FP_t (, BP_t) [B*K,C]
+            new_fg.append(_lerp(fg[i], _per_set(pooled[0], fg[i], k), w))
+            new_bg.append(_lerp(bg[i], _per_set(pooled[1], bg[i], k), w) if use_bg else None)
+            if self.probing and level not in self._probed:
+                self._probe(level, f, m, cls_rows, fg[i], new_fg[-1], encoded)
         return new_fg, new_bg
+
+    def pooled_texts(self, level: int, feat: torch.Tensor, masks: list[torch.Tensor], weights: list[torch.Tensor],
+                     encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        r"""[MAP(A(F, t_i), w_i) for each text i] [N,C] each: texts given by their encodings (`_encoder_cache`) and
+        sentence masks [N,T], weights [N,1,h,w] at the map's size; in closed form (`TextAlign.pooled`) for the paper
+        attention of a per-level module, else by aligning the map once per text."""
+        if self.config.attn == 'paper' and self.shared_align is None:
+            return self.align[level].pooled(feat, None, weights, MAP_EPS, encoded)
+        return [masked_average_pooling(self.aligned(level, feat, None, mask, u), w, eps=MAP_EPS)
+                for mask, w, u in zip(masks, weights, encoded)]
+
+    # --- health: what a training probe reads (train.py logs it every --log-every steps) -------------------------
+    def _probe(self, level: int, feat: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, host: torch.Tensor,
+               fused: torch.Tensor, encoded: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+        r"""Readings of one level (no gradient; nothing the training sees is changed): ||u|| / ||F|| on the first
+        `PROBE_SUPPORTS` supports, for their own class text; on the first `PROBE_SUPPORTS` supports whose mask has
+        foreground and background at this map size, the text prototypes of every bound class (how alike different
+        classes' text makes them) and cos(FP_t, BP_t) of their own class; cos(FP, FP') of the host's prototypes
+        before and after the plug-in (host, fused [N,P,C], N = supports or episodes; empty prototypes left out)."""
+        with torch.no_grad(), torch.autocast(feat.device.type, enabled=False):
+            reading = {'fp_fused_cos': _mean_cos(host.float(), fused.float()),
+                       'text_weight': float(torch.as_tensor(self.text_weight(level)).detach())}
+            area = mask.flatten(1).sum(dim=1)
+            seen = ((area > 0) & (area < mask[0].numel())).nonzero().flatten()[:PROBE_SUPPORTS]
+            if len(seen):         # supports with foreground and background at this map size (layer4 at 3x3: often not)
+                f, m, own = feat[seen].float(), mask[seen].float(), rows[seen]
+                n, n_cls = len(seen), len(self.class_names)
+                every = [torch.full((n,), r, dtype=torch.long, device=f.device) for r in range(n_cls + 1)]
+                pooled = self.pooled_texts(level, f, [self.text_mask[r] for r in every], [m] * n_cls + [1 - m],
+                                           [encoded(level, r).float() for r in every])
+                tp = F.normalize(torch.stack(pooled[:n_cls], dim=1), dim=-1)            # [n,R,C]
+                mine = tp[torch.arange(n, device=f.device), own]                          # own class text
+                reading['tp_bp_cos'] = float((mine * F.normalize(pooled[n_cls], dim=-1)).sum(dim=-1).mean())
+                if n_cls > 1:
+                    cos = (tp @ tp.transpose(1, 2))[:, ~torch.eye(n_cls, dtype=torch.bool, device=f.device)]
+                    reading['text_proto_cos_max'] = float(cos.amax(dim=1).mean())
+                    reading['text_proto_cos_mean'] = float(cos.mean())
+            tokens = feat[:PROBE_SUPPORTS].float().flatten(2).transpose(1, 2)           # [n,L,C]
+            if self.shared_align is not None:
+                tokens = self.align[level].down(tokens)
+            own = rows[:PROBE_SUPPORTS]
+            reading['u_over_f'] = self._text_layers(level)[1].text_ratio(tokens, encoded(level, own),
+                                                                          self.text_mask[own])
+        self._probed[level] = reading
+
+    def readings(self) -> dict:
+        r"""The last probe's health readings (see README, "CD-TG's training"): per level `u_over_f`, `tp_bp_cos`,
+        `fp_fused_cos`, `text_proto_cos_mean`, `text_weight` (lists, None for a level the probe did not reach), and
+        `text_proto_cos`, the largest cosine between the text prototypes of two different classes (over the levels;
+        per level it is the largest over the class pairs, averaged over the probed supports). Clears them."""
+        probed, self._probed = self._probed, {}
+        if not probed:
+            return {}
+        levels = range(len(self.align))
+        out = {key: [probed.get(lv, {}).get(key) for lv in levels]
+               for key in ('u_over_f', 'text_proto_cos_mean', 'tp_bp_cos', 'fp_fused_cos', 'text_weight')}
+        largest = [r['text_proto_cos_max'] for r in probed.values() if 'text_proto_cos_max' in r]
+        out['text_proto_cos'] = max(largest) if largest else None
+        return out
+
+    def check_health(self, readings: dict, step: int) -> list[str]:
+        r"""A warning once the text prototypes of different classes have been indistinguishable (cos above
+        `ALIKE_COS`) in every reading for `ALIKE_STEPS` steps: the text no longer tells classes apart."""
+        cos = readings.get('text_proto_cos')
+        if cos is None or cos <= ALIKE_COS:
+            self._alike_since = None
+            return []
+        if self._alike_since is None:
+            self._alike_since = step
+        if step - self._alike_since < ALIKE_STEPS or self._alike_warned == self._alike_since:
+            return []
+        self._alike_warned = self._alike_since
+        return [f'CD-TG: the text prototypes of different classes have been indistinguishable since step '
+                f'{self._alike_since} (largest cosine {cos:.4f} > {ALIKE_COS}): the text no longer guides the '
+                'prototypes (see README, "CD-TG\'s training")']
 
     # --- what a result records ----------------------------------------------------------------------------------
     def reading(self) -> dict:
@@ -546,12 +771,47 @@ class CDTG(Hooks):
         else:
             maps = 'code: the host matches its own maps; text prototypes fused into its prototypes'
         uses_background = self.point == 'prototypes' and not self.config.maps
+        if self.config.text_bias == 'bounded':
+            bias = ('bounded (ours): LayerNorm(F + s sigma_F u/rms(u)), bias-free text layers, learned s <= '
+                    f'{MAX_TEXT_RATIO:g} (initially {self.config.text_ratio:g})')
+        else:
+            bias = 'template: LayerNorm(F + u(t)), u unbounded, with biases (the reference)'
+        fusion = {'fixed': '', 'learned': ', learned per level',
+                  'gated': ', gated: FP + g(1-alpha)(FP_t - FP), g learned from 0 (identity start)'}
         return {'maps': maps,
                 'alpha': 'image weight (reference code: FFAttention weight_image 0.7, weight_text 0.3)'
-                         + (', learned per level' if self.config.fusion == 'learned' else ''),
+                         + fusion[self.config.fusion],
+                'text_bias': bias,
+                'text': {'descriptions': 'the class descriptions',
+                         'random': 'control: random unit vectors instead of the text embeddings',
+                         'shuffled': 'control: each class described by another class\'s text'}[self.config.text],
                 'width': 'per level' if self.config.width is None else f'shared {self.config.width}-d',
                 'background': self.config.background if uses_background else 'not used',
                 'map_eps': MAP_EPS}
+
+    # --- training: the plug-in's own optimiser group -------------------------------------------------------------
+    def optimizer_groups(self, host_lr: float, adaptive: bool) -> list[dict]:
+        r"""The plug-in's parameters as one optimiser group of its own, added to the host's optimizer (Adam or SGD,
+        one group or several) by the host's recipe: learning rate `lr_scale` x the host's base rate (default by the
+        host's optimizer, `adaptive` = Adam: LR_SCALES; the host's scheduler scales it like every group), decoupled
+        weight decay (Adam: AdamW's p <- p - lr·wd·p; SGD, which has no adaptive step to decouple from, applies
+        `weight_decay` its own way) and `max_grad_norm`, its own gradient clip (engine/loops.py applies it before the
+        host's). In the host's Adam group its ~168x smaller gradients were normalised into full-size steps and its
+        text bias grew 10^4-fold in 80 steps (README, "CD-TG's training")."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return []
+        scale = self.config.lr_scale if self.config.lr_scale is not None else LR_SCALES['adam' if adaptive else 'sgd']
+        self._group = {'host_lr': float(host_lr), 'optimizer': 'adam' if adaptive else 'sgd', 'lr_scale': scale,
+                       'lr': scale * float(host_lr)}
+        return [{'params': params, 'name': 'cdtg', 'lr': self._group['lr'], 'weight_decay': self.config.weight_decay,
+                 'decoupled_weight_decay': True, 'max_grad_norm': self.config.grad_clip or None}]
+
+    def optimizer_record(self) -> dict:
+        r"""What results.json and checkpoints record about the plug-in's optimiser group (its learning rate once a
+        recipe built it)."""
+        return {'group': 'cdtg', 'lr_scale': self.config.lr_scale, 'weight_decay': self.config.weight_decay,
+                'decoupled_weight_decay': True, 'max_grad_norm': self.config.grad_clip or None, **self._group}
 
     @property
     def num_parameters(self) -> int:
@@ -571,12 +831,14 @@ class CDTG(Hooks):
     def config_keys() -> tuple[str, ...]:
         r"""The run-configuration keys that belong to the plug-in."""
         return ('cdtg', 'clip', 'clip_weights', 'cdtg_attn', 'alpha', 'fusion', 'cdtg_features', 'cdtg_width',
-                'cdtg_background', 'descriptions', 'no_style_aug', 'text_lora', 'text_cache')
+                'cdtg_background', 'descriptions', 'no_style_aug', 'text_lora', 'text_cache', 'cdtg_text_bias',
+                'cdtg_text_ratio', 'cdtg_text', 'cdtg_lr_scale', 'cdtg_weight_decay', 'cdtg_grad_clip')
 
     @classmethod
     def from_config(cls, config: dict, model) -> 'CDTG':
         r"""A plug-in sized for `model` (a FewShotSegmenter) from a run configuration (train.py's flags; keys
-        added since are optional, so older checkpoints rebuild as they were trained)."""
+        added since are optional, so older checkpoints rebuild as they were trained: without `cdtg_text_bias` the
+        text bias is the template's, as it was before the bounded form existed)."""
         point = getattr(model, 'plugin_point', None)
         if point not in ('features', 'prototypes'):
             raise UserError(f'method {type(model).__name__} declares no CD-TG plug-in point')
@@ -585,7 +847,13 @@ class CDTG(Hooks):
                          text_lora=int(config['text_lora']), text_cache=config.get('text_cache'),
                          seed=int(config.get('seed', 0)), maps=bool(config.get('cdtg_features', False)),
                          width=config.get('cdtg_width'), background=config.get('cdtg_background') or 'domain',
-                         descriptions=config.get('descriptions'))
+                         descriptions=config.get('descriptions'),
+                         text_bias=config.get('cdtg_text_bias', 'template'),
+                         text_ratio=float(config.get('cdtg_text_ratio', TEXT_RATIO)),
+                         text=config.get('cdtg_text', 'descriptions'),
+                         lr_scale=config.get('cdtg_lr_scale'),
+                         weight_decay=float(config.get('cdtg_weight_decay', WEIGHT_DECAY)),
+                         grad_clip=float(config.get('cdtg_grad_clip', GRAD_CLIP)))
         return cls(model.feature_channels, model.feature_levels, point, cfg)
 
     @classmethod
@@ -603,8 +871,9 @@ class CDTG(Hooks):
                 continue
             if not has:
                 raise UserError(f'--{key.replace("_", "-")} applies to CD-TG checkpoints only; {path} has no plug-in')
-            if key == 'alpha' and config.get('fusion') == 'learned':
-                raise UserError(f'--alpha cannot override {path}: its fusion weights were learned (--fusion learned)')
+            if key == 'alpha' and config.get('fusion') in ('learned', 'gated'):
+                raise UserError(f'--alpha cannot override {path}: its fusion weights were learned (--fusion '
+                                f'{config["fusion"]})')
             if key == 'alpha' and _plugin_point(config) == 'features':
                 raise UserError(f'--alpha cannot override {path}: on {config["method"]} the plug-in is a learned '
                                 'residual gate F + g(1-alpha)(A(F) - F), so alpha only rescales the learned g and '
@@ -623,7 +892,8 @@ class CDTG(Hooks):
     def record(self) -> dict:
         r"""What a checkpoint (and results.json) records about this plug-in."""
         return {'name': self.name, 'config': self.config.to_dict(), 'text_encoder': self.identity,
-                'reading': self.reading(), 'parameters': self.num_parameters, 'descriptions': dict(self.texts_used)}
+                'reading': self.reading(), 'parameters': self.num_parameters, 'descriptions': dict(self.texts_used),
+                'optimizer': self.optimizer_record()}
 
     def check_record(self, saved: dict | None, path: str) -> None:
         r"""Refuse a checkpoint whose plug-in was trained with another text encoder than the one built now."""
@@ -642,13 +912,22 @@ def _plugin_point(config: dict) -> str | None:
 
 def _lerp(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
     r"""start + weight·(end - start) in one pass (in the promoted dtype: LayerNorm's output is float32 under
-    autocast), written into end's buffer when autograd does not need it."""
+    autocast; exactly `start` at weight 0), written into end's buffer when autograd does not need it and end has the
+    result's shape (a text prototype [N,1,C] fused into P prototypes [N,P,C] does not)."""
     dtype = torch.promote_types(start.dtype, end.dtype)
     start, end = start.to(dtype), end.to(dtype)
     weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or end.shape != start.shape:
         return torch.lerp(start, end, weight)
     return torch.lerp(start, end, weight, out=end)
+
+
+def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    r"""Mean cosine of the rows of a and b [..., C] that are both non-zero (an empty mask pools a zero prototype);
+    None if there is none."""
+    a, b = a.flatten(0, -2), b.flatten(0, -2)
+    keep = (a.norm(dim=-1) > 0) & (b.norm(dim=-1) > 0)
+    return float(F.cosine_similarity(a[keep], b[keep], dim=-1).mean()) if bool(keep.any()) else None
 
 
 def _per_set(text_proto: torch.Tensor, protos: torch.Tensor, nshot: int) -> torch.Tensor:

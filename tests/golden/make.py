@@ -69,6 +69,8 @@ CDTG_CLASSES = ['skin lesion', 'cell nucleus', 'cell cytoplasm', 'lung']
 
 
 def cdtg_config(method: str, cache: str) -> dict:
+    r"""The plug-in as the golden outputs were written: without `cdtg_text_bias`, a configuration means the
+    template's text bias (as every checkpoint written before the bounded form existed)."""
     return {'method': method, 'backbone': 'resnet50', 'cdtg': True, 'clip': 'ViT-B-32', 'clip_weights': 'none',
             'cdtg_attn': 'paper', 'alpha': 0.7, 'fusion': 'fixed', 'no_style_aug': False, 'text_lora': 0,
             'text_cache': cache, 'seed': 0}
