@@ -192,7 +192,7 @@ def build(method: str, cdtg: bool, device: torch.device, **options):
     config = {'method': method, 'backbone': None, 'method_options': options}
     if cdtg:
         config.update(cdtg=True, clip='ViT-B-32', clip_weights='none', cdtg_attn='paper', alpha=0.7, fusion='fixed',
-                      no_style_aug=False, text_lora=0, seed=0)
+                      no_style_aug=False, text_lora=0, seed=0, cdtg_text_bias='bounded')
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

@@ -47,7 +47,11 @@ TARGET_NAMES = {'isic': 'ISIC', 'lung': 'Chest X-ray', 'wbc': 'WBC', 'chaos': 'C
                 'fss': 'FSS-1000'}
 TARGET_ORDER = ('isic', 'lung', 'wbc', 'chaos', 'deepglobe', 'fss')
 PLUGIN_DEFAULTS = {'clip': 'ViT-B-32', 'attn': 'paper', 'fusion': 'fixed', 'style_aug': True, 'text_lora': 0,
-                   'maps': False, 'width': None, 'background': 'domain', 'descriptions': None}
+                   'maps': False, 'width': None, 'background': 'domain', 'descriptions': None, 'text_bias': 'bounded',
+                   'text_ratio': 0.3, 'text': 'descriptions', 'lr_scale': None, 'weight_decay': 0.01,
+                   'grad_clip': 1.0}
+#: What a plug-in record written before a setting existed means by its absence (the text bias was the template's).
+PLUGIN_LEGACY = {'text_bias': 'template'}
 DEFAULT_ALPHA = 0.7
 
 
@@ -119,7 +123,7 @@ def _variant(plugin: dict | None, trained_alpha: float | None) -> tuple[str, tup
     config = plugin.get('config', {})
     settings = []
     for key, default in PLUGIN_DEFAULTS.items():
-        value = config.get(key, default)
+        value = config.get(key, PLUGIN_LEGACY.get(key, default))
         if value == default:
             continue
         if key == 'style_aug':
@@ -132,6 +136,11 @@ def _variant(plugin: dict | None, trained_alpha: float | None) -> tuple[str, tup
             settings.append('aligned maps')
         elif key == 'descriptions':
             settings.append(f'descriptions {Path(value).name}')
+        elif key == 'text':
+            settings.append(f'{value} text')
+        elif key in ('text_bias', 'text_ratio', 'lr_scale', 'weight_decay', 'grad_clip'):
+            settings.append(f'{key.replace("_", " ")} {value:g}' if isinstance(value, float) else
+                            f'{key.replace("_", " ")} {value}')
         else:
             settings.append(f'{key} {value}')
     name = list(settings)

@@ -16,7 +16,9 @@ from common.errors import run_cli
 from conftest import TINY_TRAIN
 
 CDTG_CONFIG = {'clip': 'ViT-B-32', 'clip_weights': 'none', 'attn': 'paper', 'alpha': 0.7, 'fusion': 'fixed',
-               'style_aug': True, 'style_strength': 0.3, 'text_lora': 0, 'text_cache': None, 'seed': 0}
+               'style_aug': True, 'style_strength': 0.3, 'text_lora': 0, 'text_cache': None, 'seed': 0,
+               'text_bias': 'bounded', 'text_ratio': 0.3, 'text': 'descriptions', 'lr_scale': None,
+               'weight_decay': 0.01, 'grad_clip': 1.0}
 
 
 def write_cell(run: Path, tag: str, method: str, benchmark: str, shots: int, miou: float, seed: int,
@@ -255,3 +257,11 @@ def test_tensorboard_draws_validation_episodes_and_an_hparams_summary(datapath, 
     info = HParamsPluginData.FromString(start.metadata.plugin_data.content).session_start_info
     assert info.hparams['method'].string_value == 'hsnet' and info.hparams['img_size'].number_value == 64
     assert info.hparams['cdtg'].bool_value is False
+
+
+def test_report_names_the_text_bias_of_results_written_before_it_existed():
+    current = {'config': {'alpha': 0.7, 'text_bias': 'bounded', 'lr_scale': None}}
+    assert report._variant(current, 0.7)[0] == '+CD-TG'
+    assert report._variant({'config': {'alpha': 0.7}}, 0.7)[0] == '+CD-TG (text bias template)'
+    assert report._variant({'config': {'text': 'shuffled', 'fusion': 'gated', 'text_bias': 'bounded'}}, 0.7)[0] == \
+        '+CD-TG (fusion gated, shuffled text)'
