@@ -383,3 +383,46 @@ def test_alpha_one_without_style_trains_the_host_bit_for_bit(datapath, tmp_path)
     assert set(host) < set(guided) and any(k.startswith('hooks.') for k in guided)
     assert all(torch.equal(host[k], guided[k]) for k in host)
     assert runs['host']['best'] == runs['alpha1']['best']
+
+
+def test_health_probes_change_nothing_the_training_sees(datapath, tmp_path):
+    r"""The same run probed at every step and at every other step gives bit-identical weights."""
+    for every in ('1', '2'):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            train_cli.main(['--method', 'patnet', '--benchmark', 'synthetic', '--datapath', str(datapath),
+                            '--backbone-weights', 'none', '--img-size', '64', '--bsz', '2', '--epochs', '1',
+                            '--episodes-per-epoch', '6', '--val-episodes', '2', '--workers', '0', '--tb-images', '0',
+                            '--cdtg-width', '64', '--log-every', every, '--logpath', str(tmp_path / every)]
+                           + CDTG_FLAGS)
+    assert [len((tmp_path / every / 'health.jsonl').read_text().splitlines()) for every in ('1', '2')] == [3, 2]
+    probed, fewer = (load_checkpoint(tmp_path / every / 'last.pt')['model'] for every in ('1', '2'))
+    assert all(torch.equal(probed[k], fewer[k]) for k in probed)
+
+
+def test_every_new_flag_reaches_the_plugin_the_checkpoint_and_results(datapath, tmp_path):
+    import test as test_cli
+    run = tmp_path / 'run'
+    flags = ['--cdtg-text-ratio', '0.5', '--cdtg-lr-scale', '0.2', '--cdtg-weight-decay', '0.1', '--cdtg-grad-clip',
+             '0', '--fusion', 'gated', '--cdtg-text', 'shuffled', '--cdtg-width', '64']
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        train_cli.main(['--method', 'patnet', '--benchmark', 'synthetic', '--datapath', str(datapath),
+                        '--backbone-weights', 'none', '--img-size', '64', '--bsz', '2', '--epochs', '1',
+                        '--episodes-per-epoch', '4', '--val-episodes', '2', '--workers', '0', '--tb-images', '0',
+                        '--log-every', '1', '--lr', '1e-3', '--logpath', str(run)] + CDTG_FLAGS + flags)
+        plugin = load_checkpoint(run / 'best.pt')['plugin']
+        res = test_cli.main(['--load', str(run / 'best.pt'), '--benchmark', 'synthetic-med', '--datapath',
+                             str(datapath), '--episodes', '2', '--workers', '0', '--logpath', str(tmp_path / 't')])
+    cfg = plugin['config']
+    assert (cfg['text_ratio'], cfg['lr_scale'], cfg['weight_decay'], cfg['grad_clip'], cfg['fusion'], cfg['text'],
+            cfg['text_bias']) == (0.5, 0.2, 0.1, 0.0, 'gated', 'shuffled', 'bounded')
+    assert plugin['optimizer'] == res['plugin']['optimizer']
+    assert math.isclose(plugin['optimizer']['lr'], 2e-4) and plugin['optimizer']['max_grad_norm'] is None
+    assert 'grad_norm_cdtg' not in json.loads((run / 'health.json').read_text())     # no clip of its own: no norm
+    first = json.loads((run / 'health.jsonl').read_text().splitlines()[0])
+    assert all(abs(v - 0.5) < 1e-3 for v in first['u_over_f'] if v is not None)
+    assert first['text_weight'] == [0.0, 0.0, 0.0]                                   # gated: starts at the host
+    assert res['plugin']['descriptions']['synthetic-med']['text'] == 'shuffled'
+    with pytest.raises(UserError, match='--cdtg-text-ratio'):
+        CDTGConfig(text_bias='template', text_ratio=0.5).validate()
