@@ -27,10 +27,10 @@ def test_sanity_report_by_hand(tmp_path):
         _fake_run(tmp_path / f'seed{seed}' / 'cdtg' / 'patnet-cdtg', cdtg[seed], [0.1] * 8, cos=0.9 + seed / 100)
         _fake_run(tmp_path / f'seed{seed}' / 'alpha1' / 'patnet-cdtg', alpha1[seed], [0.1] * 8, cos=0.5)
     proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'ablations' / 'sanity.py'), str(tmp_path),
-                           '--methods', 'patnet', '--arms', 'host', 'cdtg', 'alpha1'],
+                           '--methods', 'patnet', '--arms', 'host', 'cdtg', 'alpha1', '--out', str(tmp_path / 'rep')],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    entry = json.loads((tmp_path / 'sanity.json').read_text())[0]
+    entry = json.loads((tmp_path / 'rep' / 'sanity.json').read_text())[0]
     rows = {r['arm']: r for r in entry['rows']}
     assert math.isclose(entry['host_spread'], 2.0) and math.isclose(rows['host']['mean'], 32.0)
     assert math.isclose(rows['cdtg']['delta'], 0.0) and rows['cdtg']['within_spread'] is True
@@ -39,7 +39,7 @@ def test_sanity_report_by_hand(tmp_path):
     assert rows['alpha1']['equals_host'] is False and '**differs from host**' in proc.stdout
     fg = entry['host_fg']['0']
     assert math.isclose(fg['last_quarter'], 0.11) and fg['levelled'] is True
-    assert (tmp_path / 'sanity.md').read_text().startswith('# CD-TG no-harm check')
+    assert (tmp_path / 'rep' / 'sanity.md').read_text().startswith('# CD-TG no-harm check')
 
 
 def test_sanity_dry_run_trains_every_arm_paired_by_seed(tmp_path):

@@ -13,7 +13,7 @@ health every --log-every steps). Per method, target and K (test cells) it tabula
     against the quarter before (levelled off: the two differ by at most a quarter of the true fraction);
   * each CD-TG arm's last health reading: ||u||/||F|| per level and the largest cosine between the text prototypes of
     two different classes (text_proto_cos).
-Writes OUT/sanity.md and OUT/sanity.json and prints the Markdown.
+Writes sanity.md and sanity.json to OUT (or --out) and prints the Markdown.
 """
 import argparse
 import json
@@ -155,12 +155,13 @@ def markdown(entries: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('out', help="sanity.sh's OUT folder")
+    p.add_argument('runs', metavar='OUT', help="sanity.sh's OUT folder")
     p.add_argument('--methods', nargs='+', default=['patnet', 'ifa'])
     p.add_argument('--arms', nargs='+', default=list(ARMS), choices=ARMS)
     p.add_argument('--metric', default='miou', choices=list(METRICS))
+    p.add_argument('--out', default=None, help='folder of sanity.md and sanity.json (default: OUT)')
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.runs)
     seeds = sorted(int(d.name[4:]) for d in out.glob('seed*') if d.name[4:].isdigit())
     if not seeds:
         raise UserError(f'{out} holds no seed<S>/ folders of a sanity.sh run')
@@ -170,8 +171,10 @@ def main(argv=None) -> list[dict]:
     if not entries:
         raise UserError(f'{out} holds no finished host test cells of {", ".join(args.methods)}')
     text = f'# CD-TG no-harm check ({out})\n\n' + markdown(entries)
-    (out / 'sanity.md').write_text(text)
-    (out / 'sanity.json').write_text(json.dumps(entries, indent=1) + '\n')
+    report = Path(args.out) if args.out else out
+    report.mkdir(parents=True, exist_ok=True)
+    (report / 'sanity.md').write_text(text)
+    (report / 'sanity.json').write_text(json.dumps(entries, indent=1) + '\n')
     print(text)
     return entries
 

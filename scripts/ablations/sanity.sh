@@ -17,11 +17,12 @@
 #
 # Settings (environment): ARMS (default "host cdtg alpha1 random-text shuffled-text no-style-aug"), SEEDS (default
 # "0 1 2"), METHODS (default "patnet ifa"), SHOTS (default "1"), JOBS (runs in parallel, default 1; each gets
-# THREADS = cores / JOBS torch threads), and DATA, GPUS, OUT, TARGETS, EPISODES, TRAIN_ARGS, TEST_ARGS as in
+# THREADS = cores / JOBS torch threads), REPORT (folder of the report, default OUT), and DATA, GPUS, OUT, TARGETS,
+# EPISODES, TRAIN_ARGS, TEST_ARGS as in
 # main_table.sh. Resumable (scripts/grid.py). --synthetic: the offline CPU variant: synthetic -> synthetic-med at
 # 96x96, random backbone and CLIP weights, a health reading every 10 steps, and per method a schedule after which the
 # host's training foreground fraction has levelled off (STEPS_<method> steps of 8 episodes: patnet 240, ifa 100,
-# others 200; PATNet predicts no foreground for its first ~100 steps), JOBS=2 (about 55 minutes on 2 CPU cores).
+# others 200; PATNet predicts no foreground for its first ~100 steps), JOBS=2 (about 60 minutes on 2 CPU cores).
 SANITY_METHODS="patnet ifa"
 METHODS="${METHODS:-$SANITY_METHODS}"
 SEEDS="${SEEDS:-0 1 2}"
@@ -62,11 +63,14 @@ run_arm() {
         -- "${flags[@]}"
 }
 
-pids=()
+if (( JOBS > 1 )) && (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 3) )); then
+    echo "error: JOBS > 1 needs bash >= 4.3 (wait -n); this is bash $BASH_VERSION: use JOBS=1" >&2; exit 2
+fi
+running=0
 failed=0
-wait_oldest() {
-    wait "${pids[0]}" || failed=1
-    pids=("${pids[@]:1}")
+wait_any() {                 # the next run to finish, whichever it is (a core never waits for a slower neighbour)
+    wait -n || failed=1
+    running=$(( running - 1 ))
 }
 for seed in $SEEDS; do
     for arm in $ARMS; do
@@ -79,15 +83,15 @@ for seed in $SEEDS; do
             log="$OUT/logs/seed$seed-$arm-$method.log"
             echo "# seed $seed, $arm, $method -> $log"
             OMP_NUM_THREADS="$THREADS" run_arm "$seed" "$arm" "$method" > "$log" 2>&1 &
-            pids+=($!)
-            (( ${#pids[@]} >= JOBS )) && wait_oldest
+            running=$(( running + 1 ))
+            if (( running >= JOBS )); then wait_any; fi
         done
     done
 done
-while (( ${#pids[@]} )); do wait_oldest; done
+while (( running > 0 )); do wait_any; done
 if [[ "$failed" == 1 ]]; then echo "error: a run failed; see $OUT/logs/ (rerun to resume)" >&2; exit 1; fi
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "# dry run: nothing was run"
     exit 0
 fi
-"$PYTHON" "$ABLATIONS/sanity.py" "$OUT" --methods $METHODS --arms $ARMS
+"$PYTHON" "$ABLATIONS/sanity.py" "$OUT" --methods $METHODS --arms $ARMS ${REPORT:+--out "$REPORT"}
