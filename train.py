@@ -7,7 +7,7 @@ import argparse
 from common.config import bounded, parse_with_config, typed_flags
 from common.constants import MIN_IMG_SIZE
 from common.errors import run_cli
-from common.names import BOUNDARY_POLICIES, PRECISIONS, SCHEDULES
+from common.names import AUGMENTATION_NAMES, BOUNDARY_POLICIES, PRECISIONS, SCHEDULES
 from data import add_dataset_args
 from engine.flags import add_method_args, add_plugin_args, preparse_method
 from model import BACKBONES, METHODS, train_recipe
@@ -43,6 +43,9 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
             help="base learning rate of the method's recipe (default: the method's, 1e-3 for hsnet and patnet; "
                  'optimizer, schedule and parameter groups come from the method)')
     bounded(p, '--epochs', int, None, low=1, help=method_default('epochs'))
+    p.add_argument('--augmentation', type=str, default=None, choices=sorted(AUGMENTATION_NAMES),
+                   help='training images: none (resized only) or flip-resized-crop (PMMs\' flip + random resized crop '
+                        f'of 50-100 %% of the area); {method_default("augmentation")}')
     bounded(p, '--episodes-per-epoch', int, None, low=1,
             help='training episodes per epoch (default: one per (image, class) pair of the training split)')
     bounded(p, '--val-episodes', int, 1000, low=1, help='fixed, seeded validation episodes')

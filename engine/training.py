@@ -18,6 +18,7 @@ from common.logger import NullLogger, RunLogger, prepare_run_folder
 from common.metrics import format_scores
 from common.utils import configure_backends, resolve_device, rng_state, seed_everything, set_rng_state
 from data import FixedEpisodes, TrainingEpisodes, build_dataset, build_loader, dataset_class, dataset_options
+from data.augment import AUGMENTATIONS
 from engine.factory import build_model, checkpoint_model_state, method_options, plugin_record, strip_plugin_keys
 from engine.figures import episode_figure, figure_array
 from engine.health import HealthLog
@@ -119,8 +120,8 @@ def _recipe_line(config: dict, model, recipe) -> str:
     lr = config['lr'] or model.default_lr
     schedule = config.get('lr_schedule', 'method')
     parts = [f'{config["img_size"]}px', f'batch {config["bsz"]}', f'{config["epochs"]} epochs',
-             f'label 255 as {config["train_boundary"]}']
-    keys = ['img_size', 'bsz', 'epochs', 'train_boundary']
+             f'label 255 as {config["train_boundary"]}', f'augmentation {config.get("augmentation", "none")}']
+    keys = ['img_size', 'bsz', 'epochs', 'train_boundary', 'augmentation']
     parts = [p + ('*' if k in mark else '') for p, k in zip(parts, keys)]
     line = (f'recipe: {", ".join(parts)}, {type(recipe.optimizer).__name__} lr {lr:g} ({schedule} schedule), '
             f'backbone geometry {model.backbone.spec.geometry}')
@@ -158,6 +159,7 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
     val_set = build_dataset(val_benchmark, config['datapath'], 'val', config['nshot'], config['img_size'],
                             **val_options)
     train_set.as_uint8 = val_set.as_uint8 = device.type == 'cuda'     # normalised on the GPU: 4x fewer bytes
+    train_set.augmentation = AUGMENTATIONS[config.get('augmentation', 'none')]    # older runs: none
 
     for name, n in train_set.classes_short_of_shots().items():
         log.info(f'warning: {train_set.name} class {name!r} has {n} images: its {config["nshot"]}-shot training '

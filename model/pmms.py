@@ -196,7 +196,8 @@ class PMMs(FewShotSegmenter):
                                  trainable=('stem', 'layer1', 'layer2', 'layer3'),
                                  stride_on_conv1=True, ceil_pool=True, dilate_first=True)
     legacy_options = {'geometry': 'torchvision'}        # checkpoints written before the option
-    train_recipe = {'img_size': 321, 'bsz': 8}          # the public code's input size and batch (train.py)
+    train_recipe = {'img_size': 321, 'bsz': 8,                  # the public code's input size, batch and augmentation
+                    'augmentation': 'flip-resized-crop'}
     plugin_point = 'prototypes'       # CD-TG fuses text into every EM component (foreground and background)
     default_lr = 3.5e-4
     cascade = False                   # RPMMs: the residual cascade

@@ -243,3 +243,49 @@ def test_legacy_options_are_options_of_their_method():
     for name in METHODS:
         cls = method_class(name)
         assert set(cls.legacy_options) <= {f.name for f in dataclasses.fields(cls.Options)}, name
+
+
+# --- training augmentation ----------------------------------------------------------------------------------------
+def test_flip_resized_crop_keeps_image_and_mask_aligned_and_is_seeded():
+    import numpy as np
+    from PIL import Image
+
+    from data.augment import FlipResizedCrop
+    aug = FlipResizedCrop()
+    arr = np.zeros((60, 90, 3), dtype=np.uint8)
+    arr[10:50, 5:40] = 255                                               # a white box, the mask's object
+    mask = (arr[..., 0] > 0).astype(np.uint8)
+    image = Image.fromarray(arr)
+    outs = []
+    for seed in range(40):
+        img, m = aug(image, mask, np.random.default_rng(seed), 32)
+        again, m2 = aug(image, mask, np.random.default_rng(seed), 32)
+        assert np.array_equal(np.asarray(img), np.asarray(again)) and np.array_equal(m, m2)     # seeded
+        assert img.size == (32, 32) and m.shape == (32, 32) and set(np.unique(m)) <= {0, 1}
+        white = np.asarray(img)[..., 0] > 127
+        assert (white == (m == 1)).mean() > 0.95                         # the mask moves with its image
+        outs.append(m)
+    assert len({o.tobytes() for o in outs}) > 30                         # random crops and flips
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = aug.crop(90, 60, rng)
+        assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 90
+        assert h * w >= 0.45 * 90 * 60 or h == w == 60                   # 50-100 % of the area, else the centre square
+
+
+def test_training_episodes_are_augmented_evaluation_episodes_never(datapath):
+    from data import TrainingEpisodes, build_dataset
+    from data.augment import AUGMENTATIONS
+    train = quiet(build_dataset, 'synthetic', str(datapath), 'trn', 1, 48)
+    episodes = list(TrainingEpisodes(train, 4, seed=3))
+    assert all(e.seed is not None for e in episodes)
+    assert [e.seed for e in TrainingEpisodes(train, 4, seed=3)] == [e.seed for e in episodes]      # reproducible
+    plain = train.load_episode(episodes[0])
+    train.augmentation = AUGMENTATIONS['flip-resized-crop']
+    first, second = train.load_episode(episodes[0]), train.load_episode(episodes[0])
+    assert torch.equal(first['query_img'], second['query_img'])
+    assert not torch.equal(first['query_img'], plain['query_img'])
+    fixed = train.sample_episodes(2, seed=0)[0]                          # an evaluation episode: no seed
+    augmented = train.load_episode(fixed)['query_img']
+    train.augmentation = None
+    assert fixed.seed is None and torch.equal(augmented, train.load_episode(fixed)['query_img'])
