@@ -123,8 +123,10 @@ def _recipe_line(config: dict, model, recipe) -> str:
              f'label 255 as {config["train_boundary"]}', f'augmentation {config.get("augmentation", "none")}']
     keys = ['img_size', 'bsz', 'epochs', 'train_boundary', 'augmentation']
     parts = [p + ('*' if k in mark else '') for p, k in zip(parts, keys)]
+    spec = model.backbone.spec
+    dilated = '+'.join(f'layer{i}' for i, d in enumerate(spec.dilate, start=2) if d and i <= spec.last_layer)
     line = (f'recipe: {", ".join(parts)}, {type(recipe.optimizer).__name__} lr {lr:g} ({schedule} schedule), '
-            f'backbone geometry {model.backbone.spec.geometry}')
+            f'backbone geometry {spec.geometry} (dilated: {dilated or "none"})')
     options = ', '.join(f'{k} {v}' for k, v in config['method_options'].items())
     if options:
         line += f'; options: {options}'

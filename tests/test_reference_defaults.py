@@ -192,11 +192,12 @@ def test_a_run_takes_the_methods_recipe_unless_typed_and_old_checkpoints_keep_th
                            '--logpath', str(tmp_path)])
     config = load_checkpoint(tmp_path / 'best.pt')['config']
     assert (config['img_size'], config['bsz'], config['epochs']) == (64, 8, 1)          # typed, method's, typed
-    assert config['recipe_from_method'] == ['bsz', 'train_boundary']
+    assert config['recipe_from_method'] == ['augmentation', 'bsz', 'train_boundary']
     assert config['method_options']['geometry'] == 'reference'
     log = (tmp_path / 'log.txt').read_text()
-    assert 'recipe: 64px, batch 8*, 1 epochs, label 255 as background*, SGD lr 0.00035' in log
-    assert 'geometry deeplab-v2' in log
+    assert ('recipe: 64px, batch 8*, 1 epochs, label 255 as background*, augmentation flip-resized-crop*, SGD lr '
+            '0.00035') in log
+    assert 'geometry deeplab-v2 (dilated: layer3)' in log
 
     model, _ = quiet(load_model, tmp_path / 'best.pt', torch.device('cpu'))
     assert model.backbone.spec.geometry == 'deeplab-v2' and model.options.kshot_prediction == 'stages'
