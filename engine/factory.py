@@ -65,8 +65,10 @@ def strip_plugin_keys(config: dict) -> dict:
 
 
 def frozen_backbone_keys(model: FewShotSegmenter) -> list[str]:
-    r"""State-dict keys of the backbone's frozen tensors (parameters without gradient and buffers)."""
+    r"""State-dict keys of the backbone's frozen tensors (parameters without gradient and buffers that training does
+    not move)."""
     trainable = {f'backbone.{n}' for n, p in model.backbone.named_parameters() if p.requires_grad}
+    trainable |= {f'backbone.{n}' for n in model.backbone.moving_buffers()}
     return [k for k in model.state_dict() if k.startswith('backbone.') and k not in trainable]
 
 

@@ -48,6 +48,9 @@ class BackboneSpec:
             where (H + 1) / 2 is odd: 400 -> 200 -> 101 instead of 100.
         dilate_first: the first bottleneck of a dilated layer has the layer's dilation too (DeepLab-v2 code: layer3
             all 2); torchvision gives it the previous layer's (layer3's first block 1).
+        bn: BatchNorm of the trainable parts: 'frozen' (ImageNet statistics and affine parameters kept), 'batch'
+            (in training, batch statistics normalise and update the running ones, affine frozen: PMMs' reference),
+            'trained' (the same, and the affine parameters learn: Q-Net's reference). Frozen parts stay frozen.
     The three geometry switches change no weight: torchvision's ImageNet tensors load into either geometry.
     """
     taps: str | tuple[str, ...] = 'bottlenecks'
@@ -58,6 +61,7 @@ class BackboneSpec:
     stride_on_conv1: bool = False
     ceil_pool: bool = False
     dilate_first: bool = False
+    bn: str = 'frozen'
 
     def validate(self, name: str) -> 'BackboneSpec':
         parts = ('stem',) + RESNET_LAYERS + ('fc',)
@@ -68,6 +72,8 @@ class BackboneSpec:
             raise UserError(f'trainable backbone parts {self.trainable!r}: choose from {parts}')
         if 'fc' in self.trainable and not self.keep_fc:
             raise UserError('a trainable fc needs keep_fc=True')
+        if self.bn not in ('frozen', 'batch', 'trained'):
+            raise UserError(f'backbone BatchNorm mode {self.bn!r}: choose frozen, batch or trained')
         if name == 'vgg16' and (self.taps != 'bottlenecks' or any(self.dilate) or self.trainable or self.keep_fc
                                 or self.geometry != 'torchvision'):
             raise UserError('vgg16 supports only the frozen HSNet taps; this method needs a ResNet backbone '
@@ -135,7 +141,7 @@ class Backbone(nn.Module):
         for part in self.spec.trainable:
             for module in self._part_modules(part):
                 for sub in module.modules():
-                    if not isinstance(sub, nn.BatchNorm2d):
+                    if not isinstance(sub, nn.BatchNorm2d) or self.spec.bn == 'trained':
                         for param in sub.parameters(recurse=False):
                             param.requires_grad_(True)
         # NHWC convolutions: 22% faster ResNet-50 forward on a 2-core CPU; the preferred layout on tensor cores too.
@@ -158,8 +164,26 @@ class Backbone(nn.Module):
         return [self.stage_ids.count(s) for s in (4, 3, 2)]
 
     def train(self, mode: bool = True):
-        # Frozen: BN keeps its ImageNet statistics whatever the surrounding model does.
-        return super().train(False)
+        # BN keeps its ImageNet statistics whatever the surrounding model does, unless the spec's bn mode lets the
+        # trainable parts' BN use (and update) batch statistics in training.
+        super().train(False)
+        if mode and self.spec.bn != 'frozen':
+            for bn in self.moving_batchnorms():
+                bn.train(True)
+        return self
+
+    def moving_batchnorms(self) -> list[nn.BatchNorm2d]:
+        r"""The BatchNorm layers whose statistics move in training (trainable parts, bn mode batch/trained)."""
+        if self.spec.bn == 'frozen':
+            return []
+        return [m for part in self.spec.trainable for module in self._part_modules(part) for m in module.modules()
+                if isinstance(m, nn.BatchNorm2d)]
+
+    def moving_buffers(self) -> list[str]:
+        r"""Names (in this module) of the buffers that training changes: `moving_batchnorms`' running statistics."""
+        moving = {id(m) for m in self.moving_batchnorms()}
+        return [f'{name}.{b}' for name, m in self.named_modules() if id(m) in moving
+                for b, _ in m.named_buffers(recurse=False)]
 
     @torch.no_grad()
     def calibrate_bn(self, batches) -> int:

@@ -161,18 +161,24 @@ GEOMETRY_HELP = ("backbone geometry: reference (default; the public code's DeepL
                  "v1.5 ResNet with dilated layer3, our earlier default: cheaper, not the published network)")
 
 
+BN_HELP = ("backbone BatchNorm in training: batch (default; the public code's train mode: batch statistics, running "
+           "statistics updated, affine frozen) or frozen (ImageNet statistics kept; our earlier default)")
+
+
 @dataclass
 class PMMsOptions:
     components: int = option(3, help='mixture components per foreground and per background (k; the paper: 3)',
                              low=1, high=64)
     em_seed: int = option(0, help='seed of the fixed EM initialisation (a buffer, saved in checkpoints)', low=0)
     geometry: str = option('reference', help=GEOMETRY_HELP, choices=('reference', 'torchvision'))
+    bn: str = option('batch', help=BN_HELP, choices=('batch', 'frozen'))
 
 
 @dataclass
 class RPMMsOptions:
     em_seed: int = option(0, help='seed of the fixed EM initialisation (a buffer, saved in checkpoints)', low=0)
     geometry: str = option('reference', help=GEOMETRY_HELP, choices=('reference', 'torchvision'))
+    bn: str = option('batch', help=BN_HELP, choices=('batch', 'frozen'))
     kshot_prediction: str = option('stages', choices=('stages', 'last'),
                                    help='K > 1 at test time: stages (default; the public code: the mean of the three '
                                         "stages' probabilities) or last (the last stage, as for one shot)")
@@ -185,7 +191,9 @@ class PMMs(FewShotSegmenter):
     Backbone: the reference's geometry (`--geometry reference`, default: DeepLab-v2 strides and dilations) loaded
     with torchvision's ImageNet tensors, as the public code does. Deviations from the public code (README, "PMMs /
     RPMMs"): the EM initialisation is a fixed buffer drawn from `--em-seed` (the reference draws it afresh,
-    unseeded, and does not save it); the backbone's BatchNorm is frozen (statistics included).
+    unseeded, and does not save it). The backbone's BatchNorm uses batch statistics in training (`--bn batch`, the
+    reference's train mode; its affine parameters frozen, as the reference), computed over the queries and supports
+    of a batch together (the reference passes supports and queries separately); `--bn frozen` keeps ImageNet's.
 
     K-shot ('joint'): one EM over the pixels of all K supports (the reference concatenates them spatially).
     """
@@ -195,7 +203,7 @@ class PMMs(FewShotSegmenter):
     backbone_spec = BackboneSpec(taps=('layer2', 'layer3'), dilate=(False, True, True),
                                  trainable=('stem', 'layer1', 'layer2', 'layer3'),
                                  stride_on_conv1=True, ceil_pool=True, dilate_first=True)
-    legacy_options = {'geometry': 'torchvision'}        # checkpoints written before the option
+    legacy_options = {'geometry': 'torchvision', 'bn': 'frozen'}        # checkpoints written before the options
     train_recipe = {'img_size': 321, 'bsz': 8,                  # the public code's input size, batch and augmentation
                     'augmentation': 'flip-resized-crop'}
     plugin_point = 'prototypes'       # CD-TG fuses text into every EM component (foreground and background)
@@ -227,9 +235,10 @@ class PMMs(FewShotSegmenter):
 
     @classmethod
     def spec_for(cls, options) -> BackboneSpec:
+        spec = dataclasses.replace(cls.backbone_spec, bn=options.bn)
         if options.geometry == 'torchvision':
-            return dataclasses.replace(cls.backbone_spec, stride_on_conv1=False, ceil_pool=False, dilate_first=False)
-        return cls.backbone_spec
+            return dataclasses.replace(spec, stride_on_conv1=False, ceil_pool=False, dilate_first=False)
+        return spec
 
     def _stage_components(self) -> tuple[int, ...]:
         return (self.options.components,)
@@ -340,7 +349,7 @@ class RPMMs(PMMs):
     """
 
     Options = RPMMsOptions
-    legacy_options = {'geometry': 'torchvision', 'kshot_prediction': 'last'}     # checkpoints before the options
+    legacy_options = {'geometry': 'torchvision', 'bn': 'frozen', 'kshot_prediction': 'last'}   # before the options
     cascade = True
     STAGES = (1, 3, 6)
 

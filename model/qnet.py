@@ -143,6 +143,10 @@ class QNetOptions:
                            help="backbone dilation: reference (default; the public code's [True, True, False]: "
                                 'layer3 path at 1/4, layer4 path at 1/8 of the image) or stride8 (dilated layer3 and '
                                 'layer4, both paths at 1/8: about 3x cheaper, our earlier default)')
+    bn: str = option('trained', choices=('trained', 'frozen'),
+                     help='backbone BatchNorm in training: trained (default; the public code: batch statistics over '
+                          'the supports and query, affine parameters learned) or frozen (ImageNet statistics and '
+                          'affine kept; our earlier default)')
     log_prob: str = option('clamped', choices=('clamped', 'exact'),
                            help="log-probabilities of the losses: clamped (default; the public code's "
                                 'log(clamp(p, eps, 1 - eps)), no gradient where it saturates) or exact (log space, a '
@@ -154,8 +158,9 @@ class QNet(FewShotSegmenter):
 
     Backbone: torchvision's ResNet-101 with the reference's dilation (layer2 and layer3 dilated: paths at 1/4 and
     1/8; `--geometry stride8`: both at 1/8); its initial weights are ImageNet's unless `--backbone-weights
-    deeplabv3-coco` (the reference's). Deviations from the public code (README, "Q-Net"): BatchNorm frozen
-    (statistics and affine); episodes of a batch and their K shots are indexed correctly and each query uses its
+    deeplabv3-coco` (the reference's). BatchNorm as the reference (`--bn trained`: batch statistics over the supports
+    and the query in training, affine parameters learned; `--bn frozen`: ImageNet's kept). Deviations from the public
+    code (README, "Q-Net"): episodes of a batch and their K shots are indexed correctly and each query uses its
     own T (the reference mixes episodes when B > 1 and K > 1 and broadcasts the whole batch's T).
 
     Test-time adaptation (on by default, `test.py --finetune-steps/--finetune-lr`): 30 Adam steps at lr 2e-3 per
@@ -167,7 +172,7 @@ class QNet(FewShotSegmenter):
     Options = QNetOptions
     backbone_spec = BackboneSpec(taps=('layer3', 'layer4'), dilate=(True, True, False), keep_fc=True,
                                  trainable=('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc'))
-    legacy_options = {'geometry': 'stride8', 'log_prob': 'exact'}       # checkpoints from before the options
+    legacy_options = {'geometry': 'stride8', 'bn': 'frozen', 'log_prob': 'exact'}   # checkpoints before the options
     train_recipe = {'train_boundary': 'ignore'}         # the public code's NLLLoss(ignore_index=255)
     default_backbone = 'resnet101'
     plugin_point = 'prototypes'       # CD-TG fuses text into the foreground prototypes (no background prototype)
@@ -184,9 +189,10 @@ class QNet(FewShotSegmenter):
 
     @classmethod
     def spec_for(cls, options) -> BackboneSpec:
+        spec = dataclasses.replace(cls.backbone_spec, bn=options.bn)
         if options.geometry == 'stride8':
-            return dataclasses.replace(cls.backbone_spec, dilate=(False, True, True))
-        return cls.backbone_spec
+            return dataclasses.replace(spec, dilate=(False, True, True))
+        return spec
 
     @property
     def feature_channels(self) -> list[int]:

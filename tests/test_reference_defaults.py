@@ -173,7 +173,8 @@ def test_qnet_clamped_log_probabilities_are_the_reference_with_its_zero_gradient
 # --- recipes ------------------------------------------------------------------------------------------------------
 def test_train_recipes_are_the_references():
     assert train_recipe('hsnet') == TRAIN_DEFAULTS == train_recipe('patnet', 5)
-    assert train_recipe('pmms') == dict(TRAIN_DEFAULTS, img_size=321, bsz=8) == train_recipe('rpmms', 5)
+    assert train_recipe('pmms') == dict(TRAIN_DEFAULTS, img_size=321, bsz=8, augmentation='flip-resized-crop') \
+        == train_recipe('rpmms', 5)
     assert train_recipe('dmtnet') == dict(TRAIN_DEFAULTS, epochs=20, bsz=24)
     assert train_recipe('ifa', 1)['bsz'] == 12 and train_recipe('ifa', 5)['bsz'] == 6
     assert train_recipe('ifa', 5)['epochs'] == 20
@@ -202,13 +203,14 @@ def test_a_run_takes_the_methods_recipe_unless_typed_and_old_checkpoints_keep_th
     model, _ = quiet(load_model, tmp_path / 'best.pt', torch.device('cpu'))
     assert model.backbone.spec.geometry == 'deeplab-v2' and model.options.kshot_prediction == 'stages'
     ckpt = load_checkpoint(tmp_path / 'best.pt')
-    for key in ('geometry', 'kshot_prediction'):                       # as written before the options existed
+    for key in ('geometry', 'bn', 'kshot_prediction'):                 # as written before the options existed
         del ckpt['config']['method_options'][key]
     save_checkpoint(ckpt, tmp_path / 'old.pt')
     model, ckpt = quiet(load_model, tmp_path / 'old.pt', torch.device('cpu'))
     assert model.backbone.spec.geometry == 'torchvision' and model.options.kshot_prediction == 'last'
+    assert model.backbone.spec.bn == 'frozen'
     assert ckpt['config']['method_options']['geometry'] == 'torchvision'
-    assert stored_options('qnet', {}) == {'geometry': 'stride8', 'log_prob': 'exact'}
+    assert stored_options('qnet', {}) == {'geometry': 'stride8', 'bn': 'frozen', 'log_prob': 'exact'}
 
 
 # --- --cdtg-features on every prototype host ----------------------------------------------------------------------
@@ -290,3 +292,40 @@ def test_training_episodes_are_augmented_evaluation_episodes_never(datapath):
     augmented = train.load_episode(fixed)['query_img']
     train.augmentation = None
     assert fixed.seed is None and torch.equal(augmented, train.load_episode(fixed)['query_img'])
+
+
+# --- BatchNorm modes ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('mode', ['frozen', 'batch', 'trained'])
+def test_backbone_batchnorm_modes(mode):
+    from engine.factory import frozen_backbone_keys
+    spec = BackboneSpec(taps=('layer2',), trainable=('layer2',), bn=mode)
+    backbone = quiet(Backbone, 'resnet50', 'none', spec)
+    bn_in, bn_out = backbone.net.layer2[0].bn1, backbone.net.layer1[0].bn1       # a trainable part, a frozen one
+    before = bn_in.running_mean.clone(), bn_out.running_mean.clone()
+    x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    backbone.train()
+    train_out = backbone(x)[0]
+    backbone.eval()
+    eval_out = backbone(x)[0]
+    moved = not torch.equal(bn_in.running_mean, before[0])
+    assert moved == (mode != 'frozen') and torch.equal(bn_out.running_mean, before[1])
+    assert torch.allclose(train_out, eval_out) == (mode == 'frozen')      # batch statistics in training only
+    assert bn_in.weight.requires_grad == (mode == 'trained') and not bn_out.weight.requires_grad
+    assert bool(backbone.moving_buffers()) == (mode != 'frozen')
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+    frozen = frozen_backbone_keys(Holder())
+    assert ('backbone.net.layer2.0.bn1.running_mean' in frozen) == (mode == 'frozen')
+    assert 'backbone.net.layer1.0.bn1.running_mean' in frozen
+
+
+def test_reference_batchnorm_defaults_of_pmms_and_qnet():
+    pmms = quiet(build_method, 'pmms', None, 'none')
+    qnet = quiet(build_method, 'qnet', 'resnet50', 'none')
+    assert pmms.backbone.spec.bn == 'batch' and qnet.backbone.spec.bn == 'trained'
+    assert not pmms.backbone.net.layer2[0].bn1.weight.requires_grad
+    assert qnet.backbone.net.layer2[0].bn1.weight.requires_grad
+    assert quiet(build_method, 'qnet', 'resnet50', 'none', bn='frozen').backbone.spec.bn == 'frozen'
