@@ -7,10 +7,10 @@ import argparse
 from common.config import bounded, parse_with_config, typed_flags
 from common.constants import MIN_IMG_SIZE
 from common.errors import run_cli
-from common.names import BOUNDARY_POLICIES, PRECISIONS, SCHEDULES
+from common.names import AUGMENTATION_NAMES, BOUNDARY_POLICIES, PRECISIONS, SCHEDULES
 from data import add_dataset_args
 from engine.flags import add_method_args, add_plugin_args, preparse_method
-from model import BACKBONES, METHODS
+from model import BACKBONES, METHODS, train_recipe
 
 
 def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
@@ -25,24 +25,35 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
     add_dataset_args(p)
     p.add_argument('--backbone', type=str, default=None, choices=BACKBONES,
                    help="default: the method's (resnet50 for hsnet and patnet)")
-    p.add_argument('--backbone-weights', type=str, default='imagenet', help='imagenet | none | PATH to a .pth file')
+    p.add_argument('--backbone-weights', type=str, default='imagenet',
+                   help="imagenet (default) | deeplabv3-coco (torchvision's DeepLabv3 trunk trained on COCO: Q-Net's "
+                        'initialisation; resnet50/resnet101) | none | PATH to a .pth file')
     bounded(p, '--bn-calibration', int, 0, low=0,
             help="re-estimate the frozen backbone's BatchNorm statistics on this many source training images before "
                  'training (0 = off). Makes --backbone-weights none usable (see README, demo)')
-    bounded(p, '--img-size', int, 400, low=MIN_IMG_SIZE, high=4096)
-    bounded(p, '--bsz', int, 20, low=1)
+    one, kshot = (train_recipe(method, k) if method in METHODS else {} for k in (1, 2))
+
+    def method_default(key: str) -> str:
+        value = one.get(key) if one.get(key) == kshot.get(key) else f'{one.get(key)} (1-shot), {kshot.get(key)} (K > 1)'
+        return f"default: the method's, {value} for {method}"
+
+    bounded(p, '--img-size', int, None, low=MIN_IMG_SIZE, high=4096, help=method_default('img_size'))
+    bounded(p, '--bsz', int, None, low=1, help=method_default('bsz'))
     bounded(p, '--lr', float, None, low=0, low_open=True,
             help="base learning rate of the method's recipe (default: the method's, 1e-3 for hsnet and patnet; "
                  'optimizer, schedule and parameter groups come from the method)')
-    bounded(p, '--epochs', int, 50, low=1)
+    bounded(p, '--epochs', int, None, low=1, help=method_default('epochs'))
+    p.add_argument('--augmentation', type=str, default=None, choices=sorted(AUGMENTATION_NAMES),
+                   help='training images: none (resized only) or flip-resized-crop (PMMs\' flip + random resized crop '
+                        f'of 50-100 %% of the area); {method_default("augmentation")}')
     bounded(p, '--episodes-per-epoch', int, None, low=1,
             help='training episodes per epoch (default: one per (image, class) pair of the training split)')
     bounded(p, '--val-episodes', int, 1000, low=1, help='fixed, seeded validation episodes')
     bounded(p, '--nshot', int, 1, low=1)
-    p.add_argument('--train-boundary', type=str, default='background', choices=BOUNDARY_POLICIES,
+    p.add_argument('--train-boundary', type=str, default=None, choices=BOUNDARY_POLICIES,
                    help='label-255 pixels of the training query masks (PASCAL\'s object boundaries): background '
-                        '(default; HSNet/PATNet train them as background) or ignore (left out of the loss); '
-                        'evaluation always ignores them')
+                        "(HSNet/PATNet/PMMs train them as background) or ignore (left out of the loss; Q-Net's NLL); "
+                        f"{method_default('train_boundary')}. Evaluation always ignores them")
     bounded(p, '--workers', int, 4, low=0)
     bounded(p, '--seed', int, 0, low=0, high=2**63 - 1)
     p.add_argument('--logpath', type=str, default=None, help='run folder (default: logs/<method>-<benchmark>-<time>)')

@@ -4,6 +4,7 @@ An episode is (class, query, K supports). Evaluation episodes are pre-sampled in
 they are identical for any number of workers and can be saved with the results; training episodes are drawn afresh
 each epoch from (seed, epoch), so a resumed run sees exactly the episodes it would have seen.
 """
+import dataclasses
 import json
 import os
 from collections import OrderedDict
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from common.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from common.errors import UserError
+from data.augment import episode_seed
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class Episode:
     class_id: int
     query: str
     supports: tuple[str, ...]
+    #: Training episodes: the seed of their images' augmentation (data/augment.py); None: not augmented.
+    seed: int | None = None
 
     def to_json(self, class_names: list[str]) -> dict:
         return {'class': class_names[self.class_id], 'class_id': self.class_id, 'query': self.query,
@@ -133,9 +137,14 @@ class EpisodicDataset(Dataset):
 
     def load_episode(self, episode: Episode) -> dict:
         r"""query_img [3,S,S] float, query_mask [S,S] uint8 (0/1/255), support_imgs [K,3,S,S],
-        support_masks [K,S,S] uint8 (0/1), class_id, query_name, support_names."""
-        q_img, q_mask = self.load_pair(episode.query, episode.class_id)
-        shots = [self.load_pair(key, episode.class_id) for key in episode.supports]
+        support_masks [K,S,S] uint8 (0/1), class_id, query_name, support_names. With an `augmentation` and a
+        seeded (training) episode, image j (0: the query, then the supports) is augmented with a generator seeded
+        by (episode seed, j)."""
+        augment = self.augmentation is not None and episode.seed is not None
+        rngs = [np.random.default_rng([episode.seed, j]) if augment else None
+                for j in range(1 + len(episode.supports))]
+        q_img, q_mask = self.load_pair(episode.query, episode.class_id, rngs[0])
+        shots = [self.load_pair(key, episode.class_id, rng) for key, rng in zip(episode.supports, rngs[1:])]
         s_masks = torch.stack([m for _, m in shots])
         s_masks[s_masks == IGNORE_INDEX] = 0
         return {'query_img': q_img, 'query_mask': q_mask,
@@ -147,10 +156,19 @@ class EpisodicDataset(Dataset):
     #: resized uint8 [3,S,S] for normalisation on the device (`normalize_images`; a quarter of the bytes to copy
     #: to a GPU), `cache_size` keeps that many decoded and resized (image, mask) pairs per process (a small target
     #: set is then decoded once, not once per episode; decoding a full-size ISIC JPEG costs ~0.1-0.4 s).
+    #: `augmentation` (train.py sets it on the training set only): a transform of data/augment.py.
     as_uint8 = False
     cache_size = 0
+    augmentation = None
 
-    def load_pair(self, key: str, class_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_pair(self, key: str, class_id: int, rng: np.random.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        if rng is not None:                             # augmented: from the original image, never cached
+            image, raw = self.read_image(key), self.read_mask(key, class_id)
+            self._check_sizes(key, image, raw)
+            image, raw = self.augmentation(image, raw, rng, self.img_size)
+            img, mask = self.resize_image(image), self.transform_mask(raw)
+            return (img if self.as_uint8 else normalize_images(img)), mask
         cache = self.__dict__.setdefault('_pair_cache', OrderedDict())
         hit = cache.get((key, class_id)) if self.cache_size else None
         if hit is not None:
@@ -159,15 +177,18 @@ class EpisodicDataset(Dataset):
         else:
             image = self.read_image(key)
             raw = self.read_mask(key, class_id)
-            if raw.shape[:2] != (image.height, image.width):
-                raise UserError(f'{self.name}: mask of {key!r} is {raw.shape[1]}x{raw.shape[0]} but its image is '
-                                f'{image.width}x{image.height}')
+            self._check_sizes(key, image, raw)
             img, mask = self.resize_image(image), self.transform_mask(raw)
             if self.cache_size:
                 cache[(key, class_id)] = (img, mask)
                 while len(cache) > self.cache_size:
                     cache.popitem(last=False)
         return (img if self.as_uint8 else normalize_images(img)), mask.clone()
+
+    def _check_sizes(self, key: str, image: Image.Image, mask: np.ndarray) -> None:
+        if mask.shape[:2] != (image.height, image.width):
+            raise UserError(f'{self.name}: mask of {key!r} is {mask.shape[1]}x{mask.shape[0]} but its image is '
+                            f'{image.width}x{image.height}')
 
     def resize_image(self, image: Image.Image) -> torch.Tensor:
         r"""Resize to SxS (bilinear, aspect ignored, as torchvision's Resize on PIL) -> uint8 [3,S,S]."""
@@ -316,7 +337,9 @@ class TrainingEpisodes(Sampler):
         return self
 
     def __iter__(self):
-        episodes = self.dataset.sample_training_episodes(self.n, self.seed, self.epoch)[self.start:]
+        episodes = [dataclasses.replace(e, seed=episode_seed(self.seed, self.epoch, i))
+                    for i, e in enumerate(self.dataset.sample_training_episodes(self.n, self.seed, self.epoch))]
+        episodes = episodes[self.start:]
         if self.world == 1:
             return iter(episodes)
         g, b = self.global_bsz, self.global_bsz // self.world

@@ -20,7 +20,7 @@ import torch
 from common.checkpoint import content_digest, load_checkpoint
 from common.errors import UserError
 from engine.flags import PLUGINS, add_method_args, add_plugin_args, preparse_method  # noqa: F401  (re-exported)
-from model import FewShotSegmenter, build_method, build_options, method_class
+from model import FewShotSegmenter, build_method, build_options, method_class, stored_options
 
 def plugin_classes() -> list[type]:
     classes = []
@@ -65,8 +65,10 @@ def strip_plugin_keys(config: dict) -> dict:
 
 
 def frozen_backbone_keys(model: FewShotSegmenter) -> list[str]:
-    r"""State-dict keys of the backbone's frozen tensors (parameters without gradient and buffers)."""
+    r"""State-dict keys of the backbone's frozen tensors (parameters without gradient and buffers that training does
+    not move)."""
     trainable = {f'backbone.{n}' for n, p in model.backbone.named_parameters() if p.requires_grad}
+    trainable |= {f'backbone.{n}' for n in model.backbone.moving_buffers()}
     return [k for k in model.state_dict() if k.startswith('backbone.') and k not in trainable]
 
 
@@ -91,12 +93,13 @@ def load_model(path: str, device: torch.device, args: argparse.Namespace | None 
     Args:
         args: test.py's parsed flags; each plug-in applies (and checks) its test-time overrides from them.
         expect_plugin: False asserts that the checkpoint carries no plug-in.
-    Checkpoints written before method options existed load with the method's default options.
+    Checkpoints written before an option existed load with the behaviour they were trained with (the method's
+    `legacy_options`), other missing options with their defaults.
     """
     ckpt = load_checkpoint(path, require_finite=True)
     config = dict(ckpt['config'])
-    config.setdefault('method_options', {})
     method_class(config['method'])                               # a clear error for an unknown method
+    config['method_options'] = stored_options(config['method'], config.get('method_options'))
     if args is not None:
         for cls in plugin_classes():
             config = cls.test_overrides(config, args, path)

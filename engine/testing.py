@@ -91,7 +91,10 @@ def _test(args, cls, split: str, dist, device_name: str) -> dict:
         conventions = {
             'metric': scores['metric'], 'lung_subset': None, 'wbc_protocol': None, 'volumetric_support': None,
             'train_boundary': train_config.get('train_boundary', 'ignore'),
+            'train_augmentation': train_config.get('augmentation', 'none'),
             'tf32': bool(args.tf32 and device.type == 'cuda'),
+            'backbone_geometry': model.backbone.spec.geometry, 'backbone_dilation': list(model.backbone.spec.dilate),
+            'initial_weights': train_config.get('backbone_weights'),
             'cdtg_reading': plugin['reading'] if plugin else None,
             'text_encoder': plugin['text_encoder'] if plugin else None,
         }

@@ -18,11 +18,12 @@ from common.logger import NullLogger, RunLogger, prepare_run_folder
 from common.metrics import format_scores
 from common.utils import configure_backends, resolve_device, rng_state, seed_everything, set_rng_state
 from data import FixedEpisodes, TrainingEpisodes, build_dataset, build_loader, dataset_class, dataset_options
+from data.augment import AUGMENTATIONS
 from engine.factory import build_model, checkpoint_model_state, method_options, plugin_record, strip_plugin_keys
 from engine.figures import episode_figure, figure_array
 from engine.health import HealthLog
 from engine.loops import NonFiniteGuard, evaluate, override_recipe, train_epoch
-from model import method_class
+from model import method_class, stored_options, train_recipe
 
 # The frozen BatchNorm statistics are identical on every process: no buffer synchronisation in the forward.
 NO_BUFFER_SYNC = ({'forward_sync_buffers': False}
@@ -78,7 +79,7 @@ def _resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
                             'without --resume)')
         ckpt = load_checkpoint(logpath / 'last.pt', require_finite=True)
         config = dict(ckpt['config'])
-        config.setdefault('method_options', {})
+        config['method_options'] = stored_options(config['method'], config.get('method_options'))
         for key in RESUMABLE:
             config.setdefault(key, parser.get_default(key))
         differ = []
@@ -104,10 +105,32 @@ def _resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
         raise UserError(f'{logpath} already holds a run (last.pt); pass --resume to continue it or choose another '
                         '--logpath')
     config = {k: v for k, v in vars(args).items() if k not in option_names and k != 'resume'}
+    recipe = train_recipe(args.method, args.nshot)
+    config['recipe_from_method'] = sorted(k for k in recipe if config.get(k) is None)
+    config.update({k: recipe[k] for k in config['recipe_from_method']})
     config['method_options'] = method_options(args.method, {k: getattr(args, k) for k in option_names})
     config['backbone'] = args.backbone or method_class(args.method).default_backbone
     config['logpath'] = str(logpath)
     return strip_plugin_keys(config), None
+
+
+def _recipe_line(config: dict, model, recipe) -> str:
+    r"""The effective training recipe in one line; '*' marks the method's own defaults (its public code's)."""
+    mark = set(config.get('recipe_from_method', ()))
+    lr = config['lr'] or model.default_lr
+    schedule = config.get('lr_schedule', 'method')
+    parts = [f'{config["img_size"]}px', f'batch {config["bsz"]}', f'{config["epochs"]} epochs',
+             f'label 255 as {config["train_boundary"]}', f'augmentation {config.get("augmentation", "none")}']
+    keys = ['img_size', 'bsz', 'epochs', 'train_boundary', 'augmentation']
+    parts = [p + ('*' if k in mark else '') for p, k in zip(parts, keys)]
+    spec = model.backbone.spec
+    dilated = '+'.join(f'layer{i}' for i, d in enumerate(spec.dilate, start=2) if d and i <= spec.last_layer)
+    line = (f'recipe: {", ".join(parts)}, {type(recipe.optimizer).__name__} lr {lr:g} ({schedule} schedule), '
+            f'backbone geometry {spec.geometry} (dilated: {dilated or "none"})')
+    options = ', '.join(f'{k} {v}' for k, v in config['method_options'].items())
+    if options:
+        line += f'; options: {options}'
+    return line + (" (* the method's default)" if mark else '')
 
 
 def _calibrate(model, dataset, config: dict, device: torch.device) -> None:
@@ -138,6 +161,7 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
     val_set = build_dataset(val_benchmark, config['datapath'], 'val', config['nshot'], config['img_size'],
                             **val_options)
     train_set.as_uint8 = val_set.as_uint8 = device.type == 'cuda'     # normalised on the GPU: 4x fewer bytes
+    train_set.augmentation = AUGMENTATIONS[config.get('augmentation', 'none')]    # older runs: none
 
     for name, n in train_set.classes_short_of_shots().items():
         log.info(f'warning: {train_set.name} class {name!r} has {n} images: its {config["nshot"]}-shot training '
@@ -193,6 +217,7 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
     if plugin:
         log.info(f'CD-TG plug-in ({plugin["parameters"]:,} learnable parameters): {plugin["config"]}, text encoder '
                  f'{plugin["text_encoder"]}, reading {plugin["reading"]}, optimiser group {plugin["optimizer"]}')
+    log.info(_recipe_line(config, model, recipe))
     log.info(f'model selection on {val_set.describe()}')
     if ckpt is None and config['bn_calibration'] > 0:
         log.info(f'backbone BatchNorm statistics re-estimated on {config["bn_calibration"]} source training images')

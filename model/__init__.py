@@ -121,9 +121,27 @@ def build_method(name: str, backbone: str | None = None, backbone_weights: str |
     from model.backbone import Backbone
     cls = method_class(name)
     opts = build_options(name, options)
-    return cls(Backbone(backbone or cls.default_backbone, backbone_weights, cls.backbone_spec), opts)
+    return cls(Backbone(backbone or cls.default_backbone, backbone_weights, cls.spec_for(opts)), opts)
+
+
+def train_recipe(name: str, nshot: int = 1) -> dict:
+    r"""The training defaults of method `name` (image size, batch, epochs, label-255 policy): train.py's
+    `TRAIN_DEFAULTS` updated with the method's `train_recipe` (its public code's settings), whose 'kshot' entry
+    applies for K > 1. Read from source (no torch import)."""
+    from common.constants import TRAIN_DEFAULTS
+    if name not in METHODS:
+        raise UserError(f'unknown method {name!r}; choose one of {", ".join(METHODS)}')
+    declared = dict(METHODS.declared(name, 'train_recipe', {}))
+    kshot = declared.pop('kshot', {})
+    return {**TRAIN_DEFAULTS, **declared, **(kshot if nshot > 1 else {})}
+
+
+def stored_options(name: str, options: dict | None) -> dict:
+    r"""The options of a saved run of method `name`: options it does not record take the method's `legacy_options`
+    value (what the code did before the option existed), not today's default."""
+    return {**method_class(name).legacy_options, **(options or {})}
 
 
 __all__ = ['BACKBONES', 'METHODS', 'Adaptation', 'Backbone', 'BackboneSpec', 'EpisodeContext', 'EpisodeRecord',
            'FewShotSegmenter', 'Hooks', 'OptionSpec', 'Output', 'Recipe', 'SupportSet', 'build_method',
-           'build_options', 'method_class', 'option', 'option_specs']
+           'build_options', 'method_class', 'option', 'option_specs', 'stored_options', 'train_recipe']

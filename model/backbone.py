@@ -42,12 +42,26 @@ class BackboneSpec:
             without gradient.
         keep_fc: keep the classifier `net.fc` (Q-Net derives its threshold from its 1000 outputs). Weight files never
             load it: it keeps its random initialisation, as in Q-Net, whose DeepLabv3 weights have no fc.
+        stride_on_conv1: a strided bottleneck strides in its first 1x1 conv (ResNet v1, Caffe and DeepLab-v2 code such
+            as PMMs' `resnet_dialated.py`), not in its 3x3 conv (torchvision's v1.5).
+        ceil_pool: the stem's max-pool rounds its output size up (`ceil_mode`; PMMs' backbone). Changes the map size
+            where (H + 1) / 2 is odd: 400 -> 200 -> 101 instead of 100.
+        dilate_first: the first bottleneck of a dilated layer has the layer's dilation too (DeepLab-v2 code: layer3
+            all 2); torchvision gives it the previous layer's (layer3's first block 1).
+        bn: BatchNorm of the trainable parts: 'frozen' (ImageNet statistics and affine parameters kept), 'batch'
+            (in training, batch statistics normalise and update the running ones, affine frozen: PMMs' reference),
+            'trained' (the same, and the affine parameters learn: Q-Net's reference). Frozen parts stay frozen.
+    The three geometry switches change no weight: torchvision's ImageNet tensors load into either geometry.
     """
     taps: str | tuple[str, ...] = 'bottlenecks'
     tap_relu: bool = True
     dilate: tuple[bool, bool, bool] = (False, False, False)
     trainable: tuple[str, ...] = ()
     keep_fc: bool = False
+    stride_on_conv1: bool = False
+    ceil_pool: bool = False
+    dilate_first: bool = False
+    bn: str = 'frozen'
 
     def validate(self, name: str) -> 'BackboneSpec':
         parts = ('stem',) + RESNET_LAYERS + ('fc',)
@@ -58,10 +72,19 @@ class BackboneSpec:
             raise UserError(f'trainable backbone parts {self.trainable!r}: choose from {parts}')
         if 'fc' in self.trainable and not self.keep_fc:
             raise UserError('a trainable fc needs keep_fc=True')
-        if name == 'vgg16' and (self.taps != 'bottlenecks' or any(self.dilate) or self.trainable or self.keep_fc):
+        if self.bn not in ('frozen', 'batch', 'trained'):
+            raise UserError(f'backbone BatchNorm mode {self.bn!r}: choose frozen, batch or trained')
+        if name == 'vgg16' and (self.taps != 'bottlenecks' or any(self.dilate) or self.trainable or self.keep_fc
+                                or self.geometry != 'torchvision'):
             raise UserError('vgg16 supports only the frozen HSNet taps; this method needs a ResNet backbone '
                             '(--backbone resnet50 or resnet101)')
         return self
+
+    @property
+    def geometry(self) -> str:
+        r"""'torchvision' (v1.5), 'deeplab-v2' (all three switches on, PMMs' backbone) or the switches that are on."""
+        on = [n for n in ('stride_on_conv1', 'ceil_pool', 'dilate_first') if getattr(self, n)]
+        return 'torchvision' if not on else 'deeplab-v2' if len(on) == 3 else '+'.join(on)
 
     @property
     def last_layer(self) -> int:
@@ -96,6 +119,8 @@ class Backbone(nn.Module):
         self.weights = str(weights)
         self.net = build(weights=None) if blocks is None else build(weights=None,
                                                                      replace_stride_with_dilation=list(self.spec.dilate))
+        if blocks is not None:
+            _set_geometry(self.net, self.spec)
         if weights is not None:
             _load_weights(self.net, name, enum, str(weights))
         if blocks is None:
@@ -116,7 +141,7 @@ class Backbone(nn.Module):
         for part in self.spec.trainable:
             for module in self._part_modules(part):
                 for sub in module.modules():
-                    if not isinstance(sub, nn.BatchNorm2d):
+                    if not isinstance(sub, nn.BatchNorm2d) or self.spec.bn == 'trained':
                         for param in sub.parameters(recurse=False):
                             param.requires_grad_(True)
         # NHWC convolutions: 22% faster ResNet-50 forward on a 2-core CPU; the preferred layout on tensor cores too.
@@ -139,8 +164,26 @@ class Backbone(nn.Module):
         return [self.stage_ids.count(s) for s in (4, 3, 2)]
 
     def train(self, mode: bool = True):
-        # Frozen: BN keeps its ImageNet statistics whatever the surrounding model does.
-        return super().train(False)
+        # BN keeps its ImageNet statistics whatever the surrounding model does, unless the spec's bn mode lets the
+        # trainable parts' BN use (and update) batch statistics in training.
+        super().train(False)
+        if mode and self.spec.bn != 'frozen':
+            for bn in self.moving_batchnorms():
+                bn.train(True)
+        return self
+
+    def moving_batchnorms(self) -> list[nn.BatchNorm2d]:
+        r"""The BatchNorm layers whose statistics move in training (trainable parts, bn mode batch/trained)."""
+        if self.spec.bn == 'frozen':
+            return []
+        return [m for part in self.spec.trainable for module in self._part_modules(part) for m in module.modules()
+                if isinstance(m, nn.BatchNorm2d)]
+
+    def moving_buffers(self) -> list[str]:
+        r"""Names (in this module) of the buffers that training changes: `moving_batchnorms`' running statistics."""
+        moving = {id(m) for m in self.moving_batchnorms()}
+        return [f'{name}.{b}' for name, m in self.named_modules() if id(m) in moving
+                for b, _ in m.named_buffers(recurse=False)]
 
     @torch.no_grad()
     def calibrate_bn(self, batches) -> int:
@@ -262,28 +305,58 @@ class Backbone(nn.Module):
         return feats
 
 
+def _set_geometry(net: nn.Module, spec: BackboneSpec) -> None:
+    r"""Move strides and dilations of a torchvision ResNet to the geometry the spec asks for (no weight changes)."""
+    net.maxpool.ceil_mode = spec.ceil_pool
+    for name in RESNET_LAYERS[1:]:
+        first = getattr(net, name)[0]
+        if spec.stride_on_conv1 and first.conv2.stride != (1, 1):
+            first.conv1.stride, first.conv2.stride = first.conv2.stride, (1, 1)
+        if spec.dilate_first and len(getattr(net, name)) > 1:
+            dilation = getattr(net, name)[1].conv2.dilation       # the layer's own dilation (its later blocks')
+            first.conv2.dilation = first.conv2.padding = dilation
+
+
+#: Downloadable initialisations besides 'imagenet': name -> backbone -> torchvision weights enum (lazily resolved).
+DOWNLOADS = {
+    'deeplabv3-coco': {'resnet50': 'DeepLabV3_ResNet50_Weights', 'resnet101': 'DeepLabV3_ResNet101_Weights'},
+}
+WEIGHT_CHOICES = ('imagenet', *DOWNLOADS, 'none')
+
+
+def _download_enum(name: str, enum, weights: str):
+    r"""The torchvision weights enum of a downloadable initialisation."""
+    if weights == 'imagenet':
+        return enum
+    if name not in DOWNLOADS[weights]:
+        raise UserError(f'--backbone-weights {weights} exists for {", ".join(DOWNLOADS[weights])}, not {name}')
+    from torchvision.models import segmentation
+    return getattr(segmentation, DOWNLOADS[weights][name]).COCO_WITH_VOC_LABELS_V1
+
+
 def _load_weights(net: nn.Module, name: str, enum, weights: str) -> None:
     if weights == 'none':
         warnings.warn(f'\n{"!" * 78}\n!! backbone {name} has RANDOM weights (--backbone-weights none). Results mean '
                       f'nothing\n!! beyond tests and the offline demo; use --backbone-weights imagenet or a .pth file.'
                       f'\n{"!" * 78}', stacklevel=3)
         return
-    if weights == 'imagenet':
+    if weights in ('imagenet', *DOWNLOADS):
+        enum = _download_enum(name, enum, weights)
         file = Path(enum.url).name
         hub = Path(os.environ.get('TORCH_HOME', Path.home() / '.cache' / 'torch')) / 'hub' / 'checkpoints'
         try:
             state = enum.get_state_dict(progress=False)
         except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
             raise UserError(
-                f'could not obtain the ImageNet weights of {name} ({type(err).__name__}: {err}).\n'
+                f'could not obtain the {weights} weights of {name} ({type(err).__name__}: {err}).\n'
                 f'  This machine is probably offline. On a connected machine download\n    {enum.url}\n'
                 f'  then either pass --backbone-weights /path/to/{file}\n'
                 f'  or place the file at {hub / file} (set TORCH_HOME to use another cache folder).') from err
     else:
         path = Path(weights)
         if not path.is_file():
-            raise UserError(f'--backbone-weights {weights}: no such file (expected imagenet, none or a path to a '
-                            f'{name} state dict such as {Path(enum.url).name})')
+            raise UserError(f'--backbone-weights {weights}: no such file (expected {", ".join(WEIGHT_CHOICES)} or a '
+                            f'path to a {name} state dict such as {Path(enum.url).name})')
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as err:  # noqa: BLE001

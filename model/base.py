@@ -303,7 +303,13 @@ class FewShotSegmenter(nn.Module):
     Class attributes a method declares:
         kshot: 'vote' or 'joint' (see `Vote`, `Joint`).
         Options: a dataclass of the method's options (`option(...)` fields); NoOptions by default.
-        backbone_spec: the `BackboneSpec` it needs (taps, dilation, trainable layers).
+        backbone_spec: the `BackboneSpec` it needs (taps, dilation, trainable layers, geometry); a method whose options
+            change it overrides `spec_for`.
+        train_recipe: train.py defaults of its public code where they differ from `common.constants.TRAIN_DEFAULTS`
+            (img_size, bsz, epochs, train_boundary; a 'kshot' dict overrides them for K > 1); a flag or YAML key the
+            user gives wins. A literal (train.py reads it without importing torch; `model.train_recipe`).
+        legacy_options: values of options added after checkpoints were written with the behaviour they now switch
+            (a checkpoint without the option gets this value, not the new default; `stored_options`).
         default_backbone: the backbone used when train.py's --backbone is not given.
         plugin_point: 'features' (the hooks' query/support features feed the matching) or 'prototypes'.
         adaptation_defaults: its test-time adaptation settings (`Adaptation(steps=0)` = none by default); a method
@@ -314,6 +320,8 @@ class FewShotSegmenter(nn.Module):
     kshot: str = 'vote'
     Options: type = NoOptions
     backbone_spec: BackboneSpec = BackboneSpec()
+    train_recipe: dict = {}
+    legacy_options: dict = {}
     default_backbone: str = 'resnet50'
     plugin_point: str = 'features'
     adaptation_defaults: Adaptation = Adaptation()
@@ -333,6 +341,11 @@ class FewShotSegmenter(nn.Module):
         if self.kshot not in KSHOT_POLICIES:
             raise ValueError(f'{type(self).__name__}.kshot must be one of {list(KSHOT_POLICIES)}')
         self.policy = KSHOT_POLICIES[self.kshot]
+
+    @classmethod
+    def spec_for(cls, options) -> BackboneSpec:
+        r"""The backbone spec under these options (`backbone_spec` unless an option changes the geometry)."""
+        return cls.backbone_spec
 
     # --- plug-in ----------------------------------------------------------------------------------------------
     def attach(self, hooks: Hooks) -> 'FewShotSegmenter':

@@ -102,6 +102,7 @@ class DMTNet(PATNet):
 
     Options = DMTNetOptions
     adaptation_defaults = Adaptation(steps=0, lr=1e-6)
+    train_recipe = {'epochs': 20, 'bsz': 24}             # the public code's train.py
 
     def __init__(self, backbone: Backbone, options: DMTNetOptions | None = None):
         super().__init__(backbone, options)

@@ -80,6 +80,7 @@ class IFA(FewShotSegmenter):
     plugin_point = 'prototypes'
     adaptation_defaults = Adaptation(steps=0, lr=5e-4)
     default_lr = 1e-3
+    train_recipe = {'epochs': 20, 'bsz': 12, 'kshot': {'bsz': 6}}     # the public code's 1-shot / 5-shot settings
 
     # --- forward ------------------------------------------------------------------------------------------------
     def match(self, record: EpisodeRecord) -> Output:

@@ -13,6 +13,7 @@ PMMs (k = 3) uses P as the history of the residual blocks; RPMMs (the residual c
 "RPMMs") runs three stages with k = 1, 3, 6 that share every weight: P is concatenated to x and each stage's
 softmax is the next stage's history. The reference names of the modules are given next to ours.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -101,6 +102,20 @@ def dense_comparison(conv: nn.Conv2d, query: torch.Tensor, protos: torch.Tensor)
     return out_q.unsqueeze(1) + out_p
 
 
+def stage_mean_log_probabilities(stages: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    r"""RPMMs' K-shot prediction (`FRPMMs.forward_5shot`): log of the mean of the stages' softmax, bilinearly
+    upsampled to `size`. stages: logits [N,2,h,w] at feature resolution -> [N,2,H,W].
+
+    The reference sums the softmax of its 3 stages, divides by 5, upsamples that and takes a softmax of it as its
+    probability. Its argmax, the prediction, is the argmax here (a positive multiple of the same upsampled map);
+    the softmax of these logits is the mean probability itself (a convex combination of distributions, which
+    bilinear upsampling keeps one).
+    """
+    mean = torch.stack([torch.softmax(s, dim=1) for s in stages]).mean(dim=0)
+    mean = F.interpolate(mean, size, mode='bilinear', align_corners=False)
+    return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+
+
 def poly_schedule(total_steps: int, power: float = POLY_POWER):
     r"""LR factor (1 - step / total_steps)^power of the reference's `adjust_learning_rate_poly`, per step."""
     total = max(int(total_steps), 1)
@@ -141,25 +156,44 @@ class ResidualBlock(nn.Module):
 
 
 # --- the methods --------------------------------------------------------------------------------------------------
+GEOMETRY_HELP = ("backbone geometry: reference (default; the public code's DeepLab-v2 ResNet: layer2's stride in its "
+                 "first 1x1 conv, ceil-mode stem max-pool, every layer3 block dilated 2) or torchvision (torchvision's "
+                 "v1.5 ResNet with dilated layer3, our earlier default: cheaper, not the published network)")
+
+
+BN_HELP = ("backbone BatchNorm in training: batch (default; the public code's train mode: batch statistics, running "
+           "statistics updated, affine frozen) or frozen (ImageNet statistics kept; our earlier default)")
+
+
 @dataclass
 class PMMsOptions:
     components: int = option(3, help='mixture components per foreground and per background (k; the paper: 3)',
                              low=1, high=64)
     em_seed: int = option(0, help='seed of the fixed EM initialisation (a buffer, saved in checkpoints)', low=0)
+    geometry: str = option('reference', help=GEOMETRY_HELP, choices=('reference', 'torchvision'))
+    bn: str = option('batch', help=BN_HELP, choices=('batch', 'frozen'))
 
 
 @dataclass
 class RPMMsOptions:
     em_seed: int = option(0, help='seed of the fixed EM initialisation (a buffer, saved in checkpoints)', low=0)
+    geometry: str = option('reference', help=GEOMETRY_HELP, choices=('reference', 'torchvision'))
+    bn: str = option('batch', help=BN_HELP, choices=('batch', 'frozen'))
+    kshot_prediction: str = option('stages', choices=('stages', 'last'),
+                                   help='K > 1 at test time: stages (default; the public code: the mean of the three '
+                                        "stages' probabilities) or last (the last stage, as for one shot)")
 
 
 class PMMs(FewShotSegmenter):
     r"""PMMs (the reference's networks/FPMMs.py): one EM with k components (`--components`, 3), the probability map
     as the history of the residual blocks, BatchNorm in the comparison and projection layers.
 
-    Deviations from the public code (README, "PMMs / RPMMs"): the EM initialisation is a fixed buffer drawn from
-    `--em-seed` (the reference draws it afresh, unseeded, and does not save it); the backbone is torchvision's
-    ResNet-50 with its BatchNorm frozen (statistics included); pixels labelled 255 are ignored by the loss.
+    Backbone: the reference's geometry (`--geometry reference`, default: DeepLab-v2 strides and dilations) loaded
+    with torchvision's ImageNet tensors, as the public code does. Deviations from the public code (README, "PMMs /
+    RPMMs"): the EM initialisation is a fixed buffer drawn from `--em-seed` (the reference draws it afresh,
+    unseeded, and does not save it). The backbone's BatchNorm uses batch statistics in training (`--bn batch`, the
+    reference's train mode; its affine parameters frozen, as the reference), computed over the queries and supports
+    of a batch together (the reference passes supports and queries separately); `--bn frozen` keeps ImageNet's.
 
     K-shot ('joint'): one EM over the pixels of all K supports (the reference concatenates them spatially).
     """
@@ -167,7 +201,11 @@ class PMMs(FewShotSegmenter):
     kshot = 'joint'
     Options = PMMsOptions
     backbone_spec = BackboneSpec(taps=('layer2', 'layer3'), dilate=(False, True, True),
-                                 trainable=('stem', 'layer1', 'layer2', 'layer3'))
+                                 trainable=('stem', 'layer1', 'layer2', 'layer3'),
+                                 stride_on_conv1=True, ceil_pool=True, dilate_first=True)
+    legacy_options = {'geometry': 'torchvision', 'bn': 'frozen'}        # checkpoints written before the options
+    train_recipe = {'img_size': 321, 'bsz': 8,                  # the public code's input size, batch and augmentation
+                    'augmentation': 'flip-resized-crop'}
     plugin_point = 'prototypes'       # CD-TG fuses text into every EM component (foreground and background)
     default_lr = 3.5e-4
     cascade = False                   # RPMMs: the residual cascade
@@ -194,6 +232,13 @@ class PMMs(FewShotSegmenter):
         self.project = nn.Sequential(_conv(5 * WIDTH, WIDTH, 1),
                                      *([nn.BatchNorm2d(WIDTH), nn.ReLU()] if bn else [nn.ReLU(), nn.Dropout2d(0.5)]))
         self.classifier = _conv(WIDTH, 2, 1)
+
+    @classmethod
+    def spec_for(cls, options) -> BackboneSpec:
+        spec = dataclasses.replace(cls.backbone_spec, bn=options.bn)
+        if options.geometry == 'torchvision':
+            return dataclasses.replace(spec, stride_on_conv1=False, ceil_pool=False, dilate_first=False)
+        return spec
 
     def _stage_components(self) -> tuple[int, ...]:
         return (self.options.components,)
@@ -223,7 +268,10 @@ class PMMs(FewShotSegmenter):
                 x, hist = self.merge(x), prob
             logits = self.segmentation(x, hist)
             history = torch.softmax(logits, dim=1)
-            stages.append(self.upsample(logits, record))
+            stages.append(logits)
+        if self.cascade and record.nshot > 1 and not self.training and self.options.kshot_prediction == 'stages':
+            return Output(stage_mean_log_probabilities(stages, record.image_size))
+        stages = [self.upsample(logits, record) for logits in stages]
         return Output(stages[-1], {'stages': stages[:-1]} if len(stages) > 1 else {})
 
     def prototypes(self, support: torch.Tensor, record: EpisodeRecord) -> tuple[list, list]:
@@ -231,7 +279,7 @@ class PMMs(FewShotSegmenter):
         plug-in hook in one call (the stages' components concatenated: every component is fused with the same text
         prototype)."""
         b, k = record.batch, record.nshot
-        m = resize_mask(record.ctx.support_masks, tuple(support.shape[-2:])).to(support.dtype)   # [B*K,1,h,w]
+        m = resize_mask(record.ctx.support_masks, tuple(support.shape[-2:]), support.dtype).to(support.dtype)
         # [B*K,C,h,w] -> [B,C,K*h*w]: one EM over all the pixels of an episode's supports; fg sets, then bg sets
         x = torch.cat([m * support, (1 - m) * support]).reshape(2 * b, k, WIDTH, -1).transpose(1, 2).flatten(2)
         protos = [em_prototypes(x, getattr(self, f'em_init_{c}')) for c in self.stages]
@@ -295,11 +343,13 @@ class PMMs(FewShotSegmenter):
 class RPMMs(PMMs):
     r"""RPMMs (the reference's networks/FRPMMs.py): three residual stages with k = 1, 3, 6 sharing every weight; the
     probability map is concatenated before the merge layer and each stage's softmax is the next stage's history;
-    Dropout2d instead of BatchNorm in the head. Loss: the sum of the three stages' cross-entropies. The prediction
-    is the last stage, for every K (the reference's 5-shot code averages the three stages' softmax instead).
+    Dropout2d instead of BatchNorm in the head. Loss: the sum of the three stages' cross-entropies. The prediction:
+    the last stage for one shot; for K > 1 at test time the mean of the three stages' probabilities, as the
+    reference's 5-shot code (`--kshot-prediction last`: the last stage).
     """
 
     Options = RPMMsOptions
+    legacy_options = {'geometry': 'torchvision', 'bn': 'frozen', 'kshot_prediction': 'last'}   # before the options
     cascade = True
     STAGES = (1, 3, 6)
 

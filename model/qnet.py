@@ -11,11 +11,15 @@ upsampled to the image and mixed with path weights 0.9 / 0.1. Training: weighted
 prototype alignment loss (query prototype from the predicted mask, predicting each support). Test time: the
 query-informed prototype refinement, a few Adam steps per episode on the prototypes (`adaptation_loss`).
 
-The log-probabilities are computed exactly in log space (`mixture_log_probabilities`); the reference takes
-log(clamp(p, ε, 1 - ε)), whose gradient is exactly zero wherever a path saturates, so a threshold that overshoots
-(T reached -1e5 within 40 steps of a synthetic run) can never be corrected.
+The log-probabilities are the reference's log(clamp(p, ε, 1 - ε)) (ε = float32's machine epsilon;
+`clamped_log_probabilities`). Their gradient is exactly zero wherever the mix saturates, so a threshold that
+overshoots (T reached -1e5 within 40 steps of a synthetic run on a random backbone) is never corrected;
+`--log-prob exact` computes them exactly in log space instead (`mixture_log_probabilities`), with a gradient
+everywhere.
 """
 from dataclasses import dataclass
+
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -78,6 +82,17 @@ def mixture_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor,
     return torch.stack(out, dim=1)
 
 
+def clamped_log_probabilities(logits: list[torch.Tensor], weights: torch.Tensor,
+                              size: tuple[int, int]) -> torch.Tensor:
+    r"""The reference's [log(1 - p), log p] [N,2,H,W]: p = Σ_n w_n up(σ(x_n)) / Σ w with bilinear upsampling
+    (aligned corners), both columns clamped to [ε, 1 - ε] before the log (ε = float32's machine epsilon, whatever
+    the dtype, as `train.py`)."""
+    p = sum(w * F.interpolate(torch.sigmoid(x).unsqueeze(1), size, mode='bilinear', align_corners=True)
+            for w, x in zip(weights, logits)) / weights.sum()
+    eps = torch.finfo(torch.float32).eps
+    return torch.log(torch.clamp(torch.cat([1.0 - p, p], dim=1), eps, 1 - eps))
+
+
 def interpolation_matrix(n_out: int, n_in: int, dtype: torch.dtype, device) -> torch.Tensor:
     r"""[n_out, n_in] matrix A of 1-D linear interpolation without aligned corners: A @ v = F.interpolate(v)."""
     eye = torch.eye(n_in, dtype=dtype, device=device).unsqueeze(0)                       # [1,n_in(ch),n_in]
@@ -124,15 +139,29 @@ def refinement_loss(feat: torch.Tensor, proto: torch.Tensor, fg: torch.Tensor) -
 class QNetOptions:
     path_weight: float = option(0.9, help='weight of the layer3 path in the mix of the two paths (layer4: 1 - w; '
                                           "the paper's setting 2 uses 0.6)", low=0.0, high=1.0)
+    geometry: str = option('reference', choices=('reference', 'stride8'),
+                           help="backbone dilation: reference (default; the public code's [True, True, False]: "
+                                'layer3 path at 1/4, layer4 path at 1/8 of the image) or stride8 (dilated layer3 and '
+                                'layer4, both paths at 1/8: about 3x cheaper, our earlier default)')
+    bn: str = option('trained', choices=('trained', 'frozen'),
+                     help='backbone BatchNorm in training: trained (default; the public code: batch statistics over '
+                          'the supports and query, affine parameters learned) or frozen (ImageNet statistics and '
+                          'affine kept; our earlier default)')
+    log_prob: str = option('clamped', choices=('clamped', 'exact'),
+                           help="log-probabilities of the losses: clamped (default; the public code's "
+                                'log(clamp(p, eps, 1 - eps)), no gradient where it saturates) or exact (log space, a '
+                                'gradient everywhere; our earlier default)')
 
 
 class QNet(FewShotSegmenter):
     r"""Q-Net trained with ground-truth masks (PASCAL or any source benchmark).
 
-    Deviations from the public code (README, "Q-Net"): torchvision ImageNet initialisation (not DeepLabv3-COCO) with
-    dilated layer3/layer4 (output stride 8 for both paths), BatchNorm frozen (statistics and affine); episodes of a
-    batch and their K shots are indexed correctly and each query uses its own T (the reference mixes episodes
-    when B > 1 and K > 1 and broadcasts the whole batch's T); query pixels labelled 255 are ignored.
+    Backbone: torchvision's ResNet-101 with the reference's dilation (layer2 and layer3 dilated: paths at 1/4 and
+    1/8; `--geometry stride8`: both at 1/8); its initial weights are ImageNet's unless `--backbone-weights
+    deeplabv3-coco` (the reference's). BatchNorm as the reference (`--bn trained`: batch statistics over the supports
+    and the query in training, affine parameters learned; `--bn frozen`: ImageNet's kept). Deviations from the public
+    code (README, "Q-Net"): episodes of a batch and their K shots are indexed correctly and each query uses its
+    own T (the reference mixes episodes when B > 1 and K > 1 and broadcasts the whole batch's T).
 
     Test-time adaptation (on by default, `test.py --finetune-steps/--finetune-lr`): 30 Adam steps at lr 2e-3 per
     episode on the two path prototypes (after a plug-in has fused them), with the released refinement objective
@@ -141,8 +170,10 @@ class QNet(FewShotSegmenter):
 
     kshot = 'joint'
     Options = QNetOptions
-    backbone_spec = BackboneSpec(taps=('layer3', 'layer4'), dilate=(False, True, True), keep_fc=True,
+    backbone_spec = BackboneSpec(taps=('layer3', 'layer4'), dilate=(True, True, False), keep_fc=True,
                                  trainable=('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc'))
+    legacy_options = {'geometry': 'stride8', 'bn': 'frozen', 'log_prob': 'exact'}   # checkpoints before the options
+    train_recipe = {'train_boundary': 'ignore'}         # the public code's NLLLoss(ignore_index=255)
     default_backbone = 'resnet101'
     plugin_point = 'prototypes'       # CD-TG fuses text into the foreground prototypes (no background prototype)
     adaptation_defaults = Adaptation(steps=30, lr=2e-3)
@@ -155,8 +186,13 @@ class QNet(FewShotSegmenter):
             nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')
         # reduce1d: T = Linear(1000, 1)(fc(pool(layer4))); no nonlinearity in between, as the reference
         self.threshold_head = nn.Linear(backbone.net.fc.out_features, 1)
-        w = self.options.path_weight
-        self.register_buffer('path_weights', torch.tensor([w, 1.0 - w]), persistent=False)
+
+    @classmethod
+    def spec_for(cls, options) -> BackboneSpec:
+        spec = dataclasses.replace(cls.backbone_spec, bn=options.bn)
+        if options.geometry == 'stride8':
+            return dataclasses.replace(spec, dilate=(False, True, True))
+        return spec
 
     @property
     def feature_channels(self) -> list[int]:
@@ -192,8 +228,13 @@ class QNet(FewShotSegmenter):
                 for f, p in zip(paths, protos)]
 
     def log_probabilities(self, logits: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        r"""[log(1 - p), log p] [N,2,H,W] of the paths upsampled to `size` and mixed with the path weights."""
-        return mixture_log_probabilities(logits, self.path_weights.to(logits[0].dtype), size)
+        r"""[log(1 - p), log p] [N,2,H,W] of the paths upsampled to `size` and mixed with the path weights
+        (`--log-prob`: clamped as the reference, or exact)."""
+        w = self.options.path_weight               # made in the maps' dtype (a float32 0.9 is 0.89999998)
+        weights = torch.tensor([w, 1.0 - w], dtype=logits[0].dtype, device=logits[0].device)
+        if self.options.log_prob == 'clamped':
+            return clamped_log_probabilities(logits, weights, size)
+        return mixture_log_probabilities(logits, weights, size)
 
     def match(self, record: EpisodeRecord) -> Output:
         query = self.paths(record.query_feats)

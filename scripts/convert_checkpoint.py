@@ -6,8 +6,8 @@ r"""Convert a checkpoint written by an older version of this code to the current
 Format 1 (before safe loading) stored NumPy RNG states, which `torch.load(weights_only=True)` refuses, and no
 checksum or method options. This script reads the old file with full unpickling — which can run code stored in the
 file, so use it only on files you trust (your own runs) — and writes it in the current format: plain RNG state,
-method options (the method's defaults, which is what the old code used), content checksum. The weights are
-unchanged (the script checks that the new file loads and holds the same tensors).
+method options (what the old code used: the method's `legacy_options`, else its defaults), content checksum. The
+weights are unchanged (the script checks that the new file loads and holds the same tensors).
 """
 import argparse
 import sys
@@ -21,13 +21,14 @@ import torch  # noqa: E402
 from common.config import parse_with_config  # noqa: E402
 from common.checkpoint import FORMAT, load_checkpoint, save_checkpoint  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
+from model import stored_options  # noqa: E402
 
 
 def convert(old: dict) -> dict:
     r"""The current-format state of an old checkpoint dict."""
     state = {k: v for k, v in old.items() if k not in ('format', 'version', 'checksum')}
     config = dict(state['config'])
-    config.setdefault('method_options', {})
+    config['method_options'] = stored_options(config['method'], config.get('method_options'))
     state['config'] = config
     rng = state.get('rng')
     if rng is not None and isinstance(rng.get('numpy'), tuple) and isinstance(rng['numpy'][1], np.ndarray):

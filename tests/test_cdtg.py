@@ -107,7 +107,7 @@ def test_prototype_fusion_maths_float64(n_protos, per_episode, with_bg, bias):
         table = align.encode_table(plugin.text_table, plugin.text_mask)
         cls_text = table[[2, 2, 0, 0]]                            # supports follow their episode's class
         bg_text = table[[3, 3, 3, 3]]                             # last row = background
-        m = resize_mask(masks, f.shape[-2:]).double()            # [B*K,1,h,w], summed in float64
+        m = resize_mask(masks, f.shape[-2:], torch.float64)      # [B*K,1,h,w], interpolated and summed in float64
         # MAP with the reference plug-in's epsilon (generate_prototype: Σ F·m / (Σ m + 1e-6)), as PATNet's
         fp_t = (align(f, None, encoded=cls_text) * m).sum((2, 3)) / (m.sum((2, 3)) + 1e-6)          # [B*K,C]
         bp_t = (align(f, None, encoded=bg_text) * (1 - m)).sum((2, 3)) / ((1 - m).sum((2, 3)) + 1e-6)

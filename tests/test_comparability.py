@@ -158,7 +158,7 @@ def test_cdtg_features_feed_aligned_maps_to_patnet(monkeypatch):
         f = raw.support_feats[0]                                           # the backbone's own map (tap 0)
         text, mask = hooks.class_texts(ep['class_id'])
         aligned = hooks.aligned(hooks.tap_level[0], f, text, mask)
-        m = resize_mask(raw.ctx.support_masks, tuple(f.shape[-2:])).double()
+        m = resize_mask(raw.ctx.support_masks, tuple(f.shape[-2:]), torch.float64)
         fg, _ = guided.prototypes(record.support_feats, record.ctx)
         by_hand = 0.5 * masked_average_pooling(f, m, eps=1e-6) + 0.5 * masked_average_pooling(aligned, m, eps=1e-6)
         assert torch.allclose(record.support_feats[0], 0.5 * f + 0.5 * aligned, atol=1e-10)

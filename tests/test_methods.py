@@ -53,7 +53,7 @@ class ToyProto(FewShotSegmenter):
 
     def _logits(self, query, support, masks, record) -> torch.Tensor:
         b, k = record.batch, record.nshot
-        m = resize_mask(masks, tuple(support.shape[-2:])).to(support.dtype)
+        m = resize_mask(masks, tuple(support.shape[-2:]), support.dtype).to(support.dtype)
         pooled = masked_average_pooling(support, torch.cat([m, 1 - m], dim=1))           # [B*K,2,C]
         fg = pooled[:, 0].view(b, k, -1).mean(1, keepdim=True)                             # [B,1,C]: shot mean
         bg = pooled[:, 1].view(b, k, -1).mean(1, keepdim=True)
@@ -143,9 +143,13 @@ def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(name):
         else:
             assert p.grad is None, n
     assert sum(float(p.grad.abs().sum()) for p in trainable.values()) > 0
-    frozen_bn = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    moving = model.backbone.moving_batchnorms()          # PMMs' and Q-Net's reference BN modes, see BackboneSpec.bn
+    frozen_bn = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d) and m not in moving]
     assert all(not m.training for m in frozen_bn) and all(not p.requires_grad for m in frozen_bn
                                                           for p in m.parameters())
+    affine = model.backbone.spec.bn == 'trained'
+    assert all(m.training and all(p.requires_grad == affine for p in m.parameters()) for m in moving)
+    assert bool(moving) == (name in ('pmms', 'rpmms', 'qnet'))
 
 
 class ShapeHooks(Hooks):

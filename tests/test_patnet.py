@@ -323,7 +323,7 @@ def test_tfi_pooled_transform_equals_transform_then_pool(patnet):
     feat = torch.randn(2, 512, 8, 8, generator=g, dtype=f64)
     fg, bg = torch.randn(2, 512, generator=g, dtype=f64), torch.randn(2, 512, generator=g, dtype=f64)
     pred = (torch.rand(2, 64, 64, generator=g) > 0.6).long()
-    mask = resize_mask(pred, (8, 8)).to(f64)
+    mask = resize_mask(pred, (8, 8), f64)
     maps = (dense_transform_matrix(torch.stack([bg, fg], 1), model.anchors[0]).transpose(1, 2)
             @ feat.flatten(2)).view_as(feat)                                    # PATM on the map
     pooled_after = (maps * mask).sum((2, 3)) / (mask.sum((2, 3)) + 1e-6)

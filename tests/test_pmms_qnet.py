@@ -214,18 +214,19 @@ def test_pmms_recipe_parameter_groups_and_poly_schedule():
 def test_learnable_parameter_counts_against_hand_counts_of_the_reference():
     # Hand counts of the reference networks (FPMMs / FRPMMs with a ResNet-50 up to layer3; Q-Net's encoder with the
     # ResNet-101 fc, reduce1/2 and reduce1d), see README "Methods": all parameters, and the learnable ones here
-    # (backbone BatchNorm frozen; the PMMs reference freezes its affine parameters too).
+    # (the PMMs reference freezes the backbone's BatchNorm affine parameters; Q-Net's trains them, `--bn frozen` not).
     counts = {}
-    for name, backbone in (('pmms', None), ('rpmms', None), ('qnet', 'resnet101'), ('qnet', 'resnet50')):
-        model = make(name, backbone)
+    for name, backbone, options in (('pmms', None, {}), ('rpmms', None, {}), ('qnet', 'resnet101', {}),
+                                    ('qnet', 'resnet50', {}), ('qnet', 'resnet50', {'bn': 'frozen'})):
+        model = make(name, backbone, **options)
         bn = sum(p.numel() for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
         total = sum(p.numel() for p in model.parameters())
         learnable = sum(p.numel() for p in model.trainable_parameters())
-        assert learnable == total - bn
+        assert learnable == (total if name == 'qnet' and not options else total - bn)
         counts[name, backbone] = total, learnable
     assert counts['pmms', None] == (19_629_890, 19_599_298)
     assert counts['rpmms', None] == (19_632_962, 19_602_370)
-    assert counts['qnet', 'resnet101'][0] == 46_123_025
+    assert counts['qnet', 'resnet101'] == (46_123_025, 46_123_025)
     assert counts['qnet', 'resnet50'][0] == 25_557_032 + (1024 + 2048) * 512 + 1001
 
 

@@ -866,6 +866,8 @@ class CDTG(Hooks):
                          lr_scale=config.get('cdtg_lr_scale'),
                          weight_decay=float(config.get('cdtg_weight_decay', WEIGHT_DECAY)),
                          grad_clip=float(config.get('cdtg_grad_clip', GRAD_CLIP)))
+        if cfg.maps:           # the feature hooks align the backbone taps, which a prototype host may reduce later
+            return cls(list(model.backbone.channels), list(model.backbone.stage_ids), point, cfg)
         return cls(model.feature_channels, model.feature_levels, point, cfg)
 
     @classmethod

@@ -48,12 +48,12 @@ def deterministic_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
     return model
 
 
-def episode(nshot: int, batch: int, seed: int = 0):
+def episode(nshot: int, batch: int, seed: int = 0, size: int = SIZE):
     r"""Random images and elliptic support masks (and query masks) of varied size and position."""
     gen = torch.Generator().manual_seed(seed)
-    query = torch.randn(batch, 3, SIZE, SIZE, generator=gen)
-    support = torch.randn(batch, nshot, 3, SIZE, SIZE, generator=gen)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing='ij')
+    query = torch.randn(batch, 3, size, size, generator=gen)
+    support = torch.randn(batch, nshot, 3, size, size, generator=gen)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing='ij')
     centre = 0.3 + 0.4 * torch.rand(batch, nshot + 1, 2, generator=gen)
     radius = 0.15 + 0.25 * torch.rand(batch, nshot + 1, 2, generator=gen)
     masks = (((yy - centre[..., 0, None, None]) / radius[..., 0, None, None]) ** 2

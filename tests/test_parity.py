@@ -1,0 +1,47 @@
+r"""Parity with the public code, without it: each host at its defaults reproduces, in float64, the outputs its
+reference code gave for the same weights and episodes (tests/golden/parity-<method>.pt, written by
+`scripts/parity.py --write-golden` from a clone of the public repository; the reference commit is in the file). For
+the methods that vote over K per-shot predictions (HSNet, PATNet, DMTNet) the probabilities are the per-shot ones,
+and the voted mask is compared as well."""
+import warnings
+
+import pytest
+import torch
+
+import scripts.parity as parity
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+TOLERANCE = 1e-10                   # relative to the largest reference probability (the issue's parity bar)
+
+
+def relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize('method', sorted(parity.REFERENCES))
+def test_defaults_reproduce_the_public_code_float64(method):
+    golden = torch.load(parity.GOLDEN / f'parity-{method}.pt', weights_only=True)
+    assert golden['method'] == method and set(golden['cases']) == set(parity.SHOTS)
+    model = parity.our_model(method)
+    episodes = parity.episodes(golden['size'], method)
+    for k, case in golden['cases'].items():
+        ours, mask = parity.our_prediction(model, episodes[k])
+        ours, ref = ours[:, 1], case['foreground']
+        assert ours.shape == ref.shape
+        assert 0.01 < float(ref.std())                           # not a constant map: the comparison can fail
+        assert relative(ours, ref) <= TOLERANCE, (method, k, relative(ours, ref))
+        if 'mask' in case:                                       # 'vote' methods: the reference's voted mask
+            assert 0 < float(case['mask'].double().mean()) < 1   # not a constant mask
+            assert torch.equal(mask.bool(), case['mask']), (method, k)
+
+
+def test_the_earlier_defaults_are_other_networks():
+    r"""The comparison tells networks apart: PMMs with torchvision's geometry and Q-Net with both paths at 1/8 are
+    far from their references' outputs."""
+    for method, option in (('pmms', {'geometry': 'torchvision'}), ('qnet', {'geometry': 'stride8'})):
+        golden = torch.load(parity.GOLDEN / f'parity-{method}.pt', weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            model = parity.our_model(method, **option)
+        ours = parity.our_probabilities(model, parity.episodes(golden['size'])[1])[:, 1]
+        assert relative(ours, golden['cases'][1]['foreground']) > 1e-3, method

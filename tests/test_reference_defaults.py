@@ -1,0 +1,331 @@
+r"""Every host as shipped is its reference: the backbone geometry of PMMs/RPMMs (DeepLab-v2) and Q-Net (dilation
+[True, True, False]) against float64 re-derivations, RPMMs' K-shot prediction, Q-Net's clamped log-probabilities,
+the methods' training recipes, `--cdtg-features` on every prototype host, and old checkpoints keeping the
+behaviour they were trained with."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import models
+
+import train as train_cli
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.constants import TRAIN_DEFAULTS
+from common.errors import UserError
+from engine.factory import build_model, load_model
+from model import build_method, stored_options, train_recipe
+from model.backbone import Backbone, BackboneSpec
+from model.pmms import stage_mean_log_probabilities
+from tests.golden.make import CDTG_CLASSES, cdtg_config
+
+f64 = torch.float64
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def quiet(fn, *args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return fn(*args, **kw)
+
+
+def randomise_bn(net: nn.Module, seed: int = 0) -> None:
+    r"""BatchNorm statistics and affine parameters away from 0/1, so the folded convolutions are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(1 + 0.2 * torch.rand(m.num_features, generator=g))
+                m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+
+
+# --- geometry -----------------------------------------------------------------------------------------------------
+def deeplab_v2_taps(state: dict, x: torch.Tensor, blocks=(3, 4, 6)) -> list[torch.Tensor]:
+    r"""layer2 and layer3 of a DeepLab-v2 ResNet (PMMs' `resnet_dialated.py`, written out here with functional
+    calls): 7x7 stem, ceil-mode max-pool, bottlenecks with the stride on their first 1x1 conv, layer3 dilated 2 in
+    every block; eval-mode BatchNorm from the torchvision-named `state`."""
+    def bn(t, key):
+        return F.batch_norm(t, state[f'{key}.running_mean'], state[f'{key}.running_var'], state[f'{key}.weight'],
+                            state[f'{key}.bias'], False, 0.0, 1e-5)
+
+    def bottleneck(t, key, stride, dilation, down):
+        out = torch.relu(bn(F.conv2d(t, state[f'{key}.conv1.weight'], stride=stride), f'{key}.bn1'))
+        out = torch.relu(bn(F.conv2d(out, state[f'{key}.conv2.weight'], padding=dilation, dilation=dilation),
+                            f'{key}.bn2'))
+        out = bn(F.conv2d(out, state[f'{key}.conv3.weight']), f'{key}.bn3')
+        identity = bn(F.conv2d(t, state[f'{key}.downsample.0.weight'], stride=stride), f'{key}.downsample.1') \
+            if down else t
+        return torch.relu(out + identity)
+
+    t = torch.relu(bn(F.conv2d(x, state['conv1.weight'], stride=2, padding=3), 'bn1'))
+    t = F.max_pool2d(t, 3, 2, 1, ceil_mode=True)
+    taps = []
+    for layer, (n, stride, dilation) in enumerate(zip(blocks, (1, 2, 1), (1, 1, 2)), start=1):
+        for i in range(n):
+            t = bottleneck(t, f'layer{layer}.{i}', stride if i == 0 else 1, dilation, i == 0)
+        if layer > 1:
+            taps.append(t)
+    return taps
+
+
+def test_pmms_backbone_is_the_reference_deeplab_v2_resnet_float64():
+    model = quiet(build_method, 'pmms', None, 'none').double()
+    randomise_bn(model.backbone.net)
+    state = {k: v.double() for k, v in model.backbone.net.state_dict().items()}
+    # 72 -> stem 36 -> max-pool ceil 19 (floor 18) -> layer2 10 (torchvision: 9)
+    x = torch.randn(2, 3, 72, 72, generator=torch.Generator().manual_seed(1), dtype=f64)
+    with torch.no_grad():
+        ours = model.backbone(x)
+        ref = deeplab_v2_taps(state, x)
+        cheap = quiet(build_method, 'pmms', None, 'none', geometry='torchvision').double()
+        cheap.backbone.net.load_state_dict(model.backbone.net.state_dict())
+        other = cheap.backbone(x)
+    assert model.backbone.spec.geometry == 'deeplab-v2' and cheap.backbone.spec.geometry == 'torchvision'
+    for o, r in zip(ours, ref):
+        assert o.shape == r.shape == (2, o.shape[1], 10, 10)
+        assert float((o - r).abs().max() / r.abs().max()) < 1e-12
+    assert other[0].shape[-1] == 9                     # the torchvision geometry is another network: the test can fail
+
+
+def test_qnet_backbone_is_torchvision_with_the_reference_dilation_float64():
+    model = quiet(build_method, 'qnet', 'resnet50', 'none').double()
+    randomise_bn(model.backbone.net, seed=2)
+    ref = models.resnet50(weights=None, replace_stride_with_dilation=[True, True, False]).double().eval()
+    ref.load_state_dict(model.backbone.net.state_dict())
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=f64)
+    with torch.no_grad():
+        ours = model.backbone(x)
+        t = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+        layer3 = ref.layer3(ref.layer2(ref.layer1(t)))
+        layer4 = ref.layer4(layer3)
+    assert ours[0].shape[-1] == 16 and ours[1].shape[-1] == 8            # paths at 1/4 and 1/8
+    for o, r in zip(ours, (layer3, layer4)):
+        assert float((o - r).abs().max() / r.abs().max()) < 1e-12
+    cheap = quiet(build_method, 'qnet', 'resnet50', 'none', geometry='stride8')
+    assert cheap.backbone.spec.dilate == (False, True, True)
+
+
+def test_geometry_switches_change_no_weight_names():
+    keys = {n: set(Backbone('resnet50', None, BackboneSpec(taps=('layer3',), **kw)).net.state_dict())
+            for n, kw in (('tv', {}), ('v2', dict(stride_on_conv1=True, ceil_pool=True, dilate_first=True)))}
+    assert keys['tv'] == keys['v2']
+    with pytest.raises(UserError, match='vgg16'):
+        Backbone('vgg16', None, BackboneSpec(ceil_pool=True))
+
+
+# --- RPMMs' K-shot prediction and Q-Net's log-probabilities -------------------------------------------------------
+def test_rpmms_kshot_prediction_is_the_reference_mean_of_the_stages():
+    g = torch.Generator().manual_seed(4)
+    stages = [torch.randn(2, 2, 5, 6, generator=g, dtype=f64) * 3 for _ in range(3)]
+    ours = stage_mean_log_probabilities(stages, (11, 13))
+    out5 = sum(torch.softmax(s, dim=1) for s in stages) / 5                       # FRPMMs.forward_5shot
+    ref = torch.softmax(F.interpolate(out5, (11, 13), mode='bilinear', align_corners=False), dim=1)   # get_pred
+    assert torch.equal(ours.argmax(dim=1), ref.argmax(dim=1))
+    assert torch.allclose(ours.exp(), F.interpolate(out5 * 5 / 3, (11, 13), mode='bilinear'), atol=1e-14)
+
+    model = quiet(build_method, 'rpmms', None, 'none').eval()
+    seen = []
+    model.segmentation = (lambda f: lambda *a: seen.append(f(*a)) or seen[-1])(model.segmentation)
+    b, k, size = 1, 2, 48
+    gen = torch.Generator().manual_seed(5)
+    masks = torch.zeros(b, k, size, size)
+    masks[..., 10:30, 12:34] = 1
+    args = (torch.randn(b, 3, size, size, generator=gen), torch.randn(b, k, 3, size, size, generator=gen), masks,
+            torch.zeros(b, dtype=torch.long))
+    with torch.no_grad():
+        out = model(*args).logits
+        assert len(seen) == 3
+        assert torch.allclose(out, stage_mean_log_probabilities(seen, (size, size)), atol=1e-6)
+        model.options.kshot_prediction = 'last'
+        seen.clear()
+        last = model(*args).logits
+    assert torch.allclose(last, F.interpolate(seen[-1], (size, size), mode='bilinear'), atol=1e-6)
+    assert not torch.allclose(out.argmax(dim=1), last.argmax(dim=1)) or not torch.allclose(out, last)
+
+
+def test_qnet_clamped_log_probabilities_are_the_reference_with_its_zero_gradient():
+    from model.qnet import clamped_log_probabilities, mixture_log_probabilities
+    g = torch.Generator().manual_seed(15)
+    xs = [torch.randn(2, 5, 6, generator=g, dtype=f64) * 4, torch.randn(2, 3, 4, generator=g, dtype=f64) * 4]
+    xs[0][1], xs[1][1] = xs[0][1] - 60, xs[1][1] - 60                  # episode 1 saturated
+    xs = [x.requires_grad_(True) for x in xs]
+    w = torch.tensor([0.9, 0.1], dtype=f64)
+    ours = clamped_log_probabilities(xs, w, (17, 19))
+    ups = [F.interpolate(torch.sigmoid(x)[:, None], (17, 19), mode='bilinear', align_corners=True)[:, 0] for x in xs]
+    p = (0.9 * ups[0] + 0.1 * ups[1]) / 1.0                            # the reference's combination
+    eps = torch.finfo(torch.float32).eps
+    ref = torch.log(torch.clamp(torch.stack([1 - p, p], 1), eps, 1 - eps))
+    assert torch.allclose(ours, ref, atol=1e-14, rtol=0)
+    grad = torch.autograd.grad(ours[1, 1].sum(), xs)
+    assert all(float(t.abs().max()) == 0 for t in grad)                 # saturated: no gradient, as the reference
+    exact = mixture_log_probabilities(xs, w, (17, 19))
+    assert float(torch.autograd.grad(exact[1, 1].sum(), xs)[0].abs().max()) > 0.1     # the option differs
+
+    model = quiet(build_method, 'qnet', 'resnet50', 'none')
+    assert model.options.log_prob == 'clamped'
+    assert torch.equal(model.log_probabilities([x.float().detach() for x in xs], (17, 19)),
+                       clamped_log_probabilities([x.float().detach() for x in xs], w.float(), (17, 19)))
+
+
+# --- recipes ------------------------------------------------------------------------------------------------------
+def test_train_recipes_are_the_references():
+    assert train_recipe('hsnet') == TRAIN_DEFAULTS == train_recipe('patnet', 5)
+    assert train_recipe('pmms') == dict(TRAIN_DEFAULTS, img_size=321, bsz=8, augmentation='flip-resized-crop') \
+        == train_recipe('rpmms', 5)
+    assert train_recipe('dmtnet') == dict(TRAIN_DEFAULTS, epochs=20, bsz=24)
+    assert train_recipe('ifa', 1)['bsz'] == 12 and train_recipe('ifa', 5)['bsz'] == 6
+    assert train_recipe('ifa', 5)['epochs'] == 20
+    assert train_recipe('qnet')['train_boundary'] == 'ignore'
+    with pytest.raises(UserError, match='unknown method'):
+        train_recipe('nope')
+    helps = train_cli.build_parser('ifa').format_help()
+    assert "the method's, 12 (1-shot), 6 (K > 1) for ifa" in ' '.join(helps.split())
+
+
+def test_a_run_takes_the_methods_recipe_unless_typed_and_old_checkpoints_keep_their_geometry(datapath, tmp_path,
+                                                                                              capsys):
+    quiet(train_cli.main, ['--method', 'rpmms', '--benchmark', 'synthetic', '--datapath', str(datapath),
+                           '--backbone-weights', 'none', '--img-size', '64', '--epochs', '1',
+                           '--episodes-per-epoch', '8', '--val-episodes', '2', '--workers', '0', '--tb-images', '0',
+                           '--logpath', str(tmp_path)])
+    config = load_checkpoint(tmp_path / 'best.pt')['config']
+    assert (config['img_size'], config['bsz'], config['epochs']) == (64, 8, 1)          # typed, method's, typed
+    assert config['recipe_from_method'] == ['augmentation', 'bsz', 'train_boundary']
+    assert config['method_options']['geometry'] == 'reference'
+    log = (tmp_path / 'log.txt').read_text()
+    assert ('recipe: 64px, batch 8*, 1 epochs, label 255 as background*, augmentation flip-resized-crop*, SGD lr '
+            '0.00035') in log
+    assert 'geometry deeplab-v2 (dilated: layer3)' in log
+
+    model, _ = quiet(load_model, tmp_path / 'best.pt', torch.device('cpu'))
+    assert model.backbone.spec.geometry == 'deeplab-v2' and model.options.kshot_prediction == 'stages'
+    ckpt = load_checkpoint(tmp_path / 'best.pt')
+    for key in ('geometry', 'bn', 'kshot_prediction'):                 # as written before the options existed
+        del ckpt['config']['method_options'][key]
+    save_checkpoint(ckpt, tmp_path / 'old.pt')
+    model, ckpt = quiet(load_model, tmp_path / 'old.pt', torch.device('cpu'))
+    assert model.backbone.spec.geometry == 'torchvision' and model.options.kshot_prediction == 'last'
+    assert model.backbone.spec.bn == 'frozen'
+    assert ckpt['config']['method_options']['geometry'] == 'torchvision'
+    assert stored_options('qnet', {}) == {'geometry': 'stride8', 'bn': 'frozen', 'log_prob': 'exact'}
+
+
+# --- --cdtg-features on every prototype host ----------------------------------------------------------------------
+@pytest.mark.parametrize('method', ['pmms', 'rpmms', 'qnet'])
+def test_cdtg_features_train_and_test_on_every_prototype_host(method):
+    config = dict(cdtg_config(method, None), cdtg_features=True, cdtg_width=32, cdtg_text_bias='bounded')
+    model = quiet(build_model, config, 'none')
+    model.hooks.bind('synthetic-med', CDTG_CLASSES)
+    assert model.hooks.tap_level == [0, 1]                 # sized from the two backbone taps the hooks align
+    gen = torch.Generator().manual_seed(6)
+    size = 48
+    for k, training in ((1, True), (5, False), (1, False)):
+        model.train(training)
+        masks = torch.zeros(1, k, size, size)
+        masks[..., 8:30, 10:36] = 1
+        with torch.set_grad_enabled(training), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            args = (torch.randn(1, 3, size, size, generator=gen), torch.randn(1, k, 3, size, size, generator=gen),
+                    masks, torch.tensor([1]))
+            output = model(*args) if training else model.infer(model.encode(*args))
+        assert output.logits.shape == (1, 2, size, size) and torch.isfinite(output.logits).all()
+        if training:
+            batch = {'query_mask': (torch.rand(1, size, size, generator=gen) > 0.5).long(), 'support_masks': masks}
+            sum(model.loss(output, batch).values()).backward()
+            grads = [p.grad for p in model.hooks.parameters() if p.requires_grad]
+            assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_legacy_options_are_options_of_their_method():
+    import dataclasses
+
+    from model import METHODS, method_class
+    for name in METHODS:
+        cls = method_class(name)
+        assert set(cls.legacy_options) <= {f.name for f in dataclasses.fields(cls.Options)}, name
+
+
+# --- training augmentation ----------------------------------------------------------------------------------------
+def test_flip_resized_crop_keeps_image_and_mask_aligned_and_is_seeded():
+    import numpy as np
+    from PIL import Image
+
+    from data.augment import FlipResizedCrop
+    aug = FlipResizedCrop()
+    arr = np.zeros((60, 90, 3), dtype=np.uint8)
+    arr[10:50, 5:40] = 255                                               # a white box, the mask's object
+    mask = (arr[..., 0] > 0).astype(np.uint8)
+    image = Image.fromarray(arr)
+    outs = []
+    for seed in range(40):
+        img, m = aug(image, mask, np.random.default_rng(seed), 32)
+        again, m2 = aug(image, mask, np.random.default_rng(seed), 32)
+        assert np.array_equal(np.asarray(img), np.asarray(again)) and np.array_equal(m, m2)     # seeded
+        assert img.size == (32, 32) and m.shape == (32, 32) and set(np.unique(m)) <= {0, 1}
+        white = np.asarray(img)[..., 0] > 127
+        assert (white == (m == 1)).mean() > 0.95                         # the mask moves with its image
+        outs.append(m)
+    assert len({o.tobytes() for o in outs}) > 30                         # random crops and flips
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = aug.crop(90, 60, rng)
+        assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 90
+        assert h * w >= 0.45 * 90 * 60 or h == w == 60                   # 50-100 % of the area, else the centre square
+
+
+def test_training_episodes_are_augmented_evaluation_episodes_never(datapath):
+    from data import TrainingEpisodes, build_dataset
+    from data.augment import AUGMENTATIONS
+    train = quiet(build_dataset, 'synthetic', str(datapath), 'trn', 1, 48)
+    episodes = list(TrainingEpisodes(train, 4, seed=3))
+    assert all(e.seed is not None for e in episodes)
+    assert [e.seed for e in TrainingEpisodes(train, 4, seed=3)] == [e.seed for e in episodes]      # reproducible
+    plain = train.load_episode(episodes[0])
+    train.augmentation = AUGMENTATIONS['flip-resized-crop']
+    first, second = train.load_episode(episodes[0]), train.load_episode(episodes[0])
+    assert torch.equal(first['query_img'], second['query_img'])
+    assert not torch.equal(first['query_img'], plain['query_img'])
+    fixed = train.sample_episodes(2, seed=0)[0]                          # an evaluation episode: no seed
+    augmented = train.load_episode(fixed)['query_img']
+    train.augmentation = None
+    assert fixed.seed is None and torch.equal(augmented, train.load_episode(fixed)['query_img'])
+
+
+# --- BatchNorm modes ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('mode', ['frozen', 'batch', 'trained'])
+def test_backbone_batchnorm_modes(mode):
+    from engine.factory import frozen_backbone_keys
+    spec = BackboneSpec(taps=('layer2',), trainable=('layer2',), bn=mode)
+    backbone = quiet(Backbone, 'resnet50', 'none', spec)
+    bn_in, bn_out = backbone.net.layer2[0].bn1, backbone.net.layer1[0].bn1       # a trainable part, a frozen one
+    before = bn_in.running_mean.clone(), bn_out.running_mean.clone()
+    x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    backbone.train()
+    train_out = backbone(x)[0]
+    backbone.eval()
+    eval_out = backbone(x)[0]
+    moved = not torch.equal(bn_in.running_mean, before[0])
+    assert moved == (mode != 'frozen') and torch.equal(bn_out.running_mean, before[1])
+    assert torch.allclose(train_out, eval_out) == (mode == 'frozen')      # batch statistics in training only
+    assert bn_in.weight.requires_grad == (mode == 'trained') and not bn_out.weight.requires_grad
+    assert bool(backbone.moving_buffers()) == (mode != 'frozen')
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+    frozen = frozen_backbone_keys(Holder())
+    assert ('backbone.net.layer2.0.bn1.running_mean' in frozen) == (mode == 'frozen')
+    assert 'backbone.net.layer1.0.bn1.running_mean' in frozen
+
+
+def test_reference_batchnorm_defaults_of_pmms_and_qnet():
+    pmms = quiet(build_method, 'pmms', None, 'none')
+    qnet = quiet(build_method, 'qnet', 'resnet50', 'none')
+    assert pmms.backbone.spec.bn == 'batch' and qnet.backbone.spec.bn == 'trained'
+    assert not pmms.backbone.net.layer2[0].bn1.weight.requires_grad
+    assert qnet.backbone.net.layer2[0].bn1.weight.requires_grad
+    assert quiet(build_method, 'qnet', 'resnet50', 'none', bn='frozen').backbone.spec.bn == 'frozen'
