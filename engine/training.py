@@ -230,9 +230,12 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
     guard = NonFiniteGuard(config['skip_nonfinite'])
     forward = model
     if dist.enabled:
-        # gradients of the learnable parameters are averaged over the processes; the frozen backbone has none
+        # gradients of the learnable parameters are averaged over the processes; the frozen backbone has none. A
+        # backbone whose BatchNorm statistics move in training (PMMs' and Q-Net's reference BN modes) gets DDP's
+        # buffer broadcast: every process runs with rank 0's running statistics, which its checkpoints save.
+        sync = {} if model.backbone.moving_buffers() else NO_BUFFER_SYNC
         forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, **NO_BUFFER_SYNC)
+            model, device_ids=[device.index] if device.type == 'cuda' else None, **sync)
         log.info(f'{dist.world} processes (torchrun), global batch {config["bsz"]} = {dist.world} x {local_bsz}')
     if config.get('compile'):
         model.match = torch.compile(model.match)
