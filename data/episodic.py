@@ -4,7 +4,6 @@ An episode is (class, query, K supports). Evaluation episodes are pre-sampled in
 they are identical for any number of workers and can be saved with the results; training episodes are drawn afresh
 each epoch from (seed, epoch), so a resumed run sees exactly the episodes it would have seen.
 """
-import dataclasses
 import json
 import os
 from collections import OrderedDict
@@ -118,14 +117,15 @@ class EpisodicDataset(Dataset):
         return episodes
 
     def sample_training_episodes(self, n: int, seed: int, epoch: int) -> list['Episode']:
-        r"""Training episodes: queries drawn uniformly over all (image, class) pairs, fresh for every epoch."""
+        r"""Training episodes: queries drawn uniformly over all (image, class) pairs, fresh for every epoch; episode
+        i carries the seed of its images' augmentation (`episode_seed(seed, epoch, i)`)."""
         rng = np.random.default_rng([seed, epoch])
         pairs = self.pairs
         picks = rng.permutation(len(pairs)) if n <= len(pairs) else rng.integers(len(pairs), size=n)
         episodes = []
-        for i in picks[:n]:
-            key, c = pairs[i]
-            episodes.append(Episode(c, key, self.sample_supports(rng, c, key)))
+        for i, pick in enumerate(picks[:n]):
+            key, c = pairs[pick]
+            episodes.append(Episode(c, key, self.sample_supports(rng, c, key), episode_seed(seed, epoch, i)))
         return episodes
 
     # --- loading ------------------------------------------------------------------------------------------------
@@ -337,9 +337,7 @@ class TrainingEpisodes(Sampler):
         return self
 
     def __iter__(self):
-        episodes = [dataclasses.replace(e, seed=episode_seed(self.seed, self.epoch, i))
-                    for i, e in enumerate(self.dataset.sample_training_episodes(self.n, self.seed, self.epoch))]
-        episodes = episodes[self.start:]
+        episodes = self.dataset.sample_training_episodes(self.n, self.seed, self.epoch)[self.start:]
         if self.world == 1:
             return iter(episodes)
         g, b = self.global_bsz, self.global_bsz // self.world
