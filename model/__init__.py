@@ -18,7 +18,7 @@ METHODS = LazyRegistry({
 })
 
 #: The backbones (model/backbone.py builds them; the names are here so that command lines need no torch import).
-BACKBONES = ('resnet50', 'resnet101', 'vgg16')
+BACKBONES = ('resnet50', 'resnet101', 'vgg16', 'resnet50-deep', 'resnet101-deep')
 
 # The interface, imported on first use (PEP 562): `from model import FewShotSegmenter` works as usual.
 _EXPORTS = {'Backbone': 'model.backbone', 'BackboneSpec': 'model.backbone', 'Adaptation': 'model.base',

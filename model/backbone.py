@@ -12,11 +12,14 @@ from torchvision import models
 from common.checkpoint import strip_prefixes
 from common.errors import UserError
 
-# name -> (torchvision constructor, weights enum, bottlenecks per layer1..4 for ResNets)
+# name -> (torchvision constructor, weights enum (None: no torchvision download), bottlenecks per layer1..4 for
+# ResNets). '-deep': PSPNet's deep stem (IFA's ResNet), weights from a file only.
 _SPECS = {
     'resnet50': (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, [3, 4, 6, 3]),
     'resnet101': (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1, [3, 4, 23, 3]),
     'vgg16': (models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, None),
+    'resnet50-deep': (models.resnet50, None, [3, 4, 6, 3]),
+    'resnet101-deep': (models.resnet101, None, [3, 4, 23, 3]),
 }
 BACKBONES = tuple(_SPECS)      # model/__init__.py repeats the names (no torch import there); a test checks it
 
@@ -119,6 +122,8 @@ class Backbone(nn.Module):
         self.weights = str(weights)
         self.net = build(weights=None) if blocks is None else build(weights=None,
                                                                      replace_stride_with_dilation=list(self.spec.dilate))
+        if name.endswith('-deep'):
+            _deep_stem(self.net)
         if blocks is not None:
             _set_geometry(self.net, self.spec)
         if weights is not None:
@@ -226,8 +231,8 @@ class Backbone(nn.Module):
 
     def _conv_bn_pairs(self):
         r"""The (conv, BN) pairs of the frozen parts (trainable parts keep conv -> BN: their weights move)."""
-        net, trainable = self.net, self.spec.trainable
-        pairs = [] if 'stem' in trainable else [(net.conv1, net.bn1)]
+        trainable = self.spec.trainable
+        pairs = [] if 'stem' in trainable else self._stem_pairs()
         for stage, layer in self._layers():
             if RESNET_LAYERS[stage - 1] in trainable:
                 continue
@@ -236,6 +241,13 @@ class Backbone(nn.Module):
                 if block.downsample is not None:
                     pairs.append((block.downsample[0], block.downsample[1]))
         return pairs
+
+    def _stem_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        r"""The stem's (conv, BN) pairs, each followed by a ReLU: torchvision's 7x7 conv, or the deep stem's three."""
+        net = self.net
+        if isinstance(net.conv1, nn.Sequential):
+            return [(net.conv1[0], net.conv1[1]), (net.conv1[3], net.conv1[4]), (net.conv1[6], net.bn1)]
+        return [(net.conv1, net.bn1)]
 
     def _fold_batchnorm(self) -> dict:
         r"""Conv weights with the frozen BatchNorm folded in (w·γ/σ, β - μγ/σ): one pass per conv instead of two,
@@ -265,7 +277,9 @@ class Backbone(nn.Module):
         grad = torch.is_grad_enabled()
         tracking = grad and 'stem' in spec.trainable          # gradients flow from the first trainable part on
         with torch.set_grad_enabled(tracking):
-            x = net.maxpool(torch.relu(conv_bn(net.conv1, net.bn1, x)))
+            for conv, bn in self._stem_pairs():
+                x = torch.relu(conv_bn(conv, bn, x))
+            x = net.maxpool(x)
         feats, by_layer = [], {}
         for stage, layer in self._layers():
             name = RESNET_LAYERS[stage - 1]
@@ -305,6 +319,25 @@ class Backbone(nn.Module):
         return feats
 
 
+def _deep_stem(net: nn.Module) -> None:
+    r"""PSPNet's deep stem in place of torchvision's 7x7 conv (IFA's `model/resnet.py`): three 3x3 convs 3-64-64-128
+    (the first strided), BatchNorm + ReLU after each (the last BN is `bn1`), so layer1's first block takes 128
+    channels. State-dict names as the PSPNet weight files: conv1.0/1/3/4/6, bn1."""
+    def conv(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+        layer = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        nn.init.kaiming_normal_(layer.weight, mode='fan_out', nonlinearity='relu')    # as torchvision's ResNet
+        return layer
+
+    net.conv1 = nn.Sequential(conv(3, 64, 2), nn.BatchNorm2d(64), nn.ReLU(inplace=True), conv(64, 64),
+                              nn.BatchNorm2d(64), nn.ReLU(inplace=True), conv(64, 128))
+    net.bn1 = nn.BatchNorm2d(128)
+    first = net.layer1[0]
+    first.conv1 = nn.Conv2d(128, first.conv1.out_channels, 1, bias=False)
+    first.downsample[0] = nn.Conv2d(128, first.downsample[0].out_channels, 1, bias=False)
+    for layer in (first.conv1, first.downsample[0]):
+        nn.init.kaiming_normal_(layer.weight, mode='fan_out', nonlinearity='relu')
+
+
 def _set_geometry(net: nn.Module, spec: BackboneSpec) -> None:
     r"""Move strides and dilations of a torchvision ResNet to the geometry the spec asks for (no weight changes)."""
     net.maxpool.ceil_mode = spec.ceil_pool
@@ -341,6 +374,11 @@ def _load_weights(net: nn.Module, name: str, enum, weights: str) -> None:
                       f'\n{"!" * 78}', stacklevel=3)
         return
     if weights in ('imagenet', *DOWNLOADS):
+        if enum is None:
+            base = name.removesuffix('-deep')
+            raise UserError(f'backbone {name} has no download: pass --backbone-weights /path/to/{base}.pth, the '
+                            f'deep-stem ImageNet weights of PSPNet that IFA loads from ./pretrained/{base}.pth (see '
+                            'README, Weights), or choose --backbone {base}')
         enum = _download_enum(name, enum, weights)
         file = Path(enum.url).name
         hub = Path(os.environ.get('TORCH_HOME', Path.home() / '.cache' / 'torch')) / 'hub' / 'checkpoints'
@@ -355,8 +393,9 @@ def _load_weights(net: nn.Module, name: str, enum, weights: str) -> None:
     else:
         path = Path(weights)
         if not path.is_file():
+            example = Path(enum.url).name if enum is not None else f'{name.removesuffix("-deep")}.pth'
             raise UserError(f'--backbone-weights {weights}: no such file (expected {", ".join(WEIGHT_CHOICES)} or a '
-                            f'path to a {name} state dict such as {Path(enum.url).name})')
+                            f'path to a {name} state dict such as {example})')
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as err:  # noqa: BLE001

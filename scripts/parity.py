@@ -24,12 +24,11 @@ and the voted masks are compared too; DMTNet on half-plane episodes (`half_plane
 pseudo-masks are empty on these weights). `--write-golden` stores the reference outputs with the episode seeds, so that
 tests/test_parity.py checks parity in CI without the public code.
 
-IFA is compared only with a part of the reference replaced (`SUBSTITUTED`, no golden file): its ResNet always has a
-deep stem, ours torchvision's (see `IFAReference`).
+IFA is compared on the reference's deep-stem ResNet (`--backbone resnet50-deep`, see `IFAReference`).
 
 Repositories (the commits the golden files were written with): pmms, rpmms: Yang-Bob/PMMs @100d66b; qnet:
 shenqq377/Q-Net @70a828d; hsnet: juhongm999/hsnet @6b1bc12; patnet: slei109/PATNet @0155c5f; dmtnet:
-ChenJiayi68/DMTNet @2358ce9 (at --size 100); ifa (no golden): niejiahao1998/IFA @4d5cbe6.
+ChenJiayi68/DMTNet @2358ce9 (at --size 100); ifa: niejiahao1998/IFA @4d5cbe6.
 """
 import argparse
 import contextlib
@@ -360,36 +359,29 @@ class IFAReference:
     r"""model/IFA_matching.py's IFA_MatchingNet(backbone, refine=True) (all.sh trains and tests with --refine; ours
     always refines); the prediction is `forward(supports, masks, query, None)[0]` (test.py).
 
-    Not the published network at our defaults: the reference's ResNet (model/resnet.py) always has a deep stem
-    (3x3 convs 3-64-64-128 and a 128-channel bn1, so layer1's first block takes 128 channels), with no switch for
-    torchvision's 7x7 stem, and `IFA_MatchingNet` always asks for its ./pretrained/<backbone>.pth (a deep-stem
-    file; torchvision's weights do not fit it). Ours uses torchvision's stem. To compare the rest, this adapter
-    builds the reference without the file (`pretrained=False`) and replaces its stem and the two stem-facing 1x1
-    convolutions of layer1's first block by torchvision's shapes (`substituted` says so in the printout). Its masks
-    are cast with `.float()` (patched to float64, `float_as_double`)."""
-
-    substituted = 'the stem and layer1.0\'s conv1/downsample replaced by torchvision\'s shapes (see IFAReference)'
+    The reference's ResNet (model/resnet.py) always has PSPNet's deep stem (3x3 convs 3-64-64-128), so ours is
+    compared with `--backbone resnet50-deep` (`BACKBONES`; IFA's default backbone keeps torchvision's 7x7 stem, whose
+    ImageNet weights download, while the deep-stem weights are a file the user fetches). `IFA_MatchingNet` always
+    reads ./pretrained/<backbone>.pth: built here without it (ours are copied in). Its masks are cast with
+    `.float()` (patched to float64, `float_as_double`)."""
 
     def __init__(self, method: str, ours, folder: Path):
         name = ours.backbone.name
+        if not name.endswith('-deep'):
+            raise UserError(f'the IFA reference has a deep-stem ResNet; compare it with --backbone {name}-deep')
+        base = name.removesuffix('-deep')
         with reference_imports(folder, (), shadowed=('model',)):
             matching = _import('model.IFA_matching', folder)
-            build = getattr(matching.resnet, name)
-            setattr(matching.resnet, name, lambda pretrained=False: build(pretrained=False))    # no weight file
+            build = getattr(matching.resnet, base)
+            setattr(matching.resnet, base, lambda pretrained=False: build(pretrained=False))    # no weight file
             try:
-                self.model = matching.IFA_MatchingNet(name, refine=True)
+                self.model = matching.IFA_MatchingNet(base, refine=True)
             finally:
-                setattr(matching.resnet, name, build)
-        net = self.model
-        net.layer0 = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                   net.layer0[3])                                  # its max-pool
-        first = net.layer1[0]
-        first.conv1 = nn.Conv2d(64, first.conv1.out_channels, 1, bias=False)
-        first.downsample[0] = nn.Conv2d(64, first.downsample[0].out_channels, 1, bias=False)
+                setattr(matching.resnet, base, build)
         mapping = [('backbone.net.conv1', 'layer0.0'), ('backbone.net.bn1', 'layer0.1')]
         mapping += [(f'backbone.net.layer{i}', f'layer{i}') for i in (1, 2, 3)]
-        copy_into(net, ours.state_dict(), mapping)
-        net.double().eval()
+        copy_into(self.model, ours.state_dict(), mapping)
+        self.model.double().eval()
 
     def probabilities(self, ep: dict) -> torch.Tensor:
         q, s, m = ep['query_img'], ep['support_imgs'], ep['support_masks']
@@ -400,10 +392,9 @@ class IFAReference:
 
 
 REFERENCES = {'pmms': PMMsReference, 'rpmms': PMMsReference, 'qnet': QNetReference, 'hsnet': HSNetReference,
-              'patnet': PATNetReference, 'dmtnet': DMTNetReference}
-#: References that run only with a part of their network replaced (no golden file, not checked in CI).
-SUBSTITUTED = {'ifa': IFAReference}
-BACKBONES = {'qnet': 'resnet101'}          # the reference's backbone where ours defaults to another
+              'patnet': PATNetReference, 'dmtnet': DMTNetReference, 'ifa': IFAReference}
+#: The reference's backbone where ours is not the method's default (Q-Net's default is ResNet-101 too).
+BACKBONES = {'qnet': 'resnet101', 'ifa': 'resnet50-deep'}
 
 
 # --- the comparison ---------------------------------------------------------------------------------------------------
@@ -500,16 +491,13 @@ def _commit(folder: Path) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--method', required=True, choices=sorted({**REFERENCES, **SUBSTITUTED}))
+    p.add_argument('--method', required=True, choices=sorted(REFERENCES))
     p.add_argument('--reference-code', required=True, type=Path, help="a clone of the method's public repository")
     p.add_argument('--size', type=int, help='image side of the episodes (default 48; DMTNet 100, at least 97)')
     p.add_argument('--write-golden', action='store_true',
                    help='store the reference outputs in tests/golden/parity-<method>.pt')
     args = p.parse_args(argv)
-    if args.write_golden and args.method in SUBSTITUTED:
-        raise UserError(f'--write-golden: the {args.method} reference runs only with a part replaced '
-                        f'({SUBSTITUTED[args.method].substituted}); no golden file is written for it')
-    adapter = {**REFERENCES, **SUBSTITUTED}[args.method]
+    adapter = REFERENCES[args.method]
     if args.size is None:
         args.size = getattr(adapter, 'default_size', 48)
     if args.size < getattr(adapter, 'min_size', 1):
@@ -521,8 +509,6 @@ def main(argv=None) -> dict:
     results = {}
     golden = {'method': args.method, 'size': args.size, 'reference': _commit(args.reference_code), 'cases': {},
               'episodes': 'half-planes' if args.method in HALF_PLANES else 'default'}
-    if args.method in SUBSTITUTED:
-        print(f'{args.method}: not the published network: {reference.substituted}')
     for k, ep in episodes(args.size, args.method).items():
         ours, our_mask = our_prediction(model, ep)
         ref, ref_mask = reference.vote(ep) if hasattr(reference, 'vote') else (reference.probabilities(ep), None)

@@ -329,3 +329,29 @@ def test_reference_batchnorm_defaults_of_pmms_and_qnet():
     assert not pmms.backbone.net.layer2[0].bn1.weight.requires_grad
     assert qnet.backbone.net.layer2[0].bn1.weight.requires_grad
     assert quiet(build_method, 'qnet', 'resnet50', 'none', bn='frozen').backbone.spec.bn == 'frozen'
+
+
+# --- IFA's deep-stem ResNet ---------------------------------------------------------------------------------------
+def test_deep_stem_backbone_loads_a_pspnet_style_file_and_refuses_a_download(tmp_path):
+    torch.manual_seed(0)
+    net = quiet(Backbone, 'resnet50-deep', 'none', BackboneSpec(taps=('layer3',)))
+    assert net.net.conv1[0].stride == (2, 2) and net.net.bn1.num_features == 128
+    assert net.net.layer1[0].conv1.in_channels == 128 and net.net.layer1[0].downsample[0].in_channels == 128
+    full = quiet(Backbone, 'resnet50-deep', 'none', BackboneSpec(taps='bottlenecks'))
+    state = {k: v for k, v in full.net.state_dict().items()}
+    state['fc.weight'] = torch.zeros(1000, 2048)                        # a classifier in the file is ignored
+    torch.save({'state_dict': {f'module.{k}': v for k, v in state.items()}}, tmp_path / 'resnet50.pth')
+    loaded = Backbone('resnet50-deep', str(tmp_path / 'resnet50.pth'), BackboneSpec(taps=('layer3',)))
+    assert all(torch.equal(v, full.net.state_dict()[k]) for k, v in loaded.net.state_dict().items())
+    randomise_bn(loaded.net)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():                                                # folded BN = the modules, stem included
+        folded = loaded(x)[0]
+        t = loaded.net.maxpool(torch.relu(loaded.net.bn1(loaded.net.conv1(x))))
+        unfolded = loaded.net.layer3(loaded.net.layer2(loaded.net.layer1(t)))
+    assert float((folded - unfolded).abs().max() / unfolded.abs().max()) < 1e-5
+    with pytest.raises(UserError, match='no download.*resnet50.pth'):
+        Backbone('resnet50-deep', 'imagenet', BackboneSpec(taps=('layer3',)))
+    with pytest.raises(UserError, match='do not fit'):                   # a torchvision file is not a deep-stem one
+        torch.save(quiet(Backbone, 'resnet50', 'none').net.state_dict(), tmp_path / 'tv.pth')
+        Backbone('resnet50-deep', str(tmp_path / 'tv.pth'), BackboneSpec(taps=('layer3',)))
