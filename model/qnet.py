@@ -17,9 +17,8 @@ overshoots (T reached -1e5 within 40 steps of a synthetic run on a random backbo
 `--log-prob exact` computes them exactly in log space instead (`mixture_log_probabilities`), with a gradient
 everywhere.
 """
-from dataclasses import dataclass
-
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

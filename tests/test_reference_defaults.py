@@ -350,7 +350,7 @@ def test_deep_stem_backbone_loads_a_pspnet_style_file_and_refuses_a_download(tmp
         t = loaded.net.maxpool(torch.relu(loaded.net.bn1(loaded.net.conv1(x))))
         unfolded = loaded.net.layer3(loaded.net.layer2(loaded.net.layer1(t)))
     assert float((folded - unfolded).abs().max() / unfolded.abs().max()) < 1e-5
-    with pytest.raises(UserError, match='no download.*resnet50.pth'):
+    with pytest.raises(UserError, match='no download.*resnet50.pth.*or choose --backbone resnet50$'):
         Backbone('resnet50-deep', 'imagenet', BackboneSpec(taps=('layer3',)))
     with pytest.raises(UserError, match='do not fit'):                   # a torchvision file is not a deep-stem one
         torch.save(quiet(Backbone, 'resnet50', 'none').net.state_dict(), tmp_path / 'tv.pth')
