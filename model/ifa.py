@@ -263,14 +263,42 @@ def ssp(feat: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return means[:, 0, :, None, None], means[:, 1, :, None, None], local_bg
 
 
+def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    r"""[3,H,W] RGB in [0, 1] -> HSV with hue in [0, 1) (a fraction of the circle), saturation and value in [0, 1]."""
+    value, top = rgb.max(dim=0)
+    delta = value - rgb.min(dim=0).values
+    safe = delta.clamp_min(1e-12)
+    r, g, b = rgb
+    hue = torch.where(top == 0, (g - b) / safe, torch.where(top == 1, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    hue = torch.where(delta > 0, (hue / 6) % 1.0, torch.zeros_like(hue))
+    return torch.stack([hue, torch.where(value > 0, delta / value.clamp_min(1e-12), torch.zeros_like(value)), value])
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    r"""The inverse of `rgb_to_hsv`."""
+    hue, sat, value = hsv
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device).view(3, 1, 1) + hue * 6) % 6
+    return value - value * sat * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def shift_hsv(img01: torch.Tensor, hue: float, sat: float, value: float) -> torch.Tensor:
+    r"""Albumentations' HueSaturationValue with the given shifts in its (OpenCV) units: hue in 1/180 of the circle,
+    added modulo the circle; saturation and value in 1/255, added and clipped to [0, 1]. On [0, 1] RGB [3,H,W],
+    computed in floating point (the reference works on uint8 look-up tables: the same map up to rounding)."""
+    h, s, v = rgb_to_hsv(img01)
+    hsv = torch.stack([(h + hue / 180) % 1.0, (s + sat / 255).clamp(0, 1), (v + value / 255).clamp(0, 1)])
+    return hsv_to_rgb(hsv)
+
+
 def pseudo_query_augmentation(img: torch.Tensor, mask: torch.Tensor,
                               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""The pseudo-query of one adaptation step: the reference's geometric augmentation (horizontal and vertical flip
-    with p 0.5 each, a random multiple of 90° with p 0.5; only 0° or 180° for non-square images, which must keep
-    their size) on image and mask, then its RandomBrightnessContrast (p 0.5, ±0.2 each, on [0, 1] intensities) on the
-    image. The reference's HueSaturationValue jitter is not reproduced. img [3,H,W] ImageNet-normalised, mask [H,W].
+    r"""The pseudo-query of one adaptation step, as the reference's `q_transform` + `q_transform2`: horizontal and
+    vertical flips with p 0.5 each and a random multiple of 90° with p 0.5 (only 0° or 180° for non-square images,
+    which must keep their size) on image and mask; then on the image RandomBrightnessContrast (p 0.5, ±0.2 each, on
+    [0, 1] intensities) and HueSaturationValue (always; shifts uniform in ±20 hue, ±30 saturation, ±20 value, in
+    OpenCV's units, `shift_hsv`). img [3,H,W] ImageNet-normalised, mask [H,W].
     """
-    draws = torch.rand(6, generator=gen).tolist()
+    draws = torch.rand(9, generator=gen).tolist()
     quarter = int(torch.randint(4, (1,), generator=gen))
     if draws[0] < 0.5:
         img, mask = img.flip(-1), mask.flip(-1)
@@ -279,12 +307,14 @@ def pseudo_query_augmentation(img: torch.Tensor, mask: torch.Tensor,
     if draws[2] < 0.5:
         turns = quarter if img.shape[-1] == img.shape[-2] else 2 * (quarter % 2)
         img, mask = img.rot90(turns, (-2, -1)), mask.rot90(turns, (-2, -1))
+    mean = img.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = img.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (img * std + mean).clamp(0, 1)
     if draws[3] < 0.5:
-        mean = img.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = img.new_tensor(IMAGENET_STD).view(3, 1, 1)
         contrast, brightness = 1 + 0.4 * (draws[4] - 0.5), 0.4 * (draws[5] - 0.5)
-        img = (((img * std + mean) * contrast + brightness).clamp(0, 1) - mean) / std
-    return img.contiguous(), mask.contiguous()
+        rgb = (rgb * contrast + brightness).clamp(0, 1)
+    rgb = shift_hsv(rgb, 40 * (draws[6] - 0.5), 60 * (draws[7] - 0.5), 40 * (draws[8] - 0.5))
+    return ((rgb - mean) / std).contiguous(), mask.contiguous()
 
 
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

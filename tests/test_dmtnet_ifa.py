@@ -13,7 +13,7 @@ from common.constants import IGNORE_INDEX
 from model import build_method
 from model.base import EpisodeContext, EpisodeRecord, Output, SupportSet
 from model.dmtnet import DMTNet, grid_cells, grid_loss, inverted_mask
-from model.ifa import IFA, pseudo_query_augmentation, similarity, ssp
+from model.ifa import IFA, hsv_to_rgb, pseudo_query_augmentation, rgb_to_hsv, shift_hsv, similarity, ssp
 from model.layers import cholesky_psd
 
 f64 = torch.float64
@@ -486,6 +486,23 @@ def test_pseudo_query_augmentation_is_deterministic_and_keeps_image_and_mask_ali
     wide = torch.zeros(3, 16, 32)
     out, m = pseudo_query_augmentation(wide, torch.zeros(16, 32), torch.Generator().manual_seed(0))
     assert out.shape == wide.shape and m.shape == (16, 32)
+
+
+def test_hsv_shift_against_colorsys_and_by_hand():
+    import colorsys
+    rgb = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    hsv = rgb_to_hsv(rgb)
+    for y, x in ((0, 0), (2, 3), (4, 6)):                                 # the standard library's conversion
+        assert torch.allclose(hsv[:, y, x], torch.tensor(colorsys.rgb_to_hsv(*rgb[:, y, x].tolist()),
+                                                         dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(hsv_to_rgb(hsv), rgb, atol=1e-12)
+    assert torch.allclose(shift_hsv(rgb, 0, 0, 0), rgb, atol=1e-12)
+    pixel = lambda *c: torch.tensor(c, dtype=torch.float64).view(3, 1, 1)      # noqa: E731
+    assert torch.allclose(shift_hsv(pixel(1, 0, 0), 30, 0, 0), pixel(1, 1, 0), atol=1e-12)   # 30/180 = 60 degrees
+    assert torch.allclose(shift_hsv(pixel(1, 0, 0), -30, 0, 0), pixel(1, 0, 1), atol=1e-12)  # wraps around
+    assert torch.allclose(shift_hsv(pixel(1, 0.5, 0.5), 0, 25.5, 0), pixel(1, 0.4, 0.4), atol=1e-12)
+    assert torch.allclose(shift_hsv(pixel(1, 0.5, 0.5), 0, 0, -25.5), pixel(0.9, 0.45, 0.45), atol=1e-12)
+    assert torch.allclose(shift_hsv(pixel(0.2, 0.2, 0.2), 0, 0, 255), pixel(1, 1, 1), atol=1e-12)      # clipped
 
 
 def test_ifa_adaptation_uses_only_the_supports_and_resets(ifa):
