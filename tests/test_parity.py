@@ -1,4 +1,5 @@
-r"""Parity with the public code, without it: each host at its defaults reproduces, in float64, the outputs its
+r"""Parity with the public code, without it: each host at its defaults (IFA on its reference's deep-stem ResNet,
+`parity.BACKBONES`) reproduces, in float64, the outputs its
 reference code gave for the same weights and episodes (tests/golden/parity-<method>.pt, written by
 `scripts/parity.py --write-golden` from a clone of the public repository; the reference commit is in the file). For
 the methods that vote over K per-shot predictions (HSNet, PATNet, DMTNet) the probabilities are the per-shot ones,
