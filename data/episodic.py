@@ -163,32 +163,28 @@ class EpisodicDataset(Dataset):
 
     def load_pair(self, key: str, class_id: int, rng: np.random.Generator | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        if rng is not None:                             # augmented: from the original image, never cached
-            image, raw = self.read_image(key), self.read_mask(key, class_id)
-            self._check_sizes(key, image, raw)
-            image, raw = self.augmentation(image, raw, rng, self.img_size)
-            img, mask = self.resize_image(image), self.transform_mask(raw)
-            return (img if self.as_uint8 else normalize_images(img)), mask
+        r"""(image, mask) of `key` at S x S; with `rng`, augmented by `augmentation` from the original image (an
+        augmented pair is never cached)."""
         cache = self.__dict__.setdefault('_pair_cache', OrderedDict())
-        hit = cache.get((key, class_id)) if self.cache_size else None
+        cached = self.cache_size and rng is None
+        hit = cache.get((key, class_id)) if cached else None
         if hit is not None:
             cache.move_to_end((key, class_id))
             img, mask = hit
         else:
             image = self.read_image(key)
             raw = self.read_mask(key, class_id)
-            self._check_sizes(key, image, raw)
+            if raw.shape[:2] != (image.height, image.width):
+                raise UserError(f'{self.name}: mask of {key!r} is {raw.shape[1]}x{raw.shape[0]} but its image is '
+                                f'{image.width}x{image.height}')
+            if rng is not None:
+                image, raw = self.augmentation(image, raw, rng, self.img_size)
             img, mask = self.resize_image(image), self.transform_mask(raw)
-            if self.cache_size:
+            if cached:
                 cache[(key, class_id)] = (img, mask)
                 while len(cache) > self.cache_size:
                     cache.popitem(last=False)
         return (img if self.as_uint8 else normalize_images(img)), mask.clone()
-
-    def _check_sizes(self, key: str, image: Image.Image, mask: np.ndarray) -> None:
-        if mask.shape[:2] != (image.height, image.width):
-            raise UserError(f'{self.name}: mask of {key!r} is {mask.shape[1]}x{mask.shape[0]} but its image is '
-                            f'{image.width}x{image.height}')
 
     def resize_image(self, image: Image.Image) -> torch.Tensor:
         r"""Resize to SxS (bilinear, aspect ignored, as torchvision's Resize on PIL) -> uint8 [3,S,S]."""

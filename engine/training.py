@@ -119,10 +119,10 @@ def _recipe_line(config: dict, model, recipe) -> str:
     mark = set(config.get('recipe_from_method', ()))
     lr = config['lr'] or model.default_lr
     schedule = config.get('lr_schedule', 'method')
-    parts = [f'{config["img_size"]}px', f'batch {config["bsz"]}', f'{config["epochs"]} epochs',
-             f'label 255 as {config["train_boundary"]}', f'augmentation {config.get("augmentation", "none")}']
-    keys = ['img_size', 'bsz', 'epochs', 'train_boundary', 'augmentation']
-    parts = [p + ('*' if k in mark else '') for p, k in zip(parts, keys)]
+    shown = {'img_size': f'{config["img_size"]}px', 'bsz': f'batch {config["bsz"]}',
+             'epochs': f'{config["epochs"]} epochs', 'train_boundary': f'label 255 as {config["train_boundary"]}',
+             'augmentation': f'augmentation {config.get("augmentation", "none")}'}
+    parts = [text + ('*' if key in mark else '') for key, text in shown.items()]
     spec = model.backbone.spec
     dilated = '+'.join(f'layer{i}' for i, d in enumerate(spec.dilate, start=2) if d and i <= spec.last_layer)
     line = (f'recipe: {", ".join(parts)}, {type(recipe.optimizer).__name__} lr {lr:g} ({schedule} schedule), '

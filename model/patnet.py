@@ -189,7 +189,7 @@ class PATNet(FewShotSegmenter):
             if stage != 0:
                 continue
             feat = query_feats[tap]
-            mask = resize_mask(query_pred, tuple(feat.shape[-2:]), feat.dtype).to(feat.dtype)
+            mask = resize_mask(query_pred, tuple(feat.shape[-2:]), feat.dtype)
             pooled = masked_average_pooling(feat, mask, eps=PROTOTYPE_EPS)              # [Nq,C]
             pooled = pooled.repeat_interleave(nshot, dim=0)                             # [Nq*K,C]: n*K+k
             q = self.transform_vectors(pooled, fg[tap], bg[tap], tap)

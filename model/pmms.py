@@ -279,7 +279,7 @@ class PMMs(FewShotSegmenter):
         plug-in hook in one call (the stages' components concatenated: every component is fused with the same text
         prototype)."""
         b, k = record.batch, record.nshot
-        m = resize_mask(record.ctx.support_masks, tuple(support.shape[-2:]), support.dtype).to(support.dtype)
+        m = resize_mask(record.ctx.support_masks, tuple(support.shape[-2:]), support.dtype)            # [B*K,1,h,w]
         # [B*K,C,h,w] -> [B,C,K*h*w]: one EM over all the pixels of an episode's supports; fg sets, then bg sets
         x = torch.cat([m * support, (1 - m) * support]).reshape(2 * b, k, WIDTH, -1).transpose(1, 2).flatten(2)
         protos = [em_prototypes(x, getattr(self, f'em_init_{c}')) for c in self.stages]

@@ -503,7 +503,6 @@ def main(argv=None) -> dict:
     if args.size < getattr(adapter, 'min_size', 1):
         raise UserError(f'--size {args.size}: the {args.method} reference needs at least {adapter.min_size} '
                         f'(see {adapter.__name__})')
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     model = our_model(args.method)
     reference = adapter(args.method, model, args.reference_code)
     results = {}

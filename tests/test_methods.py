@@ -53,7 +53,7 @@ class ToyProto(FewShotSegmenter):
 
     def _logits(self, query, support, masks, record) -> torch.Tensor:
         b, k = record.batch, record.nshot
-        m = resize_mask(masks, tuple(support.shape[-2:]), support.dtype).to(support.dtype)
+        m = resize_mask(masks, tuple(support.shape[-2:]), support.dtype)
         pooled = masked_average_pooling(support, torch.cat([m, 1 - m], dim=1))           # [B*K,2,C]
         fg = pooled[:, 0].view(b, k, -1).mean(1, keepdim=True)                             # [B,1,C]: shot mean
         bg = pooled[:, 1].view(b, k, -1).mean(1, keepdim=True)

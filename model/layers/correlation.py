@@ -47,7 +47,7 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
         _, nl, c, hq, wq = q.shape
         hs, ws = s.shape[-2:]
         if support_masks is not None:
-            mask = resize_mask(support_masks, (hs, ws), s.dtype).to(s.dtype)[:, :, None]     # [Nq*K,1,1,hs,ws]
+            mask = resize_mask(support_masks, (hs, ws), s.dtype)[:, :, None]                # [Nq*K,1,1,hs,ws]
             s = s * mask if s.requires_grad else s.mul_(mask)
         q = _normalise(q.reshape(nq, nl, c, hq * wq), 2, eps)                      # [Nq,L,C,HWq]
         s = _normalise(s.reshape(nq, k, nl, c, hs * ws), 3, eps)                   # [Nq,K,L,C,HWs]

@@ -4,13 +4,13 @@ import torch.nn.functional as F
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    r"""[N,H,W] binary mask -> [N,1,h,w] float, bilinear with aligned corners (as HSNet's `mask_feature`).
-    Interpolated in float32, or in float64 for float64 maps (`dtype`, the maps' dtype: float32 interpolation
-    weights alone move PMMs' EM by up to 1e-4 in a float64 comparison with its reference)."""
+    r"""[N,H,W] binary mask -> [N,1,h,w] in `dtype` (the maps' dtype), bilinear with aligned corners (as HSNet's
+    `mask_feature`). Interpolated in float32, or in float64 for float64 maps (float32 interpolation weights alone
+    move PMMs' EM by up to 1e-4 in a float64 comparison with its reference)."""
     mask = mask.unsqueeze(1).to(torch.float64 if dtype == torch.float64 else torch.float32)
-    if tuple(mask.shape[-2:]) == tuple(size):
-        return mask
-    return F.interpolate(mask, size, mode='bilinear', align_corners=True)
+    if tuple(mask.shape[-2:]) != tuple(size):
+        mask = F.interpolate(mask, size, mode='bilinear', align_corners=True)
+    return mask.to(dtype)
 
 
 def resized_masks(mask: torch.Tensor, feats: list[torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
@@ -20,7 +20,7 @@ def resized_masks(mask: torch.Tensor, feats: list[torch.Tensor]) -> dict[tuple[i
     for feat in feats:
         size = tuple(feat.shape[-2:])
         if size not in out:
-            out[size] = resize_mask(mask, size, feat.dtype).to(feat.dtype)
+            out[size] = resize_mask(mask, size, feat.dtype)
     return out
 
 
@@ -40,7 +40,7 @@ def masked_average_pooling(feat: torch.Tensor, mask: torch.Tensor, eps: float = 
     squares their conditioning).
     """
     if mask.dim() == 3:
-        mask = resize_mask(mask, tuple(feat.shape[-2:]), feat.dtype)
+        mask = resize_mask(mask, tuple(feat.shape[-2:]), torch.promote_types(feat.dtype, torch.float32))
     with torch.autocast(feat.device.type, enabled=False):
         feat = feat if feat.dtype in (torch.float32, torch.float64) else feat.float()
         mask = mask.to(feat.dtype).flatten(2)                                      # [N,M,hw]
