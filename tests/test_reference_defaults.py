@@ -355,3 +355,23 @@ def test_deep_stem_backbone_loads_a_pspnet_style_file_and_refuses_a_download(tmp
     with pytest.raises(UserError, match='do not fit'):                   # a torchvision file is not a deep-stem one
         torch.save(quiet(Backbone, 'resnet50', 'none').net.state_dict(), tmp_path / 'tv.pth')
         Backbone('resnet50-deep', str(tmp_path / 'tv.pth'), BackboneSpec(taps=('layer3',)))
+
+
+def test_deeplabv3_coco_initialisation_loads_the_trunk_or_says_what_to_download(monkeypatch, tmp_path):
+    from torchvision.models import segmentation
+    enum = segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1
+    trunk = quiet(Backbone, 'resnet50', 'none', BackboneSpec(taps=('layer3', 'layer4'), keep_fc=True)).net
+    fake = {f'backbone.{k}': v + 1 for k, v in trunk.state_dict().items() if not k.startswith('fc.')}
+    fake['classifier.4.weight'] = torch.zeros(21, 256, 1, 1)            # the segmentation head is not loaded
+    monkeypatch.setattr(type(enum), 'get_state_dict', lambda self, progress=True: fake)
+    net = Backbone('resnet50', 'deeplabv3-coco', BackboneSpec(taps=('layer3', 'layer4'), keep_fc=True)).net
+    assert torch.equal(net.layer2[0].conv1.weight, fake['backbone.layer2.0.conv1.weight'])
+    assert torch.equal(net.bn1.running_var, fake['backbone.bn1.running_var'])
+
+    def offline(self, progress=True):
+        raise OSError('no network')
+    monkeypatch.setattr(type(enum), 'get_state_dict', offline)
+    with pytest.raises(UserError, match=r'(?s)deeplabv3-coco weights of resnet50.*deeplabv3_resnet50_coco'):
+        Backbone('resnet50', 'deeplabv3-coco', BackboneSpec(taps=('layer3',)))
+    with pytest.raises(UserError, match='deeplabv3-coco exists for resnet50, resnet101, not vgg16'):
+        Backbone('vgg16', 'deeplabv3-coco')
