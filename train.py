@@ -44,8 +44,9 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
                  'optimizer, schedule and parameter groups come from the method)')
     bounded(p, '--epochs', int, None, low=1, help=method_default('epochs'))
     p.add_argument('--augmentation', type=str, default=None, choices=sorted(AUGMENTATION_NAMES),
-                   help='training images: none (resized only) or flip-resized-crop (PMMs\' flip + random resized crop '
-                        f'of 50-100 %% of the area); {method_default("augmentation")}')
+                   help="training images: none (resized only), flip-resized-crop (PMMs' flip + random resized crop "
+                        "of 50-100 %% of the area) or gamma-affine-elastic (Q-Net's gamma, affine and elastic "
+                        f'transforms on the query or the supports); {method_default("augmentation")}')
     bounded(p, '--episodes-per-epoch', int, None, low=1,
             help='training episodes per epoch (default: one per (image, class) pair of the training split)')
     bounded(p, '--val-episodes', int, 1000, low=1, help='fixed, seeded validation episodes')

@@ -8,7 +8,7 @@ SCHEDULES = ('method', 'none', 'cosine', 'poly')
 #: train.py --train-boundary: what the training loss does with label-255 pixels (engine/loops.py training_batch).
 BOUNDARY_POLICIES = ('background', 'ignore')
 #: train.py --augmentation: training image augmentations (data/augment.py AUGMENTATIONS).
-AUGMENTATION_NAMES = ('none', 'flip-resized-crop')
+AUGMENTATION_NAMES = ('none', 'flip-resized-crop', 'gamma-affine-elastic')
 #: test.py --miou-over: the classes mIoU and Dice average over (common/metrics.py).
 MIOU_OVER = ('all', 'seen')
 #: test.py --protocol (engine/protocols.py PROTOCOLS).

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from common.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from common.errors import UserError
-from data.augment import episode_seed
+from data.augment import PLAN_STREAM, episode_seed
 
 
 @dataclass(frozen=True)
@@ -139,12 +139,14 @@ class EpisodicDataset(Dataset):
         r"""query_img [3,S,S] float, query_mask [S,S] uint8 (0/1/255), support_imgs [K,3,S,S],
         support_masks [K,S,S] uint8 (0/1), class_id, query_name, support_names. With an `augmentation` and a
         seeded (training) episode, image j (0: the query, then the supports) is augmented with a generator seeded
-        by (episode seed, j)."""
+        by (episode seed, j) and entry j of the augmentation's plan (drawn from (episode seed, PLAN_STREAM))."""
+        n = 1 + len(episode.supports)
         augment = self.augmentation is not None and episode.seed is not None
-        rngs = [np.random.default_rng([episode.seed, j]) if augment else None
-                for j in range(1 + len(episode.supports))]
-        q_img, q_mask = self.load_pair(episode.query, episode.class_id, rngs[0])
-        shots = [self.load_pair(key, episode.class_id, rng) for key, rng in zip(episode.supports, rngs[1:])]
+        rngs = [np.random.default_rng([episode.seed, j]) if augment else None for j in range(n)]
+        plan = self.augmentation.plan(np.random.default_rng([episode.seed, PLAN_STREAM]), n) if augment else [None] * n
+        q_img, q_mask = self.load_pair(episode.query, episode.class_id, rngs[0], plan[0])
+        shots = [self.load_pair(key, episode.class_id, rng, part)
+                 for key, rng, part in zip(episode.supports, rngs[1:], plan[1:])]
         s_masks = torch.stack([m for _, m in shots])
         s_masks[s_masks == IGNORE_INDEX] = 0
         return {'query_img': q_img, 'query_mask': q_mask,
@@ -161,10 +163,10 @@ class EpisodicDataset(Dataset):
     cache_size = 0
     augmentation = None
 
-    def load_pair(self, key: str, class_id: int, rng: np.random.Generator | None = None
+    def load_pair(self, key: str, class_id: int, rng: np.random.Generator | None = None, part=None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""(image, mask) of `key` at S x S; with `rng`, augmented by `augmentation` from the original image (an
-        augmented pair is never cached)."""
+        r"""(image, mask) of `key` at S x S; with `rng`, augmented by `augmentation` (with `part`, its plan's entry
+        for this image) from the original image (an augmented pair is never cached)."""
         cache = self.__dict__.setdefault('_pair_cache', OrderedDict())
         cached = self.cache_size and rng is None
         hit = cache.get((key, class_id)) if cached else None
@@ -178,7 +180,7 @@ class EpisodicDataset(Dataset):
                 raise UserError(f'{self.name}: mask of {key!r} is {raw.shape[1]}x{raw.shape[0]} but its image is '
                                 f'{image.width}x{image.height}')
             if rng is not None:
-                image, raw = self.augmentation(image, raw, rng, self.img_size)
+                image, raw = self.augmentation(image, raw, rng, self.img_size, part)
             img, mask = self.resize_image(image), self.transform_mask(raw)
             if cached:
                 cache[(key, class_id)] = (img, mask)

@@ -160,7 +160,8 @@ class QNet(FewShotSegmenter):
     deeplabv3-coco` (the reference's). BatchNorm as the reference (`--bn trained`: batch statistics over the supports
     and the query in training, affine parameters learned; `--bn frozen`: ImageNet's kept). Deviations from the public
     code (README, "Q-Net"): episodes of a batch and their K shots are indexed correctly and each query uses its
-    own T (the reference mixes episodes when B > 1 and K > 1 and broadcasts the whole batch's T).
+    own T (the reference mixes episodes when B > 1 and K > 1 and broadcasts the whole batch's T). Training recipe:
+    the reference's gamma + affine + elastic augmentation (data/augment.py `GammaAffineElastic`), label 255 ignored.
 
     Test-time adaptation (on by default, `test.py --finetune-steps/--finetune-lr`): 30 Adam steps at lr 2e-3 per
     episode on the two path prototypes (after a plug-in has fused them), with the released refinement objective
@@ -172,7 +173,8 @@ class QNet(FewShotSegmenter):
     backbone_spec = BackboneSpec(taps=('layer3', 'layer4'), dilate=(True, True, False), keep_fc=True,
                                  trainable=('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'fc'))
     legacy_options = {'geometry': 'stride8', 'bn': 'frozen', 'log_prob': 'exact'}   # checkpoints before the options
-    train_recipe = {'train_boundary': 'ignore'}         # the public code's NLLLoss(ignore_index=255)
+    train_recipe = {'train_boundary': 'ignore',          # the public code's NLLLoss(ignore_index=255)
+                    'augmentation': 'gamma-affine-elastic'}      # and its gamma + affine + elastic transform
     default_backbone = 'resnet101'
     plugin_point = 'prototypes'       # CD-TG fuses text into the foreground prototypes (no background prototype)
     adaptation_defaults = Adaptation(steps=30, lr=2e-3)

@@ -178,7 +178,7 @@ def test_train_recipes_are_the_references():
     assert train_recipe('dmtnet') == dict(TRAIN_DEFAULTS, epochs=20, bsz=24)
     assert train_recipe('ifa', 1)['bsz'] == 12 and train_recipe('ifa', 5)['bsz'] == 6
     assert train_recipe('ifa', 5)['epochs'] == 20
-    assert train_recipe('qnet')['train_boundary'] == 'ignore'
+    assert train_recipe('qnet') == dict(TRAIN_DEFAULTS, train_boundary='ignore', augmentation='gamma-affine-elastic')
     with pytest.raises(UserError, match='unknown method'):
         train_recipe('nope')
     helps = train_cli.build_parser('ifa').format_help()
@@ -276,6 +276,99 @@ def test_flip_resized_crop_keeps_image_and_mask_aligned_and_is_seeded():
         assert h * w >= 0.45 * 90 * 60 or h == w == 60                   # 50-100 % of the area, else the centre square
 
 
+def test_gamma_affine_elastic_pieces_against_scipy_and_by_hand():
+    r"""Q-Net's transform: the Gaussian blur and both bilinear samplers against scipy.ndimage (an independent
+    implementation), the affine matrix against the composition of its four maps applied to points one by one, and
+    the gamma transform by hand."""
+    import math
+
+    import numpy as np
+    ndimage = pytest.importorskip('scipy.ndimage')
+
+    from data.augment import GammaAffineElastic, bilinear_sample, gamma_transform, gaussian_blur, warp_affine
+    rng = np.random.default_rng(0)
+    field = rng.random((23, 31))
+    offsets = np.arange(21) - 10.0
+    kernel = np.exp(-offsets ** 2 / 50)
+    kernel /= kernel.sum()
+    expected = ndimage.correlate1d(ndimage.correlate1d(field, kernel, axis=0, mode='mirror'), kernel, axis=1,
+                                   mode='mirror')                                     # scipy 'mirror' = reflect-101
+    assert np.abs(gaussian_blur(field, 21, 5.0) - expected).max() < 1e-14
+    layers = rng.random((17, 19, 2))
+    rows, cols = rng.uniform(-4, 21, (9, 11)), rng.uniform(-4, 23, (9, 11))
+    for border, mode in (('reflect', 'reflect'), ('zero', 'grid-constant')):
+        expected = np.stack([ndimage.map_coordinates(layers[..., c], [rows, cols], order=1, mode=mode, cval=0.0)
+                             for c in range(2)], axis=-1)
+        assert np.abs(bilinear_sample(layers, rows, cols, border) - expected).max() < 1e-13, border
+    # an integer shift moves the image exactly, zeros come in
+    shift = np.array([[1, 0, 3], [0, 1, -2], [0, 0, 1]], dtype=np.float32)
+    moved = warp_affine(layers, shift)
+    assert np.array_equal(moved[:15, 3:], layers[2:, :-3]) and not moved[:, :3].any()
+    assert not moved[15:].any()
+
+    class Draws:                           # the generator's uniforms, in the order the reference draws them
+        def __init__(self, values):
+            self.values = list(values)
+
+        def uniform(self, low, high):
+            return self.values.pop(0)
+
+    angle, tx, ty, shear, zoom = 4.0, -3.0, 2.5, -4.5, 1.1
+    matrix = GammaAffineElastic().affine_matrix(40, Draws([angle, tx, ty, shear, zoom]))
+    c = np.array([20.0, 20.0])
+    t, s = math.radians(angle), math.radians(shear)
+
+    def by_hand(p):                        # rotate about c (counter-clockwise, y down), shift, shear, zoom about c
+        p = c + np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]]) @ (p - c)
+        p = p + np.array([tx, ty])
+        p = np.array([[1, -math.sin(s)], [0, math.cos(s)]]) @ p
+        return c + zoom * (p - c)
+    for point in ([0.0, 0.0], [39.0, 5.0], [12.5, 30.0]):
+        assert np.allclose(matrix[:2] @ np.array(point + [1.0]), by_hand(np.array(point)), atol=1e-4)
+    pixels = rng.uniform(10, 200, (4, 5, 3))
+    low, spread = pixels.min(), pixels.max() - pixels.min() + 1e-5
+    assert np.allclose(gamma_transform(pixels, 0.7), spread * ((pixels - low + 1e-5) / spread) ** 0.7 + low, rtol=0,
+                       atol=1e-12)
+    bent = gamma_transform(pixels, 1.3)                                  # the range maps onto itself (+ 1e-5)
+    assert np.isclose(bent.min(), low) and np.isclose(bent.max(), pixels.max() + 1e-5)
+
+
+def test_gamma_affine_elastic_moves_mask_with_image_and_follows_its_plan():
+    import numpy as np
+    from PIL import Image
+
+    from data.augment import GammaAffineElastic
+    aug = GammaAffineElastic()
+    arr = np.zeros((50, 70, 3), dtype=np.uint8)
+    arr[10:40, 20:55] = 220
+    arr[..., 2] = 40
+    mask = (arr[..., 0] > 0).astype(np.uint8)
+    mask[9:11, 20:55] = 255                                              # a boundary band of 'ignore'
+    image = Image.fromarray(arr)
+    seen = set()
+    for seed in range(12):
+        img, m = aug(image, mask, np.random.default_rng(seed), 64, (True, True))
+        again, m2 = aug(image, mask, np.random.default_rng(seed), 64, (True, True))
+        assert np.array_equal(np.asarray(img), np.asarray(again)) and np.array_equal(m, m2)        # seeded
+        assert img.size == (64, 64) and m.shape == (64, 64) and set(np.unique(m)) <= {0, 1, 255}
+        assert (m == 255).any()                                          # the ignore band survives, not blended
+        bright = np.asarray(img)[..., 0] > 110
+        assert (bright == (m == 1))[m != 255].mean() > 0.97              # the mask moves with its image
+        seen.add(m.tobytes())
+    assert len(seen) == 12
+    plain = np.asarray(image.resize((64, 64), Image.BILINEAR))
+    only_gamma, m = aug(image, mask, np.random.default_rng(0), 64, (True, False))
+    assert np.array_equal(m, np.asarray(Image.fromarray(mask).resize((64, 64), Image.NEAREST)))   # no geometry
+    assert not np.array_equal(np.asarray(only_gamma), plain)
+    nothing, _ = aug(image, mask, np.random.default_rng(0), 64, (False, False))
+    assert np.array_equal(np.asarray(nothing), plain)
+    plans = {tuple(aug.plan(np.random.default_rng(seed), 4)) for seed in range(40)}
+    for plan in plans:                    # each transform goes to the query alone or to every support
+        for which in (0, 1):
+            assert [p[which] for p in plan] in ([True, False, False, False], [False, True, True, True])
+    assert len(plans) == 4
+
+
 def test_training_episodes_are_augmented_evaluation_episodes_never(datapath):
     from data import TrainingEpisodes, build_dataset
     from data.augment import AUGMENTATIONS
@@ -288,6 +381,10 @@ def test_training_episodes_are_augmented_evaluation_episodes_never(datapath):
     first, second = train.load_episode(episodes[0]), train.load_episode(episodes[0])
     assert torch.equal(first['query_img'], second['query_img'])
     assert not torch.equal(first['query_img'], plain['query_img'])
+    train.augmentation = AUGMENTATIONS['gamma-affine-elastic']          # an episode-level plan: still seeded
+    first, second = train.load_episode(episodes[1]), train.load_episode(episodes[1])
+    assert all(torch.equal(first[k], second[k]) for k in ('query_img', 'query_mask', 'support_imgs', 'support_masks'))
+    train.augmentation = AUGMENTATIONS['flip-resized-crop']
     fixed = train.sample_episodes(2, seed=0)[0]                          # an evaluation episode: no seed
     augmented = train.load_episode(fixed)['query_img']
     train.augmentation = None
