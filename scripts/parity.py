@@ -21,8 +21,12 @@ Printed per case: max |Δ| and max |Δ| / max |ref| of the probabilities the ref
 the two argmax masks. HSNet, PATNet and DMTNet predict K shots by a vote over per-shot predictions, so there the
 probabilities are the per-shot ones ([B*K,2,H,W]: the reference's forward per shot inside its `predict_mask_nshot`)
 and the voted masks are compared too; DMTNet on half-plane episodes (`half_plane_episode`, else its query
-pseudo-masks are empty on these weights). `--write-golden` stores the reference outputs with the episode seeds, so that
-tests/test_parity.py checks parity in CI without the public code.
+pseudo-masks are empty on these weights). Methods with a test-time adaptation (`ADAPTATIONS`: Q-Net's refinement,
+DMTNet's self-finetuning, IFA's adaptation) are compared a second time with it, from fresh optimiser state on each
+side (the reference's own loops are replayed for one episode: `QNetReference.adapted`, `DMTNetReference.adapted`,
+`IFAReference.adapted`), and the line says how far the adaptation moved the reference's probabilities.
+`--write-golden` stores the reference outputs with the episode seeds, so that tests/test_parity.py checks parity in CI
+without the public code.
 
 IFA is compared on the reference's deep-stem ResNet (`--backbone resnet50-deep`, see `IFAReference`).
 
@@ -245,15 +249,21 @@ class QNetReference:
         # its path weights are a plain float32 tensor attribute, which .double() leaves (0.9 -> 0.89999998)
         self.model.alpha = torch.tensor([0.9, 0.1], dtype=torch.float64)
 
-    def probabilities(self, ep: dict) -> torch.Tensor:
+    def probabilities(self, ep: dict, n_iters: int = 0) -> torch.Tensor:
         q, s, m = ep['query_img'], ep['support_imgs'], ep['support_masks']
         outs = []
         with torch.no_grad():
             for b in range(q.shape[0]):                   # the reference mixes the episodes of a batch: one at a time
                 supp = [[s[b:b + 1, k] for k in range(s.shape[1])]]
                 mask = [[m[b:b + 1, k] for k in range(s.shape[1])]]
-                outs.append(self.model(supp, mask, [q[b:b + 1]], train=False, n_iters=0)[0])
+                outs.append(self.model(supp, mask, [q[b:b + 1]], train=False, n_iters=n_iters)[0])
         return torch.cat(outs)
+
+    def adapted(self, ep: dict, steps: int, lr: float) -> torch.Tensor:
+        r"""With `steps` refinement steps (`n_iters`; the reference's Adam lr is 0.01, fixed in `updatePrototype`)."""
+        if lr != 0.01:
+            raise ValueError(f'the Q-Net reference refines at lr 0.01, not {lr}')
+        return self.probabilities(ep, n_iters=steps)
 
 
 # --- HSNet, PATNet, DMTNet (juhongm999/hsnet, slei109/PATNet, ChenJiayi68/DMTNet) -----------------------------------
@@ -353,6 +363,47 @@ class DMTNetReference(VoteReference):
     def build(self, module, backbone):
         return module.DMTNetwork(backbone)
 
+    def adapted(self, ep: dict, steps: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""`vote` after `steps` steps of the reference's test-time self-finetuning (test_finetuning.py:17-44: Adam on
+        `hpn_learner.encoder_layer4to3.7.weight` and `encoder_layer3to2.7.weight`, every other parameter frozen, the
+        loss `compute_objective_finetuning` of `predict_mask_nshot_support`), from a fresh optimizer as on its first
+        test batch; the weights are restored afterwards. In eval mode: test_finetuning.py never calls `eval()`, so
+        its anchor dropout (p 0.2) stays on while it tests, which no comparison can reproduce."""
+        learner = self.model.hpn_learner
+        params = [learner.encoder_layer4to3[7].weight, learner.encoder_layer3to2[7].weight]
+        return _adapt_then(self.model, params, torch.optim.Adam(params, lr=lr), steps,
+                           lambda: self._finetuning_loss(ep), lambda: self.vote(ep))
+
+    def _finetuning_loss(self, ep: dict) -> torch.Tensor:
+        batch = {key: ep[key] for key in ('query_img', 'support_imgs', 'support_masks')}
+        k = ep['support_imgs'].shape[1]
+        with no_cuda(), float_as_double():
+            _, logits = self.model.predict_mask_nshot_support(batch, k)
+        return self.model.compute_objective_finetuning(logits, batch['support_masks'].clone(), k)
+
+
+def _adapt_then(model: nn.Module, params: list[torch.Tensor], optimizer, steps: int, loss, predict):
+    r"""`steps` optimizer steps on `loss()` with only `params` trainable, then `predict()`; every parameter and its
+    requires_grad flag restored afterwards."""
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            with torch.enable_grad():
+                loss().backward()
+            optimizer.step()
+        return predict()
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(saved[name])
+                p.requires_grad_(flags[name])
+
 
 # --- IFA (niejiahao1998/IFA) ------------------------------------------------------------------------------------------
 class IFAReference:
@@ -390,11 +441,56 @@ class IFAReference:
             out = self.model([s[:, i] for i in range(k)], [m[:, i] for i in range(k)], q, None)[0]
         return torch.softmax(out, dim=1)
 
+    def adapted(self, ep: dict, steps: int, lr: float) -> torch.Tensor:
+        r"""The prediction after `steps` steps of the reference's target adaptation (ifa.py:160-221: SGD, momentum
+        0.9, weight decay 5e-4, on every parameter but layer0, layer1 and BatchNorm; train mode with BatchNorm in
+        eval mode; the 3-iteration loss) on the pseudo-episodes ours draws (`IFA.adaptation_loss`: step t takes
+        support k and `pseudo_query_augmentation` from a generator seeded t): the reference's own loader draws them
+        unseeded from the test pool, ours from the episode's supports, so the two get the same pseudo-episodes and
+        the comparison is of the objective and the update."""
+        frozen = {id(p) for part in (self.model.layer0, self.model.layer1) for p in part.parameters()}
+        frozen |= {id(p) for m in self.model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+        params = [p for p in self.model.parameters() if id(p) not in frozen]
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+        steps_done = iter(range(steps))
+
+        def loss() -> torch.Tensor:
+            self.model.train()
+            for module in self.model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+            try:
+                return self._adaptation_loss(ep, next(steps_done))
+            finally:
+                self.model.eval()
+        return _adapt_then(self.model, params, optimizer, steps, loss, lambda: self.probabilities(ep))
+
+    def _adaptation_loss(self, ep: dict, step: int) -> torch.Tensor:
+        from model.ifa import pseudo_query_augmentation
+        s, m = ep['support_imgs'][0], ep['support_masks'][0]                              # [K,3,H,W], [K,H,W]
+        gen = torch.Generator().manual_seed(step)
+        k = int(torch.randint(s.shape[0], (1,), generator=gen)) if s.shape[0] > 1 else 0
+        img_q, mask_q = pseudo_query_augmentation(s[k], m[k], gen)
+        img_q, mask_q = img_q[None], mask_q[None].long()
+        self.model.shot = s.shape[0]                  # ifa.py builds IFA_MatchingNet(backbone, refine, args.shot)
+        with no_cuda(), float_as_double():
+            out = self.model([s[i:i + 1] for i in range(s.shape[0])], [m[i:i + 1] for i in range(s.shape[0])], img_q,
+                             mask_q)
+        ce = nn.CrossEntropyLoss(ignore_index=255)
+        mask_s = m.long()
+        return (ce(out[0], mask_q) + ce(out[1], mask_q) + ce(out[2], mask_q) + 0.2 * ce(out[3], mask_s)
+                + 0.4 * ce(out[4], mask_s) + 0.1 * (ce(out[5], mask_q) + ce(out[6], mask_s) + ce(out[7], mask_q)
+                                                    + ce(out[8], mask_s)))
+
 
 REFERENCES = {'pmms': PMMsReference, 'rpmms': PMMsReference, 'qnet': QNetReference, 'hsnet': HSNetReference,
               'patnet': PATNetReference, 'dmtnet': DMTNetReference, 'ifa': IFAReference}
 #: The reference's backbone where ours is not the method's default (Q-Net's default is ResNet-101 too).
 BACKBONES = {'qnet': 'resnet101', 'ifa': 'resnet50-deep'}
+#: Test-time adaptations compared (steps, lr): Q-Net's released refinement (test.py n_iters 7, lr 0.01); DMTNet's
+#: self-finetuning at its Chest X-ray lr (one step; its other targets' 1e-6 moves nothing visible in float64 on these
+#: weights); IFA's adaptation, two steps at an lr that moves these random weights visibly (its 5e-4 over a test pool).
+ADAPTATIONS = {'qnet': (7, 0.01), 'dmtnet': (1, 0.1), 'ifa': (2, 0.05)}
 
 
 # --- the comparison ---------------------------------------------------------------------------------------------------
@@ -508,19 +604,35 @@ def main(argv=None) -> dict:
     results = {}
     golden = {'method': args.method, 'size': args.size, 'reference': _commit(args.reference_code), 'cases': {},
               'episodes': 'half-planes' if args.method in HALF_PLANES else 'default'}
+    adaptation = ADAPTATIONS.get(args.method)
+    if adaptation:
+        golden['adaptation'] = {'steps': adaptation[0], 'lr': adaptation[1], 'cases': {}}
     for k, ep in episodes(args.size, args.method).items():
-        ours, our_mask = our_prediction(model, ep)
-        ref, ref_mask = reference.vote(ep) if hasattr(reference, 'vote') else (reference.probabilities(ep), None)
-        results[k] = r = compare(ours, ref)
-        golden['cases'][k] = {'seed': k, 'foreground': ref[:, 1].clone()}        # background = 1 - it
-        what = 'probabilities'
-        if ref_mask is not None:        # 'vote': foreground [B*K,H,W], one map per shot, and the voted mask
-            what = f'per-shot probabilities ({k} forward{"s" if k > 1 else ""})'
-            r['mask_agreement'] = float((our_mask == ref_mask).double().mean())
-            golden['cases'][k]['mask'] = ref_mask.bool()                       # [B,H,W], True = foreground
-        print(f'{args.method} {k}-shot {args.size}x{args.size} float64 vs {golden["reference"]}: {what}: max |d| '
-              f'{r["max_abs"]:.2e}, relative {r["max_rel"]:.2e}, argmax agreement {r["argmax_agreement"]:.4f}'
-              + (f'; voted mask agreement {r["mask_agreement"]:.4f}' if ref_mask is not None else ''))
+        for adapted in (False, True) if adaptation else (False,):
+            if adapted:
+                model.set_test_time(*adaptation)
+                ref_out = reference.adapted(ep, *adaptation)
+            else:
+                ref_out = reference.vote(ep) if hasattr(reference, 'vote') else reference.probabilities(ep)
+            ours, our_mask = our_prediction(model, ep)
+            model.set_test_time(finetune_steps=0)
+            ref, ref_mask = ref_out if isinstance(ref_out, tuple) else (ref_out, None)
+            results[k, adapted] = r = compare(ours, ref)
+            case = {'seed': k, 'foreground': ref[:, 1].clone()}                 # background = 1 - it
+            (golden['adaptation'] if adapted else golden)['cases'][k] = case
+            what = 'probabilities'
+            if ref_mask is not None:    # 'vote': foreground [B*K,H,W], one map per shot, and the voted mask
+                what = f'per-shot probabilities ({k} forward{"s" if k > 1 else ""})'
+                r['mask_agreement'] = float((our_mask == ref_mask).double().mean())
+                case['mask'] = ref_mask.bool()                                  # [B,H,W], True = foreground
+            when = ''
+            if adapted:                 # how far the adaptation moved the reference: what the comparison can see
+                moved = float((ref[:, 1] - golden['cases'][k]['foreground']).abs().max())
+                when = f' after {adaptation[0]} adaptation step(s) at lr {adaptation[1]:g} (moved by {moved:.2e})'
+            print(f'{args.method} {k}-shot {args.size}x{args.size} float64 vs {golden["reference"]}{when}: {what}: '
+                  f'max |d| {r["max_abs"]:.2e}, relative {r["max_rel"]:.2e}, argmax agreement '
+                  f'{r["argmax_agreement"]:.4f}'
+                  + (f'; voted mask agreement {r["mask_agreement"]:.4f}' if ref_mask is not None else ''))
     if args.write_golden:
         path = GOLDEN / f'parity-{args.method}.pt'
         torch.save(golden, path)

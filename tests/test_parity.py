@@ -3,7 +3,8 @@ r"""Parity with the public code, without it: each host at its defaults (IFA on i
 reference code gave for the same weights and episodes (tests/golden/parity-<method>.pt, written by
 `scripts/parity.py --write-golden` from a clone of the public repository; the reference commit is in the file). For
 the methods that vote over K per-shot predictions (HSNet, PATNet, DMTNet) the probabilities are the per-shot ones,
-and the voted mask is compared as well."""
+and the voted mask is compared as well. Q-Net's, DMTNet's and IFA's test-time adaptations are compared too
+(`parity.ADAPTATIONS`)."""
 import warnings
 
 import pytest
@@ -33,6 +34,25 @@ def test_defaults_reproduce_the_public_code_float64(method):
         assert relative(ours, ref) <= TOLERANCE, (method, k, relative(ours, ref))
         if 'mask' in case:                                       # 'vote' methods: the reference's voted mask
             assert 0 < float(case['mask'].double().mean()) < 1   # not a constant mask
+            assert torch.equal(mask.bool(), case['mask']), (method, k)
+
+
+@pytest.mark.parametrize('method', sorted(parity.ADAPTATIONS))
+def test_test_time_adaptation_reproduces_the_public_code_float64(method):
+    r"""Q-Net's refinement, DMTNet's self-finetuning and IFA's adaptation (`parity.ADAPTATIONS`: steps, lr) give the
+    reference's adapted outputs; the adaptation moved them visibly, so a no-op adaptation would fail."""
+    golden = torch.load(parity.GOLDEN / f'parity-{method}.pt', weights_only=True)
+    adaptation = golden['adaptation']
+    assert (adaptation['steps'], adaptation['lr']) == parity.ADAPTATIONS[method]
+    model = parity.our_model(method)
+    model.set_test_time(adaptation['steps'], adaptation['lr'])
+    episodes = parity.episodes(golden['size'], method)
+    for k, case in adaptation['cases'].items():
+        ours, mask = parity.our_prediction(model, episodes[k])
+        ref = case['foreground']
+        assert float((ref - golden['cases'][k]['foreground']).abs().max()) > 1e-3     # the adaptation moved it
+        assert relative(ours[:, 1], ref) <= TOLERANCE, (method, k, relative(ours[:, 1], ref))
+        if 'mask' in case:
             assert torch.equal(mask.bool(), case['mask']), (method, k)
 
 
