@@ -315,6 +315,9 @@ class FewShotSegmenter(nn.Module):
         adaptation_defaults: its test-time adaptation settings (`Adaptation(steps=0)` = none by default); a method
             that adapts overrides `adaptation_parameters` and `adaptation_loss`.
         default_lr: the base learning rate of its recipe.
+        separate_bn_batches: in training with moving BatchNorm statistics, encode the supports and then the queries
+            in two backbone passes (each normalised with its own batch statistics, as a public code that extracts
+            them separately); False: one pass over both.
     """
 
     kshot: str = 'vote'
@@ -326,6 +329,7 @@ class FewShotSegmenter(nn.Module):
     plugin_point: str = 'features'
     adaptation_defaults: Adaptation = Adaptation()
     default_lr: float = 1e-3
+    separate_bn_batches: bool = False
     #: Test time, 'vote' methods with K > 1: match the shots one at a time ('one': the same predictions at a
     #: fraction of the peak memory, and faster on CPU; `infer_episode` then also encodes each support just before
     #: its match), all K in one batch after one backbone pass ('all'), or 'auto' = one on CPU, all on CUDA (set by
@@ -365,8 +369,13 @@ class FewShotSegmenter(nn.Module):
     # --- the pipeline -----------------------------------------------------------------------------------------
     def encode(self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor,
                class_id: torch.Tensor) -> EpisodeRecord:
-        r"""One backbone pass over the B queries and B*K supports (query once for all K shots), then the hooks.
+        r"""One backbone pass over the B queries and B*K supports (query once for all K shots), then the hooks
+        (`separate_bn_batches` in training with moving BatchNorm: the supports' pass, then the queries').
         query_img [B,3,H,W], support_imgs [B,K,3,H,W], support_masks [B,K,H,W]."""
+        if self.separate_bn_batches and self.training and self.backbone.moving_batchnorms():
+            support_feats = self.backbone(support_imgs.flatten(0, 1))
+            return self._record(query_img, self.backbone(query_img), support_imgs, support_masks, class_id,
+                                support_feats)
         b = query_img.shape[0]
         feats = self.backbone(torch.cat([query_img, support_imgs.flatten(0, 1)]))
         return self._record(query_img, [f[:b] for f in feats], support_imgs, support_masks, class_id,

@@ -192,8 +192,8 @@ class PMMs(FewShotSegmenter):
     with torchvision's ImageNet tensors, as the public code does. Deviations from the public code (README, "PMMs /
     RPMMs"): the EM initialisation is a fixed buffer drawn from `--em-seed` (the reference draws it afresh,
     unseeded, and does not save it). The backbone's BatchNorm uses batch statistics in training (`--bn batch`, the
-    reference's train mode; its affine parameters frozen, as the reference), computed over the queries and supports
-    of a batch together (the reference passes supports and queries separately); `--bn frozen` keeps ImageNet's.
+    reference's train mode; its affine parameters frozen, as the reference), computed as the reference does: the
+    supports in one backbone pass, then the queries in another (`separate_bn_batches`); `--bn frozen` keeps ImageNet's.
 
     K-shot ('joint'): one EM over the pixels of all K supports (the reference concatenates them spatially).
     """
@@ -208,6 +208,7 @@ class PMMs(FewShotSegmenter):
                     'augmentation': 'flip-resized-crop'}
     plugin_point = 'prototypes'       # CD-TG fuses text into every EM component (foreground and background)
     default_lr = 3.5e-4
+    separate_bn_batches = True        # FPMMs.forward extracts the supports, then the query (batch statistics of each)
     cascade = False                   # RPMMs: the residual cascade
 
     def __init__(self, backbone: Backbone, options=None):

@@ -428,6 +428,32 @@ def test_reference_batchnorm_defaults_of_pmms_and_qnet():
     assert quiet(build_method, 'qnet', 'resnet50', 'none', bn='frozen').backbone.spec.bn == 'frozen'
 
 
+def test_pmms_training_normalises_supports_and_queries_in_separate_passes():
+    r"""PMMs in training (`--bn batch`): the features and the running statistics are those of two backbone passes,
+    the supports' and then the queries' (FPMMs.forward), not of one pass over both; at test time one pass (running
+    statistics). Q-Net (one pass over [supports, query], as its reference) keeps the joint pass."""
+    import copy
+    torch.manual_seed(0)
+    model = quiet(build_method, 'pmms', None, 'none').double()
+    gen = torch.Generator().manual_seed(1)
+    q, s = torch.randn(2, 3, 41, 41, generator=gen).double(), torch.randn(2, 1, 3, 41, 41, generator=gen).double()
+    m = (torch.rand(2, 1, 41, 41, generator=gen) > 0.5).double()
+    by_hand = copy.deepcopy(model.backbone).train()
+    expected_s, expected_q = by_hand(s.flatten(0, 1)), by_hand(q)                     # supports first, then queries
+    joint = copy.deepcopy(model.backbone).train()(torch.cat([q, s.flatten(0, 1)]))
+    model.train()
+    record = model.encode(q, s, m, torch.tensor([0, 1]))
+    for ours, exp, both in zip(record.query_feats, expected_q, joint):
+        assert torch.allclose(ours, exp, rtol=0, atol=1e-12) and not torch.allclose(ours, both[:2], atol=1e-3)
+    for ours, exp in zip(record.support_feats, expected_s):
+        assert torch.allclose(ours, exp, rtol=0, atol=1e-12)
+    bn, ref_bn = model.backbone.net.layer2[0].bn1, by_hand.net.layer2[0].bn1
+    assert torch.allclose(bn.running_mean, ref_bn.running_mean, rtol=0, atol=1e-14)
+    assert torch.allclose(bn.running_var, ref_bn.running_var, rtol=0, atol=1e-14)
+    qnet = quiet(build_method, 'qnet', 'resnet50', 'none')
+    assert not qnet.separate_bn_batches and model.separate_bn_batches
+
+
 # --- IFA's deep-stem ResNet ---------------------------------------------------------------------------------------
 def test_deep_stem_backbone_loads_a_pspnet_style_file_and_refuses_a_download(tmp_path):
     torch.manual_seed(0)
