@@ -9,13 +9,19 @@ r"""Segment your own images from K annotated examples with any trained checkpoin
 Supports: `--support IMAGE:MASK` (repeatable) and/or `--support-dir DIR`, paired as the target loaders pair files:
 `DIR/images/` + `DIR/masks/` by stem, or one flat folder where `<stem>_mask.*` / `<stem>_segmentation.*` (Chest
 X-ray, ISIC) or `<stem>.png` next to a non-PNG `<stem>.*` (FSS-1000) is the mask of `<stem>`. Masks may be 0/255,
-0/1, 16-bit, RGB(A) or palette PNGs (see `data.checks.open_binary_mask` for the exact rule). Queries: files or
-folders (`--query`, repeatable), any size, aspect ratio and mode (gray, RGB, RGBA, 16-bit). Every query is
-predicted at the checkpoint's image size (as in training and test.py) and its logits are resized back to the
-original size. Writes into --out: `masks/<name>.png` (0/255, the original size), `overlays/<name>.jpg` (the
-prediction in red over the image) and `summary.json`. Every input is checked before the model runs, and the output
-folder appears only when complete (it is written under a temporary name and renamed), so an error leaves nothing
-half-written.
+0/1, 16-bit, RGB(A) or palette PNGs (any R, G or B >= 128 is foreground in an RGB mask; see
+`data.checks.open_binary_mask` for the exact rule). Queries: files or folders (`--query`, repeatable), any size,
+aspect ratio and mode (gray, RGB, RGBA, 16-bit, float: `data.checks.wide_to_uint8`). Every image and mask is read as
+a viewer shows it (its EXIF orientation applied). Every query is predicted at the checkpoint's image size (as in
+training and test.py) and its logits are resized back to the displayed size. Writes into --out: `masks/<name>.png`
+(0/255, that size), `overlays/<name>.jpg` (the prediction in red over the image) and `summary.json`.
+
+Nothing a user gives is lost: every input is checked before the model runs; --out may not be, hold or lie inside
+an input (checkpoint, supports, queries); the folder is locked while the command runs; its new contents appear only
+when complete (staged inside it, then moved in), and `--overwrite` replaces only the files an earlier predict.py
+wrote there (listed in its `.written-by.json`), never anything else. Degenerate supports (all foreground, fewer than
+16 foreground pixels at the model's size, an image side under 32 pixels, the same support twice) are warned about and
+counted in summary.json; `--strict-shots` refuses them.
 
 CD-TG checkpoints need the class's text: `--class-name NAME` looks it up in text/descriptions/*.yaml (`--benchmark
 BENCHMARK` picks the file; `--descriptions FILE` uses your own), or `--description "..."` gives a one-off
@@ -26,6 +32,7 @@ separately, as in test.py.
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +41,26 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.config import bounded, parse_with_config
-from common.constants import MIN_IMG_SIZE
+from common.constants import FEW_FOREGROUND, MIN_IMG_SIZE
 from common.errors import UserError, run_cli
 from common.logger import staged_folder
+from common.paths import check_apart_from_inputs, check_creatable_folder
 from common.utils import configure_backends, resolve_device, seed_everything
-from data.checks import (IMAGE_EXTENSIONS, DataReport, inspect_file, list_files, open_binary_mask, open_rgb,
-                         pair_by_stem)
+from data.checks import (IMAGE_EXTENSIONS, WIDE_MODES, DataReport, inspect_file, list_files, open_binary_mask,
+                         open_rgb, pair_by_stem)
 from data.episodic import image_tensor, mask_tensor
-from engine.factory import load_model, plugin_record
+from engine.factory import adaptation_record, load_model, plugin_record
 from engine.flags import add_plugin_args
 from model.base import Output
 
 MASK_SUFFIXES = ('_mask', '_segmentation')         # the Chest X-ray and ISIC conventions
+#: Degenerate supports: summary.json key -> warning.
+DEGENERATE = {
+    'all_foreground': 'its mask is foreground everywhere at {size}x{size}: no background to contrast with',
+    'few_foreground': 'only {n} foreground pixels at {size}x{size} (fewer than {few}): a prototype of a few pixels',
+    'small_image': 'its image has a side under {min_side} pixels, less than one cell of the deepest feature map',
+    'repeated': 'the same support as {same}: it adds no information',
+}
 GENERIC_BACKGROUND = 'A photo of the background.'
 # Logits are resized to the original size in one piece up to this many values (256 MiB in float32); larger images
 # are predicted at the largest size under it and the binary mask is enlarged with nearest neighbour.
@@ -62,8 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help='a folder of annotated examples: images/ + masks/, or <stem>.* with <stem>_mask.*')
     p.add_argument('--query', action='append', default=[], metavar='PATH',
                    help='an image or a folder of images to segment (repeatable)')
-    p.add_argument('--out', type=str, default=None, help='output folder (must not exist or be empty)')
-    p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out once the new one is complete')
+    p.add_argument('--out', type=str, default=None,
+                   help='output folder (new or empty; never an input folder, nor one holding or inside an input)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace the outputs of an earlier predict.py in --out once the new ones are complete (only '
+                        'the files it wrote; anything else stops the command)')
+    p.add_argument('--strict-shots', action='store_true',
+                   help='refuse degenerate supports (all foreground, < 16 foreground pixels at the model size, an '
+                        'image side < 32 px, the same support twice) instead of warning about them')
     p.add_argument('--class-name', type=str, default=None,
                    help='CD-TG: the class whose description to use (text/descriptions/*.yaml); with --description, '
                         'only its name in summary.json')
@@ -151,9 +172,10 @@ def pair_support_dir(folder: Path) -> list[tuple[Path, Path]]:
 
 
 def read_support(image_path: Path, mask_path: Path) -> tuple[Image.Image, np.ndarray]:
-    r"""One support's image (RGB) and binary mask, checked: readable, same size, some foreground."""
-    image = open_rgb(image_path)
-    mask = open_binary_mask(mask_path)
+    r"""One support's image (RGB) and binary mask as a viewer shows them, checked: readable, same size, some
+    foreground."""
+    image = open_rgb(image_path, upright=True)
+    mask = open_binary_mask(mask_path, upright=True)
     if mask.shape != (image.height, image.width):
         raise UserError(f'support mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is '
                         f'{image.width}x{image.height}; a mask must have its image\'s size')
@@ -164,15 +186,51 @@ def read_support(image_path: Path, mask_path: Path) -> tuple[Image.Image, np.nda
 
 
 def load_support(image_path: Path, mask_path: Path, size: int) -> dict:
-    r"""One support as model inputs of `size` and as a record for summary.json."""
+    r"""One support as model inputs of `size` and as a record for summary.json (with its `degenerate` findings)."""
     image, mask = read_support(image_path, mask_path)
     small = mask_tensor(mask, size)
     if not small.any():
         raise UserError(f'the foreground of support mask {mask_path} ({int(mask.sum())} pixels) vanishes when the '
                         f'mask is resized to the model\'s {size}x{size}; use a support where the structure is larger')
+    found = []
+    if small.all():
+        found.append('all_foreground')
+    elif int(small.sum()) < FEW_FOREGROUND:
+        found.append('few_foreground')
+    if min(image.width, image.height) < MIN_IMG_SIZE:
+        found.append('small_image')
     return {'img': image_tensor(image, size), 'mask': small,
             'record': {'image': str(image_path), 'mask': str(mask_path), 'size': [image.width, image.height],
-                       'foreground_fraction': round(float(mask.mean()), 6)}}
+                       'foreground_fraction': round(float(mask.mean()), 6),
+                       'foreground_pixels_at_model_size': int(small.sum()), 'degenerate': found}}
+
+
+def check_supports(supports: list[dict], specs: list[tuple[Path, Path]], size: int, strict: bool) -> dict:
+    r"""Mark repeated supports (the same image and mask files, or identical pixels and mask at the model size), then
+    warn about every degenerate support (`--strict-shots`: refuse); returns the counts per finding for summary.json."""
+    seen = {}
+    for s, (image_path, mask_path) in zip(supports, specs):
+        key = (str(image_path.resolve()), str(mask_path.resolve()))
+        content = (s['img'].numpy().tobytes(), s['mask'].numpy().tobytes())
+        first = seen.get(key) or seen.get(content)
+        if first is not None:
+            s['record']['degenerate'].append('repeated')
+            s['record']['same_as'] = first
+        seen.setdefault(key, str(image_path))
+        seen.setdefault(content, str(image_path))
+    counts = {kind: 0 for kind in DEGENERATE}
+    lines = []
+    for s in supports:
+        for kind in s['record']['degenerate']:
+            counts[kind] += 1
+            detail = DEGENERATE[kind].format(size=size, same=s['record'].get('same_as'), few=FEW_FOREGROUND,
+                                             min_side=MIN_IMG_SIZE, n=s['record']['foreground_pixels_at_model_size'])
+            lines.append(f'support {s["record"]["image"]}: {detail}')
+    if lines and strict:
+        raise UserError('--strict-shots: degenerate supports:\n  ' + '\n  '.join(lines))
+    for line in lines:
+        warnings.warn(f'{line} (counted in summary.json; --strict-shots refuses it)', stacklevel=2)
+    return counts
 
 
 def mask_rule(path: Path) -> str:
@@ -182,6 +240,9 @@ def mask_rule(path: Path) -> str:
         return 'a palette image'
     if mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
         return 'a 16/32-bit image: foreground = 1, >= 128 or >= 32768 depending on its maximum'
+    if mode in ('RGB', 'RGBA', 'LA'):
+        return ('a colour image: foreground where any of R, G, B is >= 128 (= 1 for 0/1 masks), or where alpha >= '
+                '128 when it has transparency')
     return 'gray values: foreground >= 128, or = 1 for 0/1 masks'
 
 
@@ -206,6 +267,10 @@ def collect_queries(specs: list[str], exclude: set[Path]) -> list[Path]:
         size, _, err = inspect_file(q, full=True)
         if err:
             raise UserError(f'query image {q} is {err if err.startswith("unreadable") else "unreadable: " + err}')
+        with Image.open(q) as img:
+            wide = img.mode in WIDE_MODES
+        if wide:                                        # 16-bit / float: NaN or inf refused now, naming the file
+            open_rgb(q, upright=True)
     return list(dict.fromkeys(queries))
 
 
@@ -333,7 +398,15 @@ def main(argv=None) -> dict:
         raise UserError('--load CHECKPOINT is required (a best.pt or last.pt written by train.py)')
     if Path(args.load).is_dir():
         raise UserError(f'--load {args.load} is a run folder; pass {Path(args.load) / "best.pt"}')
+    if not args.out:
+        raise UserError('--out DIR is required (the folder the masks, overlays and summary.json go to)')
+    final = Path(args.out)
     specs = [split_support(s) for s in args.support]
+    inputs = [('--load', args.load)] + [('--support', p) for pair in specs for p in pair]
+    inputs += [('--support-dir', args.support_dir)] if args.support_dir else []
+    inputs += [('--query', q) for q in args.query if Path(q).exists()]
+    check_creatable_folder(final, '--out')
+    check_apart_from_inputs(final, '--out', inputs)       # before any work: inputs are never written over
     if args.support_dir:
         specs += pair_support_dir(Path(args.support_dir))
     if not specs:
@@ -343,12 +416,7 @@ def main(argv=None) -> dict:
     described = check_text_flags(args)
     exclude = {p.resolve() for pair in specs for p in pair}
     queries = collect_queries(args.query, exclude)
-    if not args.out:
-        raise UserError('--out DIR is required (the folder the masks, overlays and summary.json go to)')
-    final = Path(args.out)
-    if final.is_dir() and any(final.iterdir()) and not args.overwrite:
-        raise UserError(f'--out {final} exists and is not empty; choose another folder or pass --overwrite')
-    with staged_folder(final, '--out') as tmp:
+    with staged_folder(final, '--out', 'predict.py', replace=args.overwrite) as tmp:
         result = _predict(args, specs, queries, described, tmp)
     print(f'{len(queries)} masks -> {final / "masks"}, overlays -> {final / "overlays"}, summary -> '
           f'{final / "summary.json"}')
@@ -364,6 +432,7 @@ def _predict(args: argparse.Namespace, specs: list[tuple[Path, Path]], queries: 
     config = ckpt['config']
     size = args.img_size or config['img_size']
     supports = [load_support(image, mask, size) for image, mask in specs]
+    degenerate = check_supports(supports, specs, size, args.strict_shots)
     text = bind_text(model, args, described)
     seed_everything(args.seed)
     start = time.perf_counter()
@@ -382,7 +451,7 @@ def _predict(args: argparse.Namespace, specs: list[tuple[Path, Path]], queries: 
                                         torch.stack([s['mask'] for s in supports])[None].to(device), class_id)
         for b in range(0, len(queries), args.bsz):
             batch = queries[b:b + args.bsz]
-            images = [open_rgb(q) for q in batch]
+            images = [open_rgb(q, upright=True) for q in batch]
             x = torch.stack([image_tensor(img, size) for img in images]).to(device)
             output = model.infer(model.encode_query(x, encoded.select([0] * len(batch))))
             for i, (query, image) in enumerate(zip(batch, images)):
@@ -396,9 +465,9 @@ def _predict(args: argparse.Namespace, specs: list[tuple[Path, Path]], queries: 
             print(f'  {min(b + args.bsz, len(queries))}/{len(queries)}')
     summary = {'checkpoint': str(args.load), 'method': config['method'], 'backbone': config['backbone'],
                'trained_on': config['benchmark'], 'img_size': size, 'nshot': len(supports),
-               'plugin': plugin_record(model), 'text': text,
-               'test_time_adaptation': {'steps': model.adaptation.steps, 'lr': model.adaptation.lr},
-               'seed': args.seed, 'supports': [s['record'] for s in supports], 'queries': records,
+               'plugin': plugin_record(model), 'text': text, 'test_time_adaptation': adaptation_record(model),
+               'seed': args.seed, 'supports': [s['record'] for s in supports], 'degenerate_supports': degenerate,
+               'queries': records,
                'seconds': round(time.perf_counter() - start, 3)}
     (out / 'summary.json').write_text(json.dumps(summary, indent=1) + '\n')
     return summary

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import yaml
 
-from common.errors import UserError
+from common.errors import FlagError, UserError, launcher_rank
 
 
 def bounded(parser, flag: str, type: type, default, low: float | None = None, high: float | None = None,
@@ -79,10 +79,18 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     YAML keys use the flag names with `-` or `_` (`img-size` or `img_size`); an unknown key is an error that lists
     the valid ones, so a typo in a config file never passes silently.
     """
-    known = _preparse_config(argv)
-    if known.config:
-        parser.set_defaults(**load_yaml_defaults(known.config, parser))
-    return validate_args(parser, parser.parse_args(argv))
+    if launcher_rank() != 0:           # under torchrun, rank 0 alone prints a usage error (every rank exits 2)
+        parser.print_usage = lambda file=None: None
+        parser._print_message = lambda message, file=None: None
+    try:
+        known = _preparse_config(argv)
+        if known.config:
+            parser.set_defaults(**load_yaml_defaults(known.config, parser))
+        return validate_args(parser, parser.parse_args(argv))
+    except FlagError:
+        raise
+    except UserError as err:           # about the command line: the same in every process
+        raise FlagError(str(err)) from err
 
 
 def _preparse_config(argv):

@@ -9,3 +9,5 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMG_SIZE = 32
 #: train.py's recipe where a method's own (`FewShotSegmenter.train_defaults`) and the user's flags say nothing: HSNet's.
 TRAIN_DEFAULTS = {'img_size': 400, 'bsz': 20, 'epochs': 50, 'train_boundary': 'background', 'augmentation': 'none'}
+#: A support mask with fewer foreground pixels than this at the model's input size is reported as degenerate.
+FEW_FOREGROUND = 16

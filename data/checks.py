@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.errors import UserError
 from data.episodic import EpisodicDataset, layout_error
@@ -34,6 +34,7 @@ KIND_TITLES = {
     'unexpected_values': 'unexpected mask values',
     'empty_mask': 'masks without foreground',
     'unclassified': 'images without class information',
+    'exif_orientation': 'images with an EXIF orientation (read as stored, not as displayed)',
     'other': 'other problems',
 }
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
@@ -117,9 +118,9 @@ class DataReport:
         groups = self.by_kind()
         lines.append('checks:')
         for kind in ('image_without_mask', 'mask_without_image', 'unreadable', 'missing', 'size_mismatch',
-                     'unexpected_values', 'unclassified', 'empty_mask', 'other'):
+                     'unexpected_values', 'unclassified', 'empty_mask', 'exif_orientation', 'other'):
             problems = groups.get(kind, [])
-            if not problems and kind in ('unclassified', 'empty_mask', 'other'):
+            if not problems and kind in ('unclassified', 'empty_mask', 'exif_orientation', 'other'):
                 continue
             n_hard = sum(p.hard for p in problems)
             tag = (f' ({n_hard} ERROR{"S" if n_hard > 1 else ""})' if n_hard else ' (warning)') if problems else ''
@@ -224,6 +225,11 @@ def check_pair(report: DataReport, key: str, image: Path, mask: Path, full: bool
         report.add('size_mismatch', mask, f'mask is {msize[0]}x{msize[1]} but image {image.name} is '
                                           f'{isize[0]}x{isize[1]}', key)
         return None
+    orientation = exif_orientation(image)
+    if orientation not in (None, 1):
+        report.add('exif_orientation', image, f'EXIF orientation {orientation}: the loaders read the stored pixels '
+                                              '(as the reference loaders do), not the rotated/mirrored image a viewer '
+                                              'shows; its mask must match the stored pixels', key, hard=False)
     if mask_arr is not None and allowed == (0, 255):
         binary = binary_mask(mask_arr)
         if mask_arr.max() == 1:
@@ -282,16 +288,46 @@ def list_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
                   if p.suffix.lower() in extensions and not p.name.startswith('.') and p.is_file())
 
 
-def open_rgb(path: Path) -> Image.Image:
-    r"""Open an image as 8-bit RGB, naming the file on failure. 16-bit/float grayscale is min-max scaled to 8 bit
-    (PIL's own conversion would clip it to 255)."""
+WIDE_MODES = ('I;16', 'I;16B', 'I;16L', 'I', 'F')
+
+
+def exif_orientation(path: Path) -> int | None:
+    r"""The EXIF orientation tag of an image file (1 = as stored; None: no tag or unreadable)."""
     try:
         with Image.open(path) as img:
-            if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
-                arr = np.asarray(img, dtype=np.float64)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
-                return Image.fromarray(np.rint(arr).astype(np.uint8)).convert('RGB')
+            return img.getexif().get(0x0112)
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError):
+        return None
+
+
+def wide_to_uint8(arr: np.ndarray, path: Path, is_float: bool) -> np.ndarray:
+    r"""16/32-bit integer or float intensities as 8 bit, by their actual range: a float image within [0, 1] is
+    scaled by 255 (so it reads as its 8-bit version), values within [0, 255] are kept, any other range (16-bit,
+    CT/MR intensities) is min-max scaled to 0-255 (PIL's own conversion would clip at 255). NaN/inf: `UserError`."""
+    arr = np.asarray(arr, dtype=np.float64)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise UserError(f'image file {path} has {int(bad.sum())} NaN/inf pixel values; replace them (e.g. by the '
+                        'image\'s minimum) and save it again')
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if is_float and lo >= 0 and hi <= 1:
+        arr = arr * 255.0
+    elif not (lo >= 0 and hi <= 255):
+        arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+    return np.rint(arr).astype(np.uint8)
+
+
+def open_rgb(path: Path, upright: bool = False) -> Image.Image:
+    r"""Open an image as 8-bit RGB, naming the file on failure; 16-bit/float grayscale by `wide_to_uint8`.
+    `upright`: apply its EXIF orientation (a user's photo as a viewer shows it; the dataset loaders read the stored
+    pixels, as the reference loaders)."""
+    try:
+        with Image.open(path) as img:
+            if upright:
+                img = ImageOps.exif_transpose(img)
+            if img.mode in WIDE_MODES:
+                arr = wide_to_uint8(np.asarray(img), path, img.mode == 'F')
+                return Image.fromarray(arr).convert('RGB')
             return img.convert('RGB')
     except FileNotFoundError as err:
         raise UserError(f'image file {path} does not exist (it was there when the dataset was indexed)') from err
@@ -315,19 +351,31 @@ def open_mask(path: Path) -> np.ndarray:
                         'every damaged file') from err
 
 
-def open_binary_mask(path: Path) -> np.ndarray:
+def open_binary_mask(path: Path, upright: bool = False) -> np.ndarray:
     r"""A user's binary mask as a 2D 0/1 uint8 array (1 = foreground), whatever its encoding:
 
-    * 8-bit gray, RGB, RGBA (converted to gray): 0/255 binarised at >= 128, or 0/1 (see `binary_mask`);
+    * 8-bit gray: 0/255 binarised at >= 128, or 0/1 (see `binary_mask`);
+    * RGB, and RGBA whose alpha is 255 everywhere: a pixel is foreground when any of its R, G, B values is >= 128
+      (0/1 masks: = 1), so a coloured annotation on black (e.g. red, which reads as gray 76) counts;
+    * RGBA with transparency (an annotation layer): the opaque pixels (alpha >= 128) are foreground;
     * 16-bit or 32-bit gray: 0/1, 0/255 or 0/65535 (max <= 1: 1 is foreground; max <= 255: >= 128; else >= 32768);
     * palette (indexed) PNG: with a gray palette (every colour has R = G = B, as optimisers write gray masks) the
       colours' gray values are read as above; with a colour palette (label-map tools, PASCAL VOC) the *indices* are
       read: 0 = background, 255 = background (VOC's void border), any other index = foreground. Reading colours
       instead would turn VOC's dark red (128, 0, 0) into gray 38, an empty mask.
+    `upright`: apply its EXIF orientation first (as `open_rgb`).
     """
     try:
         with Image.open(path) as img:
             img.load()
+            if upright:
+                img = ImageOps.exif_transpose(img)
+            if img.mode in ('RGB', 'RGBA', 'LA'):
+                arr = np.asarray(img)
+                if img.mode in ('RGBA', 'LA') and arr[..., -1].min() < 255:
+                    return (arr[..., -1] >= 128).astype(np.uint8)
+                colour = arr[..., :3].max(axis=-1) if img.mode != 'LA' else arr[..., 0]
+                return binary_mask(colour)
             if img.mode == 'P':
                 arr = np.asarray(img)
                 palette = np.asarray(img.getpalette() or [], dtype=np.int64).reshape(-1, 3)

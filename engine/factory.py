@@ -54,6 +54,11 @@ def plugin_record(model: FewShotSegmenter) -> dict | None:
     return record() if callable(record) else None
 
 
+def adaptation_record(model: FewShotSegmenter) -> dict | None:
+    r"""The test-time adaptation settings results.json and summary.json record: None for a method without one."""
+    return {'steps': model.adaptation.steps, 'lr': model.adaptation.lr} if model.adapts() else None
+
+
 def strip_plugin_keys(config: dict) -> dict:
     r"""A run configuration without the settings of plug-ins it does not use."""
     config = dict(config)

@@ -4,13 +4,14 @@ skipped)."""
 import math
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from common.checkpoint import NonFiniteError
 from common import names
-from common.constants import IGNORE_INDEX
+from common.constants import FEW_FOREGROUND, IGNORE_INDEX
 from common.names import BOUNDARY_POLICIES
 from common.dist import SINGLE, Dist
 from common.errors import UserError
@@ -117,8 +118,8 @@ class NonFiniteGuard:
     r"""Stops training at the first non-finite loss or gradient (or skips up to `skips` such steps with a warning),
     before the optimizer step, so no weight ever becomes NaN."""
 
-    def __init__(self, skips: int = 0):
-        self.skips, self.skipped = skips, 0
+    def __init__(self, skips: int = 0, last_checkpoint: Path | None = None):
+        self.skips, self.skipped, self.last_checkpoint = skips, 0, last_checkpoint
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, epoch: int, step: int, dist: Dist = SINGLE) -> bool:
         r"""True if the step may proceed; False to skip it; raises `NonFiniteError` to stop. In a distributed run
@@ -134,11 +135,16 @@ class NonFiniteGuard:
             warnings.warn(f'non-finite {what} at {where}: step skipped ({self.skipped} of --skip-nonfinite '
                           f'{self.skips})', stacklevel=2)
             return False
+        last = self.last_checkpoint
+        if last is not None and last.is_file():
+            saved = (f'The last checkpoint written ({last}) is intact and finite; lower --lr and start a new '
+                     '--logpath (or --resume from it),')
+        else:
+            saved = 'No checkpoint was written before this step; lower --lr and start again,'
         raise NonFiniteError(
             f'training stopped: the {what} became NaN/inf at {where}, before any weight changed. Likely causes: a '
             'learning rate too high for this method (--lr), an empty or all-ignored mask batch, or fp16 overflow. '
-            'The last checkpoint written (last.pt) is intact and finite; lower --lr and start a new --logpath, or '
-            'pass --skip-nonfinite N to skip up to N such steps')
+            f'{saved} or pass --skip-nonfinite N to skip up to N such steps')
 
 
 def training_batch(batch: dict, boundary: str) -> dict:
@@ -246,15 +252,19 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
     meter = SegmentationMeter(class_names, device, over=miou_over)
     kept: list[dict] = []
     start, n = time.perf_counter(), 0
-    empty, shots, example = 0, 0, None
+    shots = 0
+    degenerate = {kind: [0, None] for kind in DEGENERATE_SUPPORTS}                     # kind -> [count, example]
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True):
         batch = episode_batch(batch, device)
-        blank = batch['support_masks'].flatten(2).amax(dim=2) == 0                      # [B,K] shots without fg
-        shots += blank.numel()
-        if bool(blank.any()):
-            empty += int(blank.sum())
-            b, k = blank.nonzero()[0].tolist()
-            example = example or batch['support_names'][b][k]
+        fg = (batch['support_masks'] == 1).flatten(2)
+        pixels = fg.sum(dim=2)                                                           # [B,K]
+        shots += pixels.numel()
+        for kind, hit in (('empty', pixels == 0), ('all_foreground', pixels == fg.shape[2]),
+                          ('few_foreground', (pixels > 0) & (pixels < FEW_FOREGROUND))):
+            if bool(hit.any()):
+                degenerate[kind][0] += int(hit.sum())
+                b, k = hit.nonzero()[0].tolist()
+                degenerate[kind][1] = degenerate[kind][1] or batch['support_names'][b][k]
         with autocast(device, precision):
             output = model.infer_episode(*episode_inputs(batch))
             loss = total_loss(model.loss(output, batch))
@@ -268,13 +278,23 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
                          'support_imgs': batch['support_imgs'][i].cpu(),
                          'support_masks': batch['support_masks'][i].cpu(), 'pred': pred[i].cpu(),
                          'class_id': int(batch['class_id'][i]), 'query_name': batch['query_name'][i]})
-    counts = dist.all_reduce(torch.tensor([empty, shots, n], dtype=torch.int64, device=device)).tolist()
-    empty, shots = counts[0], counts[1]
+    counts = dist.all_reduce(torch.tensor([shots, n] + [c for c, _ in degenerate.values()], dtype=torch.int64,
+                                          device=device)).tolist()
+    shots = counts[0]
     scores = meter.all_reduce(dist).compute()
-    scores['seconds_per_episode'] = (time.perf_counter() - start) / max(counts[2], 1) * dist.world
-    scores['empty_support_masks'] = empty
-    if empty and dist.main:
-        warnings.warn(f'{empty} of {shots} support masks have no foreground pixel at this image size (e.g. '
-                      f'{example}): those shots carry no information. scripts/check_data.py lists empty masks',
-                      stacklevel=2)
+    scores['seconds_per_episode'] = (time.perf_counter() - start) / max(counts[1], 1) * dist.world
+    for (kind, (_, example)), count in zip(degenerate.items(), counts[2:]):
+        scores[f'{kind}_support_masks'] = count
+        if count and dist.main:
+            warnings.warn(f'{count} of {shots} support masks {DEGENERATE_SUPPORTS[kind]} at this image size (e.g. '
+                          f'{example}); counted in results.json as {kind}_support_masks', stacklevel=2)
     return scores, kept
+
+
+#: Support masks the evaluation counts and warns about (at the model's input size): kind -> what is wrong.
+DEGENERATE_SUPPORTS = {
+    'empty': 'have no foreground pixel, so those shots carry no information (scripts/check_data.py lists empty '
+             'masks)',
+    'all_foreground': 'are foreground everywhere (no background to contrast with)',
+    'few_foreground': f'have fewer than {FEW_FOREGROUND} foreground pixels',
+}

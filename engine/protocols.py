@@ -15,7 +15,7 @@ from common import names
 from common.dist import SINGLE, Dist
 from common.errors import UserError
 from data import FixedEpisodes, build_loader
-from engine.loops import evaluate
+from engine.loops import DEGENERATE_SUPPORTS, evaluate
 from engine.volumetric import evaluate_volumetric
 
 
@@ -76,7 +76,8 @@ class EpisodeProtocol:
     def results(self, scores: dict) -> dict:
         return {'episodes': [e.to_json(self.dataset.class_names) for e in self.episodes],
                 'episodes_per_rank': [len(self.episodes[r::self.dist.world]) for r in range(self.dist.world)],
-                'repeated_supports': self.repeated, 'empty_support_masks': scores.get('empty_support_masks', 0)}
+                'repeated_supports': self.repeated,
+                **{f'{kind}_support_masks': scores.get(f'{kind}_support_masks', 0) for kind in DEGENERATE_SUPPORTS}}
 
 
 class VolumetricProtocol:

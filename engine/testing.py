@@ -10,11 +10,12 @@ import torch
 
 from common.errors import UserError
 from common.dist import init_distributed, shutdown
-from common.logger import NullLogger, RunLogger, prepare_run_folder
+from common.logger import NullLogger, RunLogger
 from common.metrics import format_scores
+from common.paths import check_apart_from_inputs, check_creatable_folder
 from common.utils import configure_backends, resolve_device, seed_everything
 from data import build_dataset, dataset_class, dataset_options
-from engine.factory import load_model, plugin_record
+from engine.factory import adaptation_record, load_model, plugin_record
 from engine.figures import save_episode_figure
 from engine.protocols import PROTOCOLS
 
@@ -42,14 +43,16 @@ def _test(args, cls, split: str, dist, device_name: str) -> dict:
     configure_backends(device, tf32=args.tf32)
     logpath = Path(args.logpath or Path(args.load).parent /
                    f'test-{args.benchmark}{PROTOCOLS[args.protocol].tag}-{args.nshot}shot-seed{args.seed}')
+    check_creatable_folder(logpath, '--logpath')
+    check_apart_from_inputs(logpath, '--logpath', [('--load', args.load), ('--datapath', args.datapath)])
+    log = NullLogger()
     if dist.main:
-        try:
-            prepare_run_folder(logpath)                                 # before any data or model is built
+        try:                                    # the run folder, locked for this run, before any data or model
+            log = RunLogger(logpath, vars(args), tensorboard=False)
         except UserError as err:
             if args.logpath:
                 raise
             raise UserError(f'{err} (the default output folder is next to the checkpoint)') from err
-    log = RunLogger(logpath, vars(args), tensorboard=False) if dist.main else NullLogger()
     try:
         model, ckpt = load_model(args.load, device, args)
         model.set_test_time(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
@@ -109,7 +112,7 @@ def _test(args, cls, split: str, dist, device_name: str) -> dict:
             'img_size': img_size, 'checkpoint': str(args.load), 'method': train_config['method'],
             'method_options': train_config['method_options'], 'backbone': train_config['backbone'],
             'trained_on': train_config['benchmark'], 'seconds': time.perf_counter() - start,
-            'test_time_adaptation': {'steps': model.adaptation.steps, 'lr': model.adaptation.lr},
+            'test_time_adaptation': adaptation_record(model),
             'protocol': args.protocol, 'plugin': plugin,
             'dataset_options': {k: v for k, v in dataset_options(args).items() if v is not None},
             'precision': args.precision, 'tf32': args.tf32, 'world_size': dist.world,

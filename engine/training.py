@@ -13,9 +13,11 @@ import torch
 
 from common.checkpoint import NonFiniteError, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from common.dist import init_distributed, shutdown
-from common.errors import UserError
-from common.logger import NullLogger, RunLogger, prepare_run_folder
+from common.errors import FlagError, UserError, launcher_rank
+from common.logger import NullLogger, RunLogger
 from common.metrics import format_scores
+from common.paths import check_apart_from_inputs, check_creatable_folder
+from common.runlock import check_free
 from common.utils import configure_backends, resolve_device, rng_state, seed_everything, set_rng_state
 from data import FixedEpisodes, TrainingEpisodes, build_dataset, build_loader, dataset_class, dataset_options
 from data.augment import AUGMENTATIONS
@@ -37,19 +39,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, typed: set[st
     r"""train.py after parsing: `args` its flags, `typed` the ones the user gave (a resumed run may change only
     those in RESUMABLE). Returns the best validation scores, the history and the run folder."""
     config, ckpt = _resolve_config(args, parser, typed)
+    check_apart_from_inputs(config['logpath'], '--logpath', [('--datapath', config['datapath'])])
     val_benchmark = config['val_benchmark'] or config['benchmark']
     _check_source(config['benchmark'], 'training')
     _check_source(val_benchmark, 'model selection')
     dist, device_name = init_distributed(config['device'])
     try:
         if config['bsz'] % dist.world:
-            raise UserError(f'--bsz {config["bsz"]} is the global batch: it must be a multiple of the {dist.world} '
+            raise FlagError(f'--bsz {config["bsz"]} is the global batch: it must be a multiple of the {dist.world} '
                             'processes')
-        stale = []
-        if dist.main:
-            logpath = prepare_run_folder(config['logpath'])           # before any data or model is built
-            stale = remove_stale_temp_files(logpath)
+        # the run folder, locked for this run, before any data or model is built
         log = RunLogger(config['logpath'], config) if dist.main else NullLogger()
+        stale = remove_stale_temp_files(log.dir) if dist.main else []
         try:
             return _train(config, ckpt, val_benchmark, log, stale, dist, device_name)
         except NonFiniteError as err:
@@ -70,6 +71,10 @@ def _check_source(name: str, role: str) -> None:
 def _resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser,
                     typed: set[str]) -> tuple[dict, dict | None]:
     logpath = Path(args.logpath) if args.logpath else None
+    if logpath is not None:
+        check_creatable_folder(logpath, '--logpath')
+        if launcher_rank() == 0:
+            check_free(logpath)                 # a live run there: say so before anything reads its files
     option_names = [f.name for f in dataclasses.fields(method_class(args.method).Options)]
     if args.resume:
         if logpath is None:
@@ -227,7 +232,7 @@ def _train(config: dict, ckpt: dict | None, val_benchmark: str, log: RunLogger, 
     train_loader = build_loader(train_set, sampler, local_bsz, config['workers'], pin, drop_last=False)
     val_episodes = val_set.sample_episodes(config['val_episodes'], config['seed'])
     val_loader = build_loader(val_set, FixedEpisodes(dist.shard(val_episodes)), local_bsz, config['workers'], pin)
-    guard = NonFiniteGuard(config['skip_nonfinite'])
+    guard = NonFiniteGuard(config['skip_nonfinite'], Path(config['logpath']) / 'last.pt')
     forward = model
     if dist.enabled:
         # gradients of the learnable parameters are averaged over the processes; the frozen backbone has none. A

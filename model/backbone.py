@@ -369,9 +369,8 @@ def _download_enum(name: str, enum, weights: str):
 
 def _load_weights(net: nn.Module, name: str, enum, weights: str) -> None:
     if weights == 'none':
-        warnings.warn(f'\n{"!" * 78}\n!! backbone {name} has RANDOM weights (--backbone-weights none). Results mean '
-                      f'nothing\n!! beyond tests and the offline demo; use --backbone-weights imagenet or a .pth file.'
-                      f'\n{"!" * 78}', stacklevel=3)
+        warnings.warn(f'backbone {name} has RANDOM weights (--backbone-weights none): results mean nothing beyond '
+                      'tests and the offline demo; use --backbone-weights imagenet or a .pth file', stacklevel=3)
         return
     if weights in ('imagenet', *DOWNLOADS):
         if enum is None:

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.config import bounded, parse_with_config  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
 from common.logger import staged_folder  # noqa: E402
+from common.paths import check_apart_from_inputs  # noqa: E402
 
 METRICS = {'miou': 'mIoU', 'fbiou': 'FB-IoU', 'dice': 'Dice'}
 TARGET_NAMES = {'isic': 'ISIC', 'lung': 'Chest X-ray', 'wbc': 'WBC', 'chaos': 'CHAOS', 'deepglobe': 'Deepglobe',
@@ -708,7 +709,8 @@ def main(argv=None) -> dict:
     table = build_table(cells, args.metric)
     caption = (f'{label} (%) per target and K; mean ± sample std over seeds where several exist; best per column in '
                'bold; Mean: over the targets of a K; Δ: change of the Mean of a +CD-TG row over its baseline.')
-    with staged_folder(out, '--out') as tmp:
+    check_apart_from_inputs(out, '--out', [('grid', g) for g in grids], inside_ok=True)
+    with staged_folder(out, '--out', 'report.py', replace=True) as tmp:
         md = table_markdown(table)
         (tmp / 'table.md').write_text(md)
         (tmp / 'table.tex').write_text(table_latex(table, caption))

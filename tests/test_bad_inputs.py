@@ -223,6 +223,10 @@ def test_nan_training_stops_at_the_first_non_finite_step_and_writes_no_nan_check
     assert code == 2 and 'Traceback' not in out
     assert 'NaN/inf at epoch 0, step' in out and '--lr' in out
     run_dir = env['root'] / 'nan-run'
+    if (run_dir / 'last.pt').exists():                  # the message names what exists on disk, nothing else
+        assert f'({run_dir / "last.pt"}) is intact' in out
+    else:
+        assert 'No checkpoint was written' in out and 'last.pt) is intact' not in out
     for name in ('best.pt', 'last.pt'):                                 # nothing diverged was ever written
         assert not (run_dir / name).exists() or not any(
             torch.isnan(v).any() for v in load_checkpoint(run_dir / name)['model'].values() if v.is_floating_point())
@@ -338,3 +342,252 @@ def test_repeated_supports_are_warned_and_recorded(env, capsys):
     assert code == 0 and 'supports repeat' in out
     results = json.loads((env['root'] / 'test-out' / 'results.json').read_text())
     assert sum(results['repeated_supports'].values()) == 4 and results['nshot'] == 60
+
+
+# --- predict.py and run folders: nothing a user gives is lost or silently misread ----------------------------------
+def folder_digest(folder: Path) -> dict:
+    r"""relative path -> sha256 of every file under `folder` (what must be byte-identical after a refused run)."""
+    return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def _photo(rng, h: int, w: int) -> np.ndarray:
+    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    img[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = (230, 40, 40)
+    return img
+
+
+def _box(h: int, w: int) -> np.ndarray:
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+    return mask
+
+
+@pytest.fixture
+def user(tmp_path):
+    r"""A user's folder V: one support (s1.jpg + s1_mask.png) and two query photos in V/q."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'V'
+    (root / 'q').mkdir(parents=True)
+    Image.fromarray(_photo(rng, 48, 64)).save(root / 's1.jpg')
+    Image.fromarray(_box(48, 64)).save(root / 's1_mask.png')
+    for name in ('a.jpg', 'b.png'):
+        Image.fromarray(_photo(rng, 40, 56)).save(root / 'q' / name)
+    return root
+
+
+def predict_argv(user: Path, ckpt, *extra, out=None, query=None, supports=None) -> list[str]:
+    supports = supports or [f'{user}/s1.jpg:{user}/s1_mask.png']
+    argv = ['--load', str(ckpt), '--query', str(query or user / 'q'), '--device', 'cpu']
+    for s in supports:
+        argv += ['--support', s]
+    return argv + ['--out', str(out if out is not None else user.parent / 'preds')] + list(extra)
+
+
+def _predict():
+    import predict
+    return predict.main
+
+
+# (id, argv builder (user folder, checkpoint), text the message must contain)
+PREDICT_REFUSALS = [
+    ('out-is-the-query-folder', lambda u, c: predict_argv(u, c, '--overwrite', out=u / 'q'), 'is the input --query'),
+    ('out-above-the-inputs', lambda u, c: predict_argv(u, c, '--overwrite', out=u), 'contains the input'),
+    ('out-inside-the-query-folder', lambda u, c: predict_argv(u, c, out=u / 'q' / 'preds'), 'lies inside the input'),
+    ('out-holds-the-checkpoint', lambda u, c: predict_argv(u, c, '--overwrite', out=Path(c).parent),
+     'contains the input --load'),
+    ('out-is-a-support-file', lambda u, c: predict_argv(u, c, out=u / 's1_mask.png'), 'is a file'),
+    ('out-under-a-file', lambda u, c: predict_argv(u, c, out=u / 's1.jpg' / 'sub'), 'lies under the file'),
+    ('out-name-too-long', lambda u, c: predict_argv(u, c, out=u.parent / ('n' * 300)), 'for one name'),
+    ('out-path-too-long', lambda u, c: predict_argv(u, c, out=u.parent.joinpath(*['p' * 200] * 25)),
+     'too close to'),
+    ('overwrite-a-folder-predict-did-not-write', lambda u, c: predict_argv(u, c, '--overwrite', out=u.parent / 'mine'),
+     'did not write'),
+    ('nan-float-query', lambda u, c: predict_argv(u, c, query=u.parent / 'nan.tif'), 'nan.tif has 16 NaN/inf'),
+    ('strict-all-foreground-support', lambda u, c: predict_argv(
+        u, c, '--strict-shots', supports=[f'{u}/s1.jpg:{u.parent}/full_mask.png']), 'foreground everywhere'),
+    ('strict-repeated-support', lambda u, c: predict_argv(
+        u, c, '--strict-shots', supports=[f'{u}/s1.jpg:{u}/s1_mask.png'] * 2), 'the same support as'),
+    ('strict-tiny-support-image', lambda u, c: predict_argv(
+        u, c, '--strict-shots', supports=[f'{u.parent}/tiny.png:{u.parent}/tiny_mask.png']), 'side under 32'),
+]
+
+
+@pytest.mark.parametrize('case', PREDICT_REFUSALS, ids=[c[0] for c in PREDICT_REFUSALS])
+def test_predict_refuses_before_any_work_and_leaves_inputs_untouched(case, user, tiny_checkpoint, capsys):
+    rng = np.random.default_rng(1)
+    side = user.parent
+    (side / 'mine').mkdir()
+    (side / 'mine' / 'notes.txt').write_text('not written by predict.py')
+    nan = np.linspace(0, 1, 48 * 64, dtype=np.float32).reshape(48, 64)
+    nan[:4, :4] = np.nan
+    Image.fromarray(nan, mode='F').save(side / 'nan.tif')
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(side / 'full_mask.png')
+    Image.fromarray(_photo(rng, 20, 24)).save(side / 'tiny.png')
+    Image.fromarray(_box(20, 24)).save(side / 'tiny_mask.png')
+    before, ckpt_before = folder_digest(side), digest(tiny_checkpoint)
+    _, argv, expected = case
+    code, out = run(_predict(), argv(user, tiny_checkpoint), capsys)
+    assert code == 2 and 'Traceback' not in out and expected in out, out
+    assert folder_digest(side) == before and digest(tiny_checkpoint) == ckpt_before     # every input byte-identical
+    assert not (side / 'preds').exists()
+
+
+def test_predict_overwrite_replaces_only_its_own_files(user, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / 'preds'
+    code, text = run(_predict(), predict_argv(user, tiny_checkpoint, out=out), capsys)
+    assert code == 0, text
+    first = folder_digest(out)
+    assert 'masks/a.png' in first and '.written-by.json' in first
+    (out / 'masks' / 'mine.txt').write_text('a note the user put there')
+    (out / 'README').write_text('also theirs')
+    code, text = run(_predict(), predict_argv(user, tiny_checkpoint, out=out), capsys)
+    assert code == 2 and '--overwrite' in text                                       # not without the flag
+    code, text = run(_predict(), predict_argv(user, tiny_checkpoint, '--overwrite', out=out), capsys)
+    assert code == 0, text
+    assert (out / 'masks' / 'mine.txt').read_text() == 'a note the user put there'
+    assert (out / 'README').read_text() == 'also theirs' and (out / 'masks' / 'a.png').is_file()
+    (out / 'masks' / 'a.png').unlink()
+    (out / 'masks' / 'a.png').write_text('the user replaced our mask by something of theirs')   # still listed
+    code, text = run(_predict(), predict_argv(user, tiny_checkpoint, '--overwrite', out=out), capsys)
+    assert code == 0 and Image.open(out / 'masks' / 'a.png').size == (56, 40)          # listed files are ours
+
+
+def test_predict_out_dot(user, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(user / 'q')                       # "." holds the queries: refused up front
+    code, out = run(_predict(), predict_argv(user, tiny_checkpoint, '--overwrite', out='.'), capsys)
+    assert code == 2 and 'is the input --query' in out and 'Traceback' not in out
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    monkeypatch.chdir(empty)                            # an empty "." works
+    code, out = run(_predict(), predict_argv(user, tiny_checkpoint, out='.'), capsys)
+    assert code == 0, out
+    assert (empty / 'masks' / 'a.png').is_file() and (empty / 'summary.json').is_file()
+
+
+def test_predict_reads_images_as_a_person_sees_them(user, tiny_checkpoint, tmp_path, capsys):
+    r"""An EXIF-rotated JPEG gives a mask of its displayed size; a float TIFF in 0-1 the same mask as its 8-bit
+    version; a red-on-black RGB support mask and a transparent RGBA annotation read as their foreground."""
+    rng = np.random.default_rng(2)
+    q = tmp_path / 'odd'
+    q.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6                                    # stored 60x40 (w x h), displayed rotated: 40x60
+    Image.fromarray(_photo(rng, 40, 60)).save(q / 'phone.jpg', exif=exif)
+    gray = rng.integers(0, 256, (36, 52), dtype=np.uint8)
+    Image.fromarray(gray).save(q / 'eight.png')
+    Image.fromarray(gray.astype(np.float32) / 255, mode='F').save(q / 'float.tif')
+    red = np.zeros((48, 64, 3), np.uint8)
+    red[_box(48, 64) > 0] = (255, 0, 0)                 # reads as gray 76: refused as empty before
+    Image.fromarray(red).save(tmp_path / 'red_mask.png')
+    layer = np.zeros((48, 64, 4), np.uint8)
+    layer[_box(48, 64) > 0] = (0, 0, 0, 255)            # black strokes on a transparent layer
+    Image.fromarray(layer).save(tmp_path / 'layer_mask.png')
+    out = tmp_path / 'preds'
+    code, text = run(_predict(), predict_argv(user, tiny_checkpoint, query=q, out=out, supports=[
+        f'{user}/s1.jpg:{tmp_path}/red_mask.png', f'{user}/s1.jpg:{tmp_path}/layer_mask.png']), capsys)
+    assert code == 0, text
+    assert Image.open(out / 'masks' / 'phone.png').size == (40, 60)
+    assert np.array_equal(np.asarray(Image.open(out / 'masks' / 'float.png')),
+                          np.asarray(Image.open(out / 'masks' / 'eight.png')))
+    summary = json.loads((out / 'summary.json').read_text())
+    assert [s['foreground_fraction'] for s in summary['supports']] == [0.25, 0.25]
+    assert summary['degenerate_supports']['repeated'] == 1                # the same image, the same mask pixels
+    assert summary['test_time_adaptation'] is None                      # HSNet does not adapt
+
+
+def test_predict_warns_about_degenerate_supports_and_counts_them(user, tiny_checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(tmp_path / 'full_mask.png')
+    speck = np.zeros((48, 64), np.uint8)
+    speck[20:23, 30:33] = 255                           # 9 pixels: a few more at the model's 64x64
+    Image.fromarray(speck).save(tmp_path / 'speck_mask.png')
+    Image.fromarray(_photo(rng, 20, 24)).save(tmp_path / 'tiny.png')
+    Image.fromarray(_box(20, 24)).save(tmp_path / 'tiny_mask.png')
+    out = tmp_path / 'preds'
+    code, text = run(_predict(), predict_argv(user, tiny_checkpoint, out=out, supports=[
+        f'{user}/s1.jpg:{tmp_path}/full_mask.png', f'{user}/s1.jpg:{tmp_path}/speck_mask.png',
+        f'{tmp_path}/tiny.png:{tmp_path}/tiny_mask.png', f'{user}/s1.jpg:{user}/s1_mask.png',
+        f'{user}/s1.jpg:{user}/s1_mask.png']), capsys)
+    assert code == 0, text
+    for words in ('foreground everywhere', 'foreground pixels at 64x64 (fewer than 16)', 'side under 32',
+                  'the same support as'):
+        assert words in text, words
+    assert all(line.startswith('warning: ') for line in text.splitlines() if 'support' in line and 'warn' in line)
+    counts = json.loads((out / 'summary.json').read_text())['degenerate_supports']
+    assert counts == {'all_foreground': 1, 'few_foreground': 1, 'small_image': 1, 'repeated': 1}
+
+
+def test_a_second_run_on_a_live_folder_stops_at_once_and_no_lock_outlives_its_process(env, capsys):
+    run_dir = env['root'] / 'locked-run'
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from common.runlock import RunLock; '
+                               f'RunLock({str(run_dir)!r}, "train.py (holder)"); print("locked", flush=True); '
+                               'time.sleep(120)'], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        for main, argv in ((train_cli.main, train_argv(env, logpath='locked-run')),
+                           (test_cli.main, eval_argv(env)[:-1] + [str(run_dir)])):
+            code, out = run(main, argv, capsys)
+            assert code == 2 and 'Traceback' not in out and f'PID {holder.pid}' in out and str(run_dir) in out
+        assert not (run_dir / 'config.yaml').exists()                    # the second run wrote nothing
+    finally:
+        holder.kill()                                                   # kill -9: no chance to clean up
+        holder.wait()
+    code, out = run(train_cli.main, train_argv(env, logpath='locked-run'), capsys)
+    assert code == 0, out                                               # no stale lock
+    assert (run_dir / 'best.pt').is_file()
+
+
+OUTPUT_REFUSALS = [
+    ('train-logpath-inside-datapath', 'train', lambda e: train_argv(e)[:-1] + [str(Path(e['data']) / 'logs')],
+     'lies inside the input --datapath'),
+    ('train-logpath-name-too-long', 'train', lambda e: train_argv(e, logpath='r' * 300), 'for one name'),
+    ('train-logpath-too-long', 'train', lambda e: train_argv(e, logpath='/'.join(['p' * 200] * 25)), 'too close to'),
+    ('train-logpath-under-a-file', 'train', lambda e: train_argv(e, logpath='good.pt/run'), 'lies under the file'),
+    ('test-logpath-holds-the-checkpoint', 'test', lambda e: eval_argv(e)[:-1] + [str(e['root'])],
+     'contains the input --load'),
+]
+
+
+@pytest.mark.parametrize('case', OUTPUT_REFUSALS, ids=[c[0] for c in OUTPUT_REFUSALS])
+def test_run_folders_are_refused_up_front(case, env, capsys):
+    _, cli, argv, expected = case
+    data_before, ckpt_before = folder_digest(Path(env['data'])), digest(env['good'])
+    code, out = run(train_cli.main if cli == 'train' else test_cli.main, argv(env), capsys)
+    assert code == 2 and 'Traceback' not in out and expected in out, out
+    assert folder_digest(Path(env['data'])) == data_before and digest(env['good']) == ckpt_before
+
+
+def test_cdtg_trains_at_the_smallest_accepted_image_size(env, capsys):
+    code, out = run(train_cli.main, train_argv(env, '--img-size', '32', *CDTG, '--cdtg-width', '64',
+                                               logpath='cdtg-32'), capsys)
+    assert code == 0 and 'NaN' not in out and 'degrees of freedom' not in out, out
+
+
+def test_flag_errors_under_torchrun_print_once(env, capsys, monkeypatch):
+    monkeypatch.setenv('RANK', '1')                     # every rank parses the same flags: rank 0 alone speaks
+    code, out = run(train_cli.main, train_argv(env, '--bsz', '0'), capsys)
+    assert code == 2 and out == ''
+    monkeypatch.setenv('RANK', '0')
+    code, out = run(train_cli.main, train_argv(env, '--bsz', '0'), capsys)
+    assert code == 2 and out.count('--bsz must be an integer >= 1') == 1 and 'Traceback' not in out
+
+
+def test_warnings_are_one_line_in_the_project_format(user, tiny_checkpoint, tmp_path, capsys):
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(tmp_path / 'full_mask.png')
+    code, out = run(_predict(), predict_argv(user, tiny_checkpoint, out=tmp_path / 'p',
+                                             supports=[f'{user}/s1.jpg:{tmp_path}/full_mask.png']), capsys)
+    assert code == 0 and 'warning: support' in out
+    assert 'warnings.warn(' not in out and 'UserWarning' not in out and '\nwarning: \n' not in out
+
+
+def test_check_data_reports_exif_rotated_images(tmp_path, capsys):
+    from fixtures_targets import write_isic
+    write_isic(tmp_path)
+    image = sorted(tmp_path.rglob('*.jpg'))[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(image).convert('RGB').save(image, exif=exif)
+    code, out = run(lambda argv: __import__('scripts.check_data', fromlist=['main']).main(argv),
+                    ['--benchmark', 'isic', '--datapath', str(tmp_path)], capsys)
+    assert 'EXIF orientation 6' in out and image.name in out and 'Traceback' not in out

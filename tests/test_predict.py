@@ -60,6 +60,8 @@ def own(tmp_path_factory):
     Image.fromarray(_box(50, 60)).save(bad / 'small_mask.png')
     Image.fromarray(np.zeros((333, 517), np.uint8)).save(bad / 'empty_mask.png')
     (root / 'empty_dir').mkdir()
+    (root / 'notes').mkdir()
+    (root / 'notes' / 'mine.txt').write_text('a file of the user')
     return root
 
 
@@ -219,7 +221,9 @@ ERRORS = [
     ('query-unreadable', lambda o, c: ['--load', c, '--support', f'{o}/s1.png:{o}/s1_mask.png', '--query',
                                        str(o / 'bad' / 'broken.png'), '--out', str(o / 'x')], 'broken.png'),
     ('out-not-empty', lambda o, c: ['--load', c, '--support', f'{o}/s1.png:{o}/s1_mask.png', '--query',
-                                    str(o / 'queries'), '--out', str(o)], '--overwrite'),
+                                    str(o / 'queries'), '--out', str(o / 'notes')], '--overwrite'),
+    ('out-holds-the-inputs', lambda o, c: ['--load', c, '--support', f'{o}/s1.png:{o}/s1_mask.png', '--query',
+                                           str(o / 'queries'), '--out', str(o)], 'contains the input --support'),
     ('no-out', lambda o, c: ['--load', c, '--support', f'{o}/s1.png:{o}/s1_mask.png', '--query', str(o / 'queries')],
      '--out'),
     ('bsz-zero', lambda o, c: ['--load', c, '--bsz', '0'], '--bsz must be an integer >= 1'),

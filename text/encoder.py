@@ -183,9 +183,8 @@ def _build_clip(model: str, weights: str, seed: int, activation: str = ACTIVATIO
     import open_clip
     quick = activation == 'quickgelu'
     if weights == 'none':
-        warnings.warn(f'\n{"!" * 78}\n!! CLIP {model} text encoder has RANDOM weights (--clip-weights none): text '
-                      f'guidance is\n!! meaningless beyond tests; use --clip-weights openai or a local weight file.'
-                      f'\n{"!" * 78}', stacklevel=3)
+        warnings.warn(f'CLIP {model} text encoder has RANDOM weights (--clip-weights none): text guidance is '
+                      'meaningless beyond tests; use --clip-weights openai or a local weight file', stacklevel=3)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             clip = _quiet(open_clip.create_model, model, pretrained=None, force_quick_gelu=quick)

@@ -354,8 +354,13 @@ class MedicalStyle(nn.Module):
         return mean + s * (feat - mean)
 
     def adain(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        c_mean, c_std = content.mean(dim=(2, 3), keepdim=True), content.std(dim=(2, 3), keepdim=True)
-        s_mean, s_std = style.mean(dim=(2, 3), keepdim=True), style.std(dim=(2, 3), keepdim=True)
+        r"""Unbiased std over the map; a 1x1 map (a 32x32 input at stride 32) has no spread: std 0, so the result is
+        the style's mean instead of the unbiased estimate's 0/0."""
+        correction = 1 if content.shape[2] * content.shape[3] > 1 else 0
+        c_mean = content.mean(dim=(2, 3), keepdim=True)
+        c_std = content.std(dim=(2, 3), keepdim=True, correction=correction)
+        s_mean = style.mean(dim=(2, 3), keepdim=True)
+        s_std = style.std(dim=(2, 3), keepdim=True, correction=correction)
         return (content - c_mean) / (c_std + self.eps) * s_std + s_mean
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
