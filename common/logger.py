@@ -99,7 +99,7 @@ def staged_folder(final: str | Path, flag: str = '--out', command: str = '', rep
 def _previous_outputs(final: Path, flag: str, command: str, replace: bool) -> list[str]:
     r"""The files of `final` that a previous run of `command` wrote (to be replaced), or a `UserError` when `final`
     holds anything else and may not be written into."""
-    entries = [p for p in final.iterdir() if p.name not in (LOCK_FILE, MANIFEST)]
+    entries = [p for p in final.iterdir() if p.name not in (LOCK_FILE, MANIFEST) and not p.name.startswith('.staging-')]
     manifest = final / MANIFEST
     if not entries and not manifest.exists():
         return []
@@ -114,8 +114,8 @@ def _previous_outputs(final: Path, flag: str, command: str, replace: bool) -> li
         ours, files = False, []
     if not ours:
         raise UserError(f'{flag} {final} holds files that {command or "this command"} did not write (no '
-                        f'{MANIFEST} of it there), so --overwrite will not touch it; choose another folder or empty '
-                        'it yourself')
+                        f'{MANIFEST} of it there), so it will not write into it; choose another folder or empty it '
+                        'yourself')
     return [f for f in files if _within(final, f)]
 
 

@@ -142,7 +142,7 @@ def checkpoint(tmp_path_factory):
 def test_test_py_missing_or_corrupt_dataset_in_a_worker(tmp_path, checkpoint, capsys):
     import test as test_cli
     args = ['--load', str(checkpoint), '--benchmark', 'lung', '--datapath', str(tmp_path), '--episodes', '2',
-            '--device', 'cpu', '--img-size', '32', '--logpath', str(tmp_path / 'run')]
+            '--device', 'cpu', '--img-size', '32', '--logpath', str(tmp_path.with_name(tmp_path.name + '-run'))]
     err = cli_error(capsys, test_cli.main, args)
     assert err.startswith('error: lung: folder') and 'Expected layout' in err
     ft.write_lung(tmp_path)

@@ -78,12 +78,13 @@ def test_lung_subsets_and_what_results_json_records(tmp_path):
     with pytest.raises(UserError, match='does not apply'):
         build_dataset('isic', tmp_path, 'test', 1, 32, lung_subset='shenzhen')
     ckpt = ft.tiny_checkpoint(tmp_path / 'ckpt' / 'best.pt', img_size=32)
+    run_dir = tmp_path.with_name(tmp_path.name + '-run')          # outputs never inside --datapath
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         res = test_cli.main(['--load', str(ckpt), '--benchmark', 'lung', '--datapath', str(tmp_path), '--episodes',
                              '2', '--workers', '0', '--device', 'cpu', '--lung-subset', 'shenzhen',
-                             '--logpath', str(tmp_path / 'run')])
-    saved = json.loads((tmp_path / 'run' / 'results.json').read_text())
+                             '--logpath', str(run_dir)])
+    saved = json.loads((run_dir / 'results.json').read_text())
     assert saved['conventions'] == res['conventions']
     conv = saved['conventions']
     assert conv['lung_subset'] == 'shenzhen' and conv['metric']['miou_over'] == 'all'
