@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     bounded(p, '--finetune-lr', float, None, low=0, low_open=True,
             help="learning rate of test-time adaptation (default: the method's)")
     p.add_argument('--precision', type=str, default='fp32', choices=PRECISIONS,
-                   help='fp32 (default), or bf16/fp16 autocast (faster on GPUs; see README "Running on GPUs")')
+                   help='fp32 (default), or bf16/fp16 autocast (faster on GPUs; see docs/gpus.md)')
     p.add_argument('--tf32', action='store_true',
                    help='allow TF32 matmuls/convolutions on CUDA (faster; ~1e-3 relative error in the correlations). '
                         'Off by default, so evaluation matches float32 reference code')

@@ -78,8 +78,7 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
     bounded(p, '--grad-clip', float, None, low=0, low_open=True,
             help="clip the gradient norm to this value (default: the method's recipe; none for hsnet/patnet)")
     p.add_argument('--precision', type=str, default='fp32', choices=PRECISIONS,
-                   help='fp32 (default), bf16 or fp16 (autocast; fp16 with a gradient scaler); see README "Running '
-                        'on GPUs"')
+                   help='fp32 (default), bf16 or fp16 (autocast; fp16 with a gradient scaler); see docs/gpus.md')
     p.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
     if method in METHODS:
         add_method_args(p, method)

@@ -89,7 +89,7 @@ def _test(args, cls, split: str, dist, device_name: str) -> dict:
         plugin = plugin_record(model)
         if plugin is not None and (ckpt.get('plugin') or {}).get('optimizer'):
             plugin['optimizer'] = ckpt['plugin']['optimizer']         # the group as training built it
-        # every comparability choice behind the numbers (None: does not apply to this run); see README,
+        # every comparability choice behind the numbers (None: does not apply to this run); see docs/reproducing.md,
         # "Comparing with published numbers"
         conventions = {
             'metric': scores['metric'], 'lung_subset': None, 'wbc_protocol': None, 'volumetric_support': None,

@@ -1,5 +1,5 @@
-r"""Method registry: name -> class. Adding a method = one file in model/ plus one line here (see README, "Adding a
-method", and the toy prototype method of tests/test_methods.py)."""
+r"""Method registry: name -> class. Adding a method = one file in model/ plus one line here (see docs/methods.md,
+"Adding a method", and the toy prototype method of tests/test_methods.py)."""
 import ast
 import dataclasses
 import importlib

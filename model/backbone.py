@@ -377,7 +377,7 @@ def _load_weights(net: nn.Module, name: str, enum, weights: str) -> None:
             base = name.removesuffix('-deep')
             raise UserError(f'backbone {name} has no download: pass --backbone-weights /path/to/{base}.pth, the '
                             f'deep-stem ImageNet weights of PSPNet that IFA loads from ./pretrained/{base}.pth (see '
-                            f'README, Weights), or choose --backbone {base}')
+                            f'docs/datasets.md, Weights), or choose --backbone {base}')
         enum = _download_enum(name, enum, weights)
         file = Path(enum.url).name
         hub = Path(os.environ.get('TORCH_HOME', Path.home() / '.cache' / 'torch')) / 'hub' / 'checkpoints'

@@ -42,7 +42,7 @@ class IFA(FewShotSegmenter):
     Backbone: ResNet-50 up to layer3, layer3 dilated (output stride 8; its block 0 undilated, as torchvision and the
     reference), no final ReLU on layer3; layer4 is never built. layer2 and layer3 are fine-tuned (conv weights only:
     every BatchNorm stays frozen, as the stem and layer1). The reference uses a deep-stem (3 x 3 conv 64-64-128)
-    ResNet-50 whose ImageNet weights are not in torchvision; here the stem is torchvision's (see README).
+    ResNet-50 whose ImageNet weights are not in torchvision; here the stem is torchvision's (see docs/methods.md).
 
     Matching, for B episodes of K shots (F_q [B,C,h,w], F_s [B*K,C,h,w], h = H/8):
       * FP, BP = MAP(F_s, m), MAP(F_s, 1-m) per shot (eps 1e-5), averaged over the K shots, then the plug-in hook

@@ -189,8 +189,8 @@ class PMMs(FewShotSegmenter):
     as the history of the residual blocks, BatchNorm in the comparison and projection layers.
 
     Backbone: the reference's geometry (`--geometry reference`, default: DeepLab-v2 strides and dilations) loaded
-    with torchvision's ImageNet tensors, as the public code does. Deviations from the public code (README, "PMMs /
-    RPMMs"): the EM initialisation is a fixed buffer drawn from `--em-seed` (the reference draws it afresh,
+    with torchvision's ImageNet tensors, as the public code does. Deviations from the public code (docs/methods.md,
+    "PMMs / RPMMs"): the EM initialisation is a fixed buffer drawn from `--em-seed` (the reference draws it afresh,
     unseeded, and does not save it). The backbone's BatchNorm uses batch statistics in training (`--bn batch`, the
     reference's train mode; its affine parameters frozen, as the reference), computed as the reference does: the
     supports in one backbone pass, then the queries in another (`separate_bn_batches`); `--bn frozen` keeps ImageNet's.

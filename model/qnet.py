@@ -159,7 +159,7 @@ class QNet(FewShotSegmenter):
     1/8; `--geometry stride8`: both at 1/8); its initial weights are ImageNet's unless `--backbone-weights
     deeplabv3-coco` (the reference's). BatchNorm as the reference (`--bn trained`: batch statistics over the supports
     and the query in training, affine parameters learned; `--bn frozen`: ImageNet's kept). Deviations from the public
-    code (README, "Q-Net"): episodes of a batch and their K shots are indexed correctly and each query uses its
+    code (docs/methods.md, "Q-Net"): episodes of a batch and their K shots are indexed correctly and each query uses its
     own T (the reference mixes episodes when B > 1 and K > 1 and broadcasts the whole batch's T). Training recipe:
     the reference's gamma + affine + elastic augmentation (data/augment.py `GammaAffineElastic`), label 255 ignored.
 

@@ -1,7 +1,7 @@
 r"""The bad-input catalogue: every case a user meets (flags out of range, bad YAML, unwritable folders, foreign,
 crafted, truncated, corrupted and diverged checkpoints, NaN training, disk full, a kill between write and rename,
 garbage masks). Each case asserts: the exit code (non-zero where it must fail), no "Traceback" in the output, the
-flag or path named in the message, and that no earlier checkpoint was modified. README "Troubleshooting" lists the
+flag or path named in the message, and that no earlier checkpoint was modified. docs/troubleshooting.md lists the
 same messages."""
 import errno
 import hashlib

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 
 
-# --- the worked example of README "Adding a method": a prototype method in one file --------------------------------
+# --- the worked example of docs/methods.md "Adding a method": a prototype method in one file -----------------
 @dataclass
 class ToyOptions:
     scale: float = option(10.0, help='cosine scale of the logits', low=0.0)

@@ -213,7 +213,7 @@ def test_pmms_recipe_parameter_groups_and_poly_schedule():
 
 def test_learnable_parameter_counts_against_hand_counts_of_the_reference():
     # Hand counts of the reference networks (FPMMs / FRPMMs with a ResNet-50 up to layer3; Q-Net's encoder with the
-    # ResNet-101 fc, reduce1/2 and reduce1d), see README "Methods": all parameters, and the learnable ones here
+    # ResNet-101 fc, reduce1/2 and reduce1d), see docs/methods.md: all parameters, and the learnable ones here
     # (the PMMs reference freezes the backbone's BatchNorm affine parameters; Q-Net's trains them, `--bn frozen` not).
     counts = {}
     for name, backbone, options in (('pmms', None, {}), ('rpmms', None, {}), ('qnet', 'resnet101', {}),

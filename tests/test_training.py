@@ -24,7 +24,7 @@ def _model(name):
 
 # Measured on this fixed episode (random weights, BN calibrated): HSNet 1.4 % / 99.98 %; PATNet 7.5 % / 97.2 % —
 # PATNet's nearly parallel FG/BG prototypes amplify bf16 feature rounding through the Gram (fp32 features with a
-# bf16 matcher: 1.3 % / 100 %), so bf16 must pass an mIoU parity check on real data before it is used (README).
+# bf16 matcher: 1.3 % / 100 %), so bf16 must pass an mIoU parity check on real data before it is used (docs/gpus.md).
 TOLERANCE = {'hsnet': (0.05, 0.995), 'patnet': (0.15, 0.95)}
 
 

@@ -14,12 +14,12 @@ TEXT_BIASES = ('bounded', 'template')
 #: Which text the plug-in binds: the descriptions, or one of two controls (seeded random embeddings; each class
 #: described by another class's text).
 TEXT_SOURCES = ('descriptions', 'random', 'shuffled')
-#: The plug-in's own optimiser group (chosen on the synthetic pair, see README "Training the plug-in"): its learning
-#: rate as a multiple of the host's base rate, by the host's optimizer (Adam scales every parameter's step to about
-#: the learning rate whatever its gradient, so the plug-in's ~100x smaller gradients need a ~100x smaller rate there;
-#: SGD's steps follow the gradient, which already makes them small), its decoupled weight decay (AdamW's default) and
-#: its gradient-norm clip (a safety net against spikes, above the norms of normal training: the health readings log
-#: it as grad_norm_cdtg).
+#: The plug-in's own optimiser group (chosen on the synthetic pair, see docs/cdtg.md "Training the plug-in"): its
+#: learning rate as a multiple of the host's base rate, by the host's optimizer (Adam scales every parameter's step
+#: to about the learning rate whatever its gradient, so the plug-in's ~100x smaller gradients need a ~100x smaller
+#: rate there; SGD's steps follow the gradient, which already makes them small), its decoupled weight decay (AdamW's
+#: default) and its gradient-norm clip (a safety net against spikes, above the norms of normal training: the health
+#: readings log it as grad_norm_cdtg).
 LR_SCALES = {'adam': 0.01, 'sgd': 1.0}
 WEIGHT_DECAY, GRAD_CLIP = 0.01, 1.0
 #: Initial share ||u|| / ||F|| of the bounded text bias (it is learned, and never exceeds MAX_TEXT_RATIO).

@@ -22,7 +22,7 @@ start at that identity too.
 A(F) = LayerNorm(F + u) keeps the text term u bounded and text-only by default (`TextAlign`, "bounded": no bias
 path, the rows of the bound text table less what they share, ||u||/||F|| = s <= 1 at every pixel); the template's
 unbounded form stays available. The plug-in trains in its own optimiser group (`optimizer_groups`) and reports its
-health to the training loop (`readings`, `check_health`): see README, "Training the plug-in", "Health readings".
+health to the training loop (`readings`, `check_health`): see docs/cdtg.md, "Training the plug-in", "Health readings".
 
 The alignment modules are sized per level by default (the level's width C: ≈ 24 M parameters for ResNet-50's
 512/1024/2048 channels); `--cdtg-width W` aligns every level in one shared W-d space instead (per-level linear maps
@@ -744,7 +744,7 @@ class CDTG(Hooks):
         self._probed[level] = reading
 
     def readings(self) -> dict:
-        r"""The last probe's health readings (README, "Health readings"): per level `u_over_f`, `tp_bp_cos`,
+        r"""The last probe's health readings (docs/cdtg.md, "Health readings"): per level `u_over_f`, `tp_bp_cos`,
         `fp_fused_cos`, `text_proto_cos_mean`, `text_weight` (lists, None for a level the probe did not reach), and
         `text_proto_cos`, the largest cosine between the text prototypes of two different classes (over the levels;
         per level it is the largest over the class pairs, averaged over the probed supports). Clears them."""
@@ -772,7 +772,7 @@ class CDTG(Hooks):
         self._alike_warned = self._alike_since
         return [f'CD-TG: the text prototypes of different classes have been indistinguishable since step '
                 f'{self._alike_since} (largest cosine {cos:.4f} > {ALIKE_COS}): the text no longer guides the '
-                'prototypes (see README, "Health readings")']
+                'prototypes (see docs/cdtg.md, "Health readings")']
 
     # --- what a result records ----------------------------------------------------------------------------------
     def reading(self) -> dict:
@@ -812,7 +812,7 @@ class CDTG(Hooks):
         `weight_decay` its own way) and `max_grad_norm`, its own gradient clip (engine/loops.py applies it before the
         host's); on Adam hosts the group is stepped by torch's fused kernel where the device has one. In the host's
         Adam group its ~168x smaller gradients were normalised into full-size steps and its text bias grew 10^4-fold
-        in 80 steps (README, "Training the plug-in")."""
+        in 80 steps (docs/cdtg.md, "Training the plug-in")."""
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             return []
