@@ -43,6 +43,7 @@ def test_the_method_list_is_the_registry():
     assert out.stdout.split() == ALPHA_HOSTS
 
 
+@pytest.mark.slow
 def test_main_table_dry_run_uses_torchrun_for_two_gpus(tmp_path):
     proc = bash('main_table.sh', '--dry-run', DATA='/data', GPUS=2, OUT=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -72,6 +73,7 @@ def test_one_process_and_cpu(tmp_path):
     assert all(flag(c, '--device') == 'cpu' for c in trains + tests)
 
 
+@pytest.mark.slow
 def test_alpha_sweep_dry_run(tmp_path):
     proc = bash('alpha_sweep.sh', '--dry-run', '--retrain', OUT=tmp_path, SEEDS='0 1')
     assert proc.returncode == 0, proc.stderr
@@ -91,6 +93,7 @@ def test_alpha_sweep_dry_run(tmp_path):
     assert len(retrained) == len(ALPHA_HOSTS) * 2 * len(alphas)
 
 
+@pytest.mark.slow
 def test_components_dry_run(tmp_path):
     proc = bash('components.sh', '--dry-run', OUT=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -126,6 +129,7 @@ def test_synthetic_dry_run_and_argument_errors(tmp_path):
     assert 'DATA=/data GPUS=1 bash scripts/ablations/main_table.sh' in help_text
 
 
+@pytest.mark.slow
 def test_synthetic_alpha_sweep_end_to_end_then_report(datapath, tmp_path):
     r"""The CPU variant, tiny: 1 method (a prototype host, whose alpha can be swept), 1 training step per model, 4
     test episodes, one alpha override; resumable; report.py then writes the table, the alpha plot and the qualitative

@@ -89,6 +89,7 @@ def test_bad_specs_are_clear_errors():
         build('vgg16', taps=('layer3',))
 
 
+@pytest.mark.slow
 def test_torchvision_segmentation_checkpoints_load_their_backbone(tmp_path):
     r"""A DeepLabv3 / FCN state dict (`backbone.*`, `classifier.*`, `aux_classifier.*`; Q-Net's initialisation)."""
     src = build(taps=('layer3', 'layer4'), dilate=(False, True, True)).net

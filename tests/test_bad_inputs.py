@@ -192,6 +192,7 @@ CASES = [
 
 
 @pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_bad_input(case, env, capsys):
     name, cli, argv, code, expected = case
     main = {'train': train_cli.main, 'test': test_cli.main}[cli]
@@ -216,6 +217,7 @@ EXTRA_CASES = ['nan-training', 'skip-nonfinite', 'disk-full', 'kill-between-writ
                'empty-support-masks', 'pascal-colour-masks', 'repeated-supports', 'warnings-in-log']
 
 
+@pytest.mark.slow
 def test_nan_training_stops_at_the_first_non_finite_step_and_writes_no_nan_checkpoint(env, capsys):
     argv = train_argv(env, '--lr', '1e8', '--episodes-per-epoch', '16', '--bsz', '2', '--epochs', '2',
                       logpath='nan-run')
@@ -233,6 +235,7 @@ def test_nan_training_stops_at_the_first_non_finite_step_and_writes_no_nan_check
     assert 'NaN/inf' in (run_dir / 'log.txt').read_text()
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_with_a_warning(env, capsys, monkeypatch):
     import engine.loops as loops
     real = loops.total_loss
@@ -251,6 +254,7 @@ def test_skip_nonfinite_skips_with_a_warning(env, capsys, monkeypatch):
     assert ckpt['epoch'] == 0
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_the_previous_checkpoint_and_says_how_much_space(env, capsys, monkeypatch):
     run_dir = env['root'] / 'disk-run'
     code, _ = run(train_cli.main, train_argv(env, logpath='disk-run'), capsys)
@@ -267,6 +271,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_how_much_space(env, ca
     assert not list(run_dir.glob('.*.tmp'))                               # the partial file is gone
 
 
+@pytest.mark.slow
 def test_kill_between_write_and_rename_leaves_a_loadable_run(env, tmp_path):
     r"""A process killed right after writing the temp file (before the rename): the old last.pt survives, the
     next start removes the temp file and resumes."""
@@ -314,6 +319,7 @@ def test_zero_one_masks_are_recognised_not_binarised_to_empty(tmp_path, capsys):
     assert 'coded 0/1' in out and 'Traceback' not in out
 
 
+@pytest.mark.slow
 def test_empty_support_masks_are_reported_and_warned(env, tmp_path, capsys, monkeypatch):
     from data.synthetic import SyntheticMed
     real = SyntheticMed.read_mask
@@ -337,6 +343,7 @@ def test_pascal_colour_masks_are_refused(tmp_path):
         class_mask(path, 0, 20)
 
 
+@pytest.mark.slow
 def test_repeated_supports_are_warned_and_recorded(env, capsys):
     code, out = run(test_cli.main, eval_argv(env, '--nshot', '60', '--episodes', '4'), capsys)
     assert code == 0 and 'supports repeat' in out
@@ -413,6 +420,7 @@ PREDICT_REFUSALS = [
 
 
 @pytest.mark.parametrize('case', PREDICT_REFUSALS, ids=[c[0] for c in PREDICT_REFUSALS])
+@pytest.mark.slow
 def test_predict_refuses_before_any_work_and_leaves_inputs_untouched(case, user, tiny_checkpoint, capsys):
     rng = np.random.default_rng(1)
     side = user.parent
@@ -432,6 +440,7 @@ def test_predict_refuses_before_any_work_and_leaves_inputs_untouched(case, user,
     assert not (side / 'preds').exists()
 
 
+@pytest.mark.slow
 def test_predict_overwrite_replaces_only_its_own_files(user, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / 'preds'
     code, text = run(_predict(), predict_argv(user, tiny_checkpoint, out=out), capsys)
@@ -452,6 +461,7 @@ def test_predict_overwrite_replaces_only_its_own_files(user, tiny_checkpoint, tm
     assert code == 0 and Image.open(out / 'masks' / 'a.png').size == (56, 40)          # listed files are ours
 
 
+@pytest.mark.slow
 def test_predict_out_dot(user, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(user / 'q')                       # "." holds the queries: refused up front
     code, out = run(_predict(), predict_argv(user, tiny_checkpoint, '--overwrite', out='.'), capsys)
@@ -464,6 +474,7 @@ def test_predict_out_dot(user, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     assert (empty / 'masks' / 'a.png').is_file() and (empty / 'summary.json').is_file()
 
 
+@pytest.mark.slow
 def test_predict_reads_images_as_a_person_sees_them(user, tiny_checkpoint, tmp_path, capsys):
     r"""An EXIF-rotated JPEG gives a mask of its displayed size; a float TIFF in 0-1 the same mask as its 8-bit
     version; a red-on-black RGB support mask and a transparent RGBA annotation read as their foreground."""
@@ -495,6 +506,7 @@ def test_predict_reads_images_as_a_person_sees_them(user, tiny_checkpoint, tmp_p
     assert summary['test_time_adaptation'] is None                      # HSNet does not adapt
 
 
+@pytest.mark.slow
 def test_predict_warns_about_degenerate_supports_and_counts_them(user, tiny_checkpoint, tmp_path, capsys):
     rng = np.random.default_rng(3)
     Image.fromarray(np.full((48, 64), 255, np.uint8)).save(tmp_path / 'full_mask.png')
@@ -517,6 +529,7 @@ def test_predict_warns_about_degenerate_supports_and_counts_them(user, tiny_chec
     assert counts == {'all_foreground': 1, 'few_foreground': 1, 'small_image': 1, 'repeated': 1}
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_live_folder_stops_at_once_and_no_lock_outlives_its_process(env, capsys):
     run_dir = env['root'] / 'locked-run'
     run_dir.mkdir()
@@ -558,6 +571,7 @@ def test_run_folders_are_refused_up_front(case, env, capsys):
     assert folder_digest(Path(env['data'])) == data_before and digest(env['good']) == ckpt_before
 
 
+@pytest.mark.slow
 def test_cdtg_trains_at_the_smallest_accepted_image_size(env, capsys):
     code, out = run(train_cli.main, train_argv(env, '--img-size', '32', *CDTG, '--cdtg-width', '64',
                                                logpath='cdtg-32'), capsys)

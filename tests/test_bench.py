@@ -22,6 +22,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_every_method(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     result = load_bench().main(['--quick', '--shots', '1', '2', '--threads', '2', '--json', str(out)])
@@ -51,6 +52,7 @@ def test_bench_times_configurations_alternately():
     assert [len(t) for t in times.values()] == [4, 4]
 
 
+@pytest.mark.slow
 def test_hook_clock_times_only_the_hooks_and_comes_off():
     import time
 
@@ -84,6 +86,7 @@ def test_peak_memory_catches_a_freed_allocation():
     assert mem.mb > 200 and mem.total_mb > mem.mb
 
 
+@pytest.mark.slow
 def test_bench_measures_peak_memory_in_a_fresh_process():
     result = load_bench().main(['--quick', '--methods', 'hsnet', '--cdtg', 'off', '--shots', '2', '--memory',
                                 'isolated', '--threads', '1'])
@@ -99,6 +102,7 @@ def test_reference_code_must_be_a_hsnet_checkout(tmp_path):
                            '--reference-code', str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_compare_reference_times_the_reference_kshot_with_a_dense_correlation(monkeypatch, capsys):
     import model.layers.correlation as correlation
     bench = load_bench()

@@ -191,6 +191,7 @@ def test_pooled_alignment_closed_form_has_the_gradient_of_the_aligned_map(bias):
         assert torch.allclose(g, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_text_encodings_are_reused_only_while_nothing_changes():
     torch.manual_seed(0)
     plugin = _Bound([8, 16], [2, 3], 'prototypes', CDTGConfig(clip_weights='none', style_aug=False)).eval()
@@ -251,6 +252,7 @@ def test_medical_style_augmentation():
 
 
 @pytest.mark.parametrize('model', ['ViT-B-32', 'RN50'])
+@pytest.mark.slow
 def test_trimmed_text_encoding_equals_open_clip(model):
     from text.encoder import ClipTextEncoder
     enc = ClipTextEncoder(model, 'none')
@@ -261,6 +263,7 @@ def test_trimmed_text_encoding_equals_open_clip(model):
         assert enc(tokens).shape == (2, enc.dim) and enc.dim == (1024 if model == 'RN50' else 512)
 
 
+@pytest.mark.slow
 def test_embedding_cache_hit_miss_and_invalidation(tmp_path):
     bank = TextBank('ViT-B-32', 'none', tmp_path)
     a = bank.embed(['A photo of a lung.', 'A photo of a liver.'])
@@ -276,6 +279,7 @@ def test_embedding_cache_hit_miss_and_invalidation(tmp_path):
     assert text_key('x') != text_key('x ')
 
 
+@pytest.mark.slow
 def test_alpha_one_is_an_exact_identity_for_hsnet(datapath):
     torch.manual_seed(0)
     plain = build_model({'method': 'hsnet', 'backbone': 'resnet50'}, 'none').eval()
@@ -317,6 +321,7 @@ def cdtg_run(datapath, tmp_path_factory):
     return logpath / 'best.pt'
 
 
+@pytest.mark.slow
 def test_hsnet_cdtg_train_and_test(cdtg_run, datapath, tmp_path):
     ckpt = load_checkpoint(cdtg_run)
     assert ckpt['plugin']['name'] == 'cdtg' and ckpt['plugin']['text_encoder'].startswith('ViT-B-32-random')
@@ -332,6 +337,7 @@ def test_hsnet_cdtg_train_and_test(cdtg_run, datapath, tmp_path):
         test_cli.main(common + ['--logpath', str(tmp_path / 'b'), '--alpha', '0.2'])
 
 
+@pytest.mark.slow
 def test_plugin_mismatch_errors(cdtg_run, tiny_checkpoint, datapath, tmp_path):
     args = ['--benchmark', 'synthetic-med', '--datapath', str(datapath), '--episodes', '2', '--workers', '0']
     with pytest.raises(UserError, match='without the CD-TG plug-in'):
@@ -349,6 +355,7 @@ def test_plugin_mismatch_errors(cdtg_run, tiny_checkpoint, datapath, tmp_path):
         load_model(str(tmp_path / 'stripped.pt'), torch.device('cpu'))
 
 
+@pytest.mark.slow
 def test_attribute_attention_learned_fusion_no_style_run(datapath, tmp_path):
     run = tmp_path / 'run'
     extra = ['--cdtg-attn', 'attributes', '--fusion', 'learned', '--no-style-aug']
@@ -380,6 +387,7 @@ def test_style_augmentation_switch():
     assert on.support_features(feats, ctx)[0] is feats[0]
 
 
+@pytest.mark.slow
 def test_text_lora_trains_and_is_saved(datapath, tmp_path):
     torch.manual_seed(0)
     model = build_model(cdtg_config(text_lora=4), 'none')
@@ -411,6 +419,7 @@ def test_text_lora_trains_and_is_saved(datapath, tmp_path):
             assert torch.equal(p, dict(model.named_parameters())[n])
 
 
+@pytest.mark.slow
 def test_text_lora_cli_run(datapath, tmp_path):
     run = tmp_path / 'lora'
     train_cli.main(TINY_TRAIN + SMALL + ['--text-lora', '8', '--datapath', str(datapath), '--logpath', str(run)])
@@ -421,6 +430,7 @@ def test_text_lora_cli_run(datapath, tmp_path):
     assert res['plugin']['config']['text_lora'] == 8
 
 
+@pytest.mark.slow
 def test_encode_text_script_fills_the_cache_used_by_the_plugin(tmp_path):
     import importlib.util
     spec = importlib.util.spec_from_file_location('encode_text', ROOT / 'scripts' / 'encode_text.py')
@@ -436,6 +446,7 @@ def test_encode_text_script_fills_the_cache_used_by_the_plugin(tmp_path):
         assert plugin.bank.encoded == 0 and plugin.bank._encoder is None
 
 
+@pytest.mark.slow
 def test_patnet_cdtg_on_synthetic_and_a_medical_fixture(datapath, tmp_path):
     from fixtures_targets import write_wbc
     run = tmp_path / 'patnet'
@@ -473,6 +484,7 @@ def test_offline_clip_weights_give_a_clear_error(monkeypatch):
 
 
 # --- CLIP activation and encoder identity ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_openai_and_file_weights_embed_identically_with_quick_gelu(tmp_path, monkeypatch):
     r"""The same (random) weights given as a local file and through the 'openai' path (open_clip's hub download
     replaced by that file) build QuickGELU text towers with identical embeddings; open_clip >= 2.29 builds plain
@@ -508,6 +520,7 @@ def test_openai_and_file_weights_embed_identically_with_quick_gelu(tmp_path, mon
     assert EmbeddingCache(tmp_path, gelu).path != EmbeddingCache(tmp_path, from_file.identity).path
 
 
+@pytest.mark.slow
 def test_stale_caches_are_reencoded_and_old_checkpoints_refused(tmp_path):
     r"""A cache written under an identity without the activation (before this fix) is not used; a checkpoint
     recorded with such an identity is refused with the reason."""

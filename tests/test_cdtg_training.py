@@ -118,6 +118,7 @@ def test_table_encoding_removes_what_all_rows_share():
 # --- the optimiser group ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('method, kind, host_groups', [('patnet', torch.optim.Adam, 1), ('ifa', torch.optim.SGD, 1),
                                                        ('pmms', torch.optim.SGD, 3)])
+@pytest.mark.slow
 def test_plugin_has_its_own_optimizer_group(method, kind, host_groups):
     model = quiet_model(config(method))
     recipe = model.configure_optimizers(lr=2e-3, total_steps=10)
@@ -174,6 +175,7 @@ def test_plugin_weight_decay_is_decoupled_and_its_clip_its_own():
     assert math.isclose(float(total), math.hypot(host_norm, 3.0 * scale * numel ** 0.5), rel_tol=1e-3)
 
 
+@pytest.mark.slow
 def test_resuming_optimizer_state_of_other_groups_is_a_clear_error(datapath, tmp_path):
     base = ['--method', 'patnet', '--benchmark', 'synthetic', '--datapath', str(datapath), '--backbone-weights',
             'none', '--img-size', '64', '--bsz', '2', '--episodes-per-epoch', '2', '--val-episodes', '2', '--workers',
@@ -230,6 +232,7 @@ def test_alpha_override_is_refused_for_a_gated_checkpoint():
         CDTG.test_overrides(config('patnet', fusion='gated'), args, 'x.pt')
 
 
+@pytest.mark.slow
 def test_text_controls_random_and_shuffled():
     names = ['a', 'b', 'c', 'd']
     texts = [[f'A photo of {n}.'] for n in names]
@@ -321,6 +324,7 @@ def _text_prototype(model, feats, ctx, row: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize('method', ['patnet', 'ifa', 'pmms'])
+@pytest.mark.slow
 def test_training_keeps_the_text_guidance(method, datapath, tmp_path):
     r"""80 training steps of the host + CD-TG on the synthetic source (its defaults: Adam PATNet, SGD IFA, PMMs'
     four SGD groups): at every health reading ||u||/||F|| stays below its bound at every level; at the end the text
@@ -366,6 +370,7 @@ def test_training_keeps_the_text_guidance(method, datapath, tmp_path):
         assert torch.allclose(swapped[i], tp_b[i], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_alpha_one_without_style_trains_the_host_bit_for_bit(datapath, tmp_path):
     r"""The no-harm check's control arm: training with the plug-in at alpha = 1 (no style augmentation), its own
     group, clip and weight decay, and the health probes, leaves the host's training exactly as without it."""
@@ -385,6 +390,7 @@ def test_alpha_one_without_style_trains_the_host_bit_for_bit(datapath, tmp_path)
     assert runs['host']['best'] == runs['alpha1']['best']
 
 
+@pytest.mark.slow
 def test_health_probes_change_nothing_the_training_sees(datapath, tmp_path):
     r"""The same run probed at every step and at every other step gives bit-identical weights."""
     for every in ('1', '2'):
@@ -400,6 +406,7 @@ def test_health_probes_change_nothing_the_training_sees(datapath, tmp_path):
     assert all(torch.equal(probed[k], fewer[k]) for k in probed)
 
 
+@pytest.mark.slow
 def test_every_new_flag_reaches_the_plugin_the_checkpoint_and_results(datapath, tmp_path):
     import test as test_cli
     run = tmp_path / 'run'

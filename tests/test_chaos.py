@@ -229,6 +229,7 @@ class AllForeground(FewShotSegmenter):
 
 
 @pytest.mark.parametrize('nshot', [1, 2])
+@pytest.mark.slow
 def test_volumetric_protocol_on_20_volumes_by_hand(tmp_path, nshot):
     truth = ft.write_chaos(tmp_path, pids=CHAOS_PIDS, n_slices=5, size=8)
     prepared(tmp_path)
@@ -338,6 +339,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize('protocol', ['2d', 'volumetric'])
 @pytest.mark.parametrize('nshot', [1, 5])
+@pytest.mark.slow
 def test_test_py_chaos_both_protocols(tiny, checkpoint, tmp_path, capsys, protocol, nshot):
     import test as test_cli
     root = tiny

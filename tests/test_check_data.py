@@ -139,6 +139,7 @@ def checkpoint(tmp_path_factory):
     return ft.tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'best.pt')
 
 
+@pytest.mark.slow
 def test_test_py_missing_or_corrupt_dataset_in_a_worker(tmp_path, checkpoint, capsys):
     import test as test_cli
     args = ['--load', str(checkpoint), '--benchmark', 'lung', '--datapath', str(tmp_path), '--episodes', '2',

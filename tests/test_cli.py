@@ -36,6 +36,7 @@ def test_checkpoint_contents(tiny_checkpoint):
     assert (tiny_checkpoint.parent / 'config.yaml').is_file() and (tiny_checkpoint.parent / 'log.txt').is_file()
 
 
+@pytest.mark.slow
 def test_imagenet_backbone_is_stored_by_identity(datapath, tmp_path, monkeypatch):
     r"""torchvision's ImageNet weights (simulated offline by a fixed state dict) are not copied into checkpoints:
     they are rebuilt and verified by content digest on load and on resume."""
@@ -65,6 +66,7 @@ def test_imagenet_backbone_is_stored_by_identity(datapath, tmp_path, monkeypatch
         load_model(str(run / 'best.pt'), torch.device('cpu'))
 
 
+@pytest.mark.slow
 def test_test_cli_results_and_determinism(tiny_checkpoint, datapath, tmp_path, capsys):
     common = ['--load', str(tiny_checkpoint), '--benchmark', 'synthetic-med', '--datapath', str(datapath),
               '--episodes', '8', '--seed', '5', '--bsz', '3']
@@ -83,6 +85,7 @@ def test_test_cli_results_and_determinism(tiny_checkpoint, datapath, tmp_path, c
     assert r2['episodes'] == r0['episodes'] and r2['miou'] == r0['miou'] and r2['per_class'] == r0['per_class']
 
 
+@pytest.mark.slow
 def test_five_shot_runs_the_backbone_once_per_query(tiny_checkpoint, datapath, tmp_path, monkeypatch):
     from model.backbone import Backbone
     sizes = []
@@ -130,6 +133,7 @@ def test_target_data_never_trains(datapath, tmp_path):
                                      '--val-benchmark', 'synthetic-med'])
 
 
+@pytest.mark.slow
 def test_missing_dataset_exits_cleanly():
     proc = run_script('train.py', '--benchmark', 'pascal', '--datapath', '/nonexistent', '--backbone-weights', 'none',
                       timeout=120)
@@ -140,6 +144,7 @@ def test_missing_dataset_exits_cleanly():
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr and '/nonexistent/best.pt' in proc.stderr
 
 
+@pytest.mark.slow
 def test_grid_trains_once_tests_every_cell_and_resumes(datapath, tmp_path, monkeypatch):
     import scripts.grid as grid
     argv = ['--methods', 'hsnet', '--cdtg', 'off', '--benchmark', 'synthetic', '--targets', 'synthetic-med',

@@ -65,6 +65,7 @@ def test_boundary_pixels_are_trained_as_background_by_default(boundary):
 
 
 # --- Chest X-ray populations ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lung_subsets_and_what_results_json_records(tmp_path):
     r"""566 Shenzhen + 138 Montgomery = 704 pairs, scaled down 20x: 28 + 7 = 35 (2 unmasked Shenzhen images)."""
     ft.write_lung(tmp_path, shenzhen=30, montgomery=7)
@@ -126,6 +127,7 @@ def test_wbc_cdtg_protocol_classes_size_and_episodes(tmp_path):
 
 
 # --- CD-TG readings -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cdtg_features_feed_aligned_maps_to_patnet(monkeypatch):
     r"""--cdtg-features (the framework figure): PATNet's correlation reads alpha F + (1-alpha) A(F); its prototypes,
     pooled from those maps, equal alpha MAP(F) + (1-alpha) MAP(A(F)) (MAP is linear in the map); alpha = 1 is an
@@ -203,6 +205,7 @@ def test_shared_width_alignment_by_hand():
     assert per_level.num_parameters > 23_000_000 and narrow.num_parameters < per_level.num_parameters / 4
 
 
+@pytest.mark.slow
 def test_generic_background_caption():
     r"""--cdtg-background generic: the reference's one background caption instead of the domain's."""
     domain = CDTG([8], [2], 'prototypes', CDTGConfig(clip_weights='none'))
@@ -233,6 +236,7 @@ def _reference_folder(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_import_captions_and_use_them_with_descriptions(tmp_path):
     import scripts.import_captions as script
     from text.descriptions import load_description_file

@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 
 import test as test_cli
 import train as train_cli
@@ -31,6 +32,7 @@ def quiet(main, argv):
         return main(argv)
 
 
+@pytest.mark.slow
 def test_two_processes_train_test_and_resume_like_one(datapath, tmp_path):
     base = TINY_TRAIN + ['--datapath', str(datapath), '--episodes-per-epoch', '8', '--val-episodes', '4']
     # training: 2 steps of a global batch of 4 = 2 processes x 2 episodes, the same episodes as one process

@@ -181,6 +181,7 @@ def cosines(q, s, eps=1e-5):
 
 
 @pytest.mark.parametrize('case', ['random', 'degenerate', 'dropout'])
+@pytest.mark.slow
 def test_query_side_transform_against_float64_pinv_formula(dmtnet, case):
     r"""Reference formula (pinv) vs the dense path (maps) and the closed form (correlations), float64; 'dropout' is
     K = 3 shots of one query in training mode (each shot transforms the query with its own P, P_q)."""
@@ -505,6 +506,7 @@ def test_hsv_shift_against_colorsys_and_by_hand():
     assert torch.allclose(shift_hsv(pixel(0.2, 0.2, 0.2), 0, 0, 255), pixel(1, 1, 1), atol=1e-12)      # clipped
 
 
+@pytest.mark.slow
 def test_ifa_adaptation_uses_only_the_supports_and_resets(ifa):
     model = copy.deepcopy(ifa)
     ep = episode(b=1, k=2, seed=8)
@@ -571,9 +573,11 @@ def _cli_run(method, datapath, tmp_path, adapt_lr):
     return results
 
 
+@pytest.mark.slow
 def test_dmtnet_cli_end_to_end(datapath, tmp_path):
     _cli_run('dmtnet', datapath, tmp_path, adapt_lr=0.05)
 
 
+@pytest.mark.slow
 def test_ifa_cli_end_to_end(datapath, tmp_path):
     _cli_run('ifa', datapath, tmp_path, adapt_lr=1e-3)

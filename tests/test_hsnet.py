@@ -66,6 +66,7 @@ def test_resnet_taps_are_bottleneck_outputs_before_relu(hsnet):
         assert torch.allclose(torch.relu(tap), out, rtol=1e-5, atol=1e-5 * float(out.abs().max()))
 
 
+@pytest.mark.slow
 def test_vgg_taps():
     torch.manual_seed(0)
     bb = Backbone('vgg16', 'none')
@@ -148,6 +149,7 @@ def test_vote_matches_reference():
     assert torch.equal(Vote.segment(logits[:, :1]), logits[:, 0].argmax(1))
 
 
+@pytest.mark.slow
 def test_bn_calibration_normalises_first_layer_and_keeps_weights():
     torch.manual_seed(0)
     bb = Backbone('resnet50', 'none')
@@ -165,6 +167,7 @@ def test_bn_calibration_normalises_first_layer_and_keeps_weights():
         Backbone('vgg16', 'none').calibrate_bn([images])
 
 
+@pytest.mark.slow
 def test_folded_batchnorm_tracks_every_change():
     torch.manual_seed(0)
     bb = Backbone('resnet50', 'none')
@@ -187,6 +190,7 @@ def test_folded_batchnorm_tracks_every_change():
     assert bb(x.double())[0].dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_local_weight_file(tmp_path):
     torch.manual_seed(3)
     src = _SPECS['resnet50'][0](weights=None)

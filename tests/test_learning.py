@@ -1,4 +1,5 @@
 r"""A short synthetic training run must lower the loss and clearly beat the untrained model on held-out episodes."""
+import pytest
 import torch
 
 from engine.factory import build_model
@@ -7,6 +8,7 @@ from engine.loops import evaluate, train_epoch
 from data import FixedEpisodes, TrainingEpisodes, build_dataset, build_loader
 
 
+@pytest.mark.slow
 def test_short_training_lowers_loss_and_beats_untrained(datapath):
     config = {'method': 'hsnet', 'backbone': 'resnet50', 'seed': 0, 'bn_calibration': 128}
     torch.manual_seed(0)

@@ -116,6 +116,7 @@ def infer(model, ep) -> torch.Tensor:
 # --- shapes, gradients, hooks -------------------------------------------------------------------------------------
 @pytest.mark.parametrize('nshot', [1, 5])
 @pytest.mark.parametrize('name', ALL)
+@pytest.mark.slow
 def test_output_shapes_follow_the_kshot_policy(name, nshot):
     model = make(name)
     ep = inputs(nshot)
@@ -130,6 +131,7 @@ def test_output_shapes_follow_the_kshot_policy(name, nshot):
 
 
 @pytest.mark.parametrize('name', ALL)
+@pytest.mark.slow
 def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(name):
     model = make(name).train()
     ep = inputs(1)
@@ -184,6 +186,7 @@ class ShapeHooks(Hooks):
 
 @pytest.mark.parametrize('nshot', [1, 5])
 @pytest.mark.parametrize('name', ALL)
+@pytest.mark.slow
 def test_hooks_are_called_with_the_documented_shapes(name, nshot):
     model = make(name)
     ep = inputs(nshot)
@@ -205,6 +208,7 @@ def _config(name: str, **extra) -> dict:
 
 
 @pytest.mark.parametrize('name', ALL)
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_outputs(name, tmp_path):
     options = {f.name: f.default for f in dataclasses.fields(METHODS[name].Options)}
     model = make(name, seed=3)
@@ -234,6 +238,7 @@ def test_method_options_are_validated_and_become_flags():
 
 @pytest.mark.parametrize('nshot', [1, 5])
 @pytest.mark.parametrize('name', ALL)
+@pytest.mark.slow
 def test_cdtg_at_alpha_one_is_an_identity_on_outputs(name, nshot):
     plain = make(name)
     config = dict(cdtg_config(name, None), alpha=1.0, backbone=METHODS[name].default_backbone,
@@ -256,6 +261,7 @@ ADAPTING = [name for name in ALL if name == 'toy' or METHODS[name].adapts()]
 
 
 @pytest.mark.parametrize('name', ADAPTING)
+@pytest.mark.slow
 def test_adaptation_resets_bit_for_bit_and_ignores_episode_order(name):
     model = make(name)
     e1, e2 = inputs(1, batch=1, seed=11), inputs(1, batch=1, seed=12)
@@ -279,6 +285,7 @@ def test_adaptation_resets_bit_for_bit_and_ignores_episode_order(name):
 
 
 @pytest.mark.parametrize('name', [n for n in sorted(METHODS) if METHODS[n].kshot == 'vote'])
+@pytest.mark.slow
 def test_vote_methods_match_shot_by_shot_like_all_at_once(name):
     model = make(name)
     ep = inputs(3)
@@ -293,6 +300,7 @@ def test_vote_methods_match_shot_by_shot_like_all_at_once(name):
 
 
 @pytest.mark.parametrize('name', [n for n in sorted(METHODS) if METHODS[n].kshot == 'vote'])
+@pytest.mark.slow
 def test_streamed_shots_predict_what_the_encoded_episode_predicts(name):
     r"""`infer_episode` with shot-by-shot matching encodes the query once and each support just before its match
     (one backbone pass per image, query first); the logits are those of infer(encode(...)) up to rounding."""
@@ -371,6 +379,7 @@ GOLD = torch.load(GOLDEN, weights_only=True)
 
 
 @pytest.mark.parametrize('case', CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_hsnet_and_patnet_outputs_equal_the_saved_ones(case):
     name, method, options, k, b = case
     gold = GOLD['cases'][name]
@@ -390,6 +399,7 @@ def test_hsnet_and_patnet_outputs_equal_the_saved_ones(case):
 
 
 @pytest.mark.parametrize('case', CDTG_CASES, ids=[c[0] for c in CDTG_CASES])
+@pytest.mark.slow
 def test_cdtg_hosts_equal_the_saved_outputs(case, tmp_path):
     name, method, k, b = case
     gold = GOLD['cases'][name]

@@ -112,6 +112,7 @@ def test_matches_hsnet_evaluator_on_random_episodes(seed):
     assert s['fbiou'] == pytest.approx(fbiou, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_counts_are_exact_int64_beyond_float32_range():
     meter = SegmentationMeter(['a'])
     big = torch.ones(1, 4100, 4100, dtype=torch.int64)       # 16.8 M pixels > 2^24

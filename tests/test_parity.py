@@ -21,6 +21,7 @@ def relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize('method', sorted(parity.REFERENCES))
+@pytest.mark.slow
 def test_defaults_reproduce_the_public_code_float64(method):
     golden = torch.load(parity.GOLDEN / f'parity-{method}.pt', weights_only=True)
     assert golden['method'] == method and set(golden['cases']) == set(parity.SHOTS)
@@ -38,6 +39,7 @@ def test_defaults_reproduce_the_public_code_float64(method):
 
 
 @pytest.mark.parametrize('method', sorted(parity.ADAPTATIONS))
+@pytest.mark.slow
 def test_test_time_adaptation_reproduces_the_public_code_float64(method):
     r"""Q-Net's refinement, DMTNet's self-finetuning and IFA's adaptation (`parity.ADAPTATIONS`: steps, lr) give the
     reference's adapted outputs; the adaptation moved them visibly, so a no-op adaptation would fail."""
@@ -56,6 +58,7 @@ def test_test_time_adaptation_reproduces_the_public_code_float64(method):
             assert torch.equal(mask.bool(), case['mask']), (method, k)
 
 
+@pytest.mark.slow
 def test_the_earlier_defaults_are_other_networks():
     r"""The comparison tells networks apart: PMMs with torchvision's geometry and Q-Net with both paths at 1/8 are
     far from their references' outputs."""

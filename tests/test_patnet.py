@@ -165,6 +165,7 @@ def test_two_channel_cholesky_correlation_equals_expanded_correlation():
 
 
 # --- the model ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_full_model_rank2_equals_pinv(patnet):
     dense = dense_twin(patnet)
     q, s, m, cid = episode(b=1, k=2, size=64, empty=(0, 1))           # shot 1: empty mask, FP = 0
@@ -182,6 +183,7 @@ def test_full_model_rank2_equals_pinv(patnet):
     assert max(c.max() for c in corr_pinv) > 0.3              # not vacuous
 
 
+@pytest.mark.slow
 def test_full_model_rank2_equals_pinv_float64(patnet):
     model = copy.deepcopy(patnet).double()
     dense = dense_twin(model)
@@ -195,6 +197,7 @@ def test_full_model_rank2_equals_pinv_float64(patnet):
     assert (a - other).abs().max() > 1e-6                      # the anchors matter 1000x more than the tolerance
 
 
+@pytest.mark.slow
 def test_output_depends_on_anchors_only_through_their_gram(patnet):
     # A property of the reference formulation itself (checked on the pinv path): correlations see
     # <R̂ᵀa, R̂ᵀb> = aᵀ(R̂R̂ᵀ)b, so rotating both anchor rows by any orthogonal Q leaves the output unchanged.
@@ -258,6 +261,7 @@ def test_prototypes_hook_receives_map_prototypes_and_its_output_is_used(patnet):
     assert (plain - fused).abs().max() > 1e-2 * plain.abs().max()            # P is built from the hook's output
 
 
+@pytest.mark.slow
 def test_parameters_resnet50(patnet):
     hsnet = build_method('hsnet', 'resnet50', None)
     learner = sum(p.numel() for p in hsnet.trainable_parameters())
@@ -274,6 +278,7 @@ def test_parameters_resnet50(patnet):
 
 
 @pytest.mark.parametrize('transform', ['rank2', 'pinv'])
+@pytest.mark.slow
 def test_gradients_reach_anchors_and_learner_not_backbone(patnet, transform):
     model = copy.deepcopy(patnet).train()
     model.transform = transform
@@ -345,6 +350,7 @@ def test_tfi_loss_reaches_only_the_layer2_anchor(patnet):
     assert grads[1] is None and grads[2] is None
 
 
+@pytest.mark.slow
 def test_finetuning_changes_the_prediction_and_resets_every_episode(patnet):
     model = copy.deepcopy(patnet)
     e1, e2 = episode(b=1, k=1, size=64, seed=11), episode(b=1, k=1, size=64, seed=12)
@@ -377,6 +383,7 @@ def test_finetune_options_are_validated(patnet):
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_and_test_cli_with_patnet(datapath, tmp_path):
     import test as test_cli
     import train as train_cli

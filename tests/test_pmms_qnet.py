@@ -106,6 +106,7 @@ def test_em_with_one_component_is_the_normalised_masked_sum_whatever_the_init():
         assert torch.allclose(em_prototypes(x, mu0)[:, 0], expected, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_em_init_is_a_seeded_unit_buffer_saved_with_the_weights():
     a, b = make('rpmms', seed=0), make('rpmms', seed=1)               # other global seeds, same --em-seed
     c = make('rpmms', seed=0, em_seed=3)
@@ -177,6 +178,7 @@ def test_dense_comparison_equals_the_convolution_of_each_concatenation():
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, naive_grads))
 
 
+@pytest.mark.slow
 def test_rpmms_cascade_loss_terms_and_the_prediction_is_the_last_stage():
     model = make('rpmms').train()
     ep = episode(b=2, k=1, seed=5)
@@ -211,6 +213,7 @@ def test_pmms_recipe_parameter_groups_and_poly_schedule():
     assert poly_schedule(4)(2) == pytest.approx(0.5 ** 0.9)
 
 
+@pytest.mark.slow
 def test_learnable_parameter_counts_against_hand_counts_of_the_reference():
     # Hand counts of the reference networks (FPMMs / FRPMMs with a ResNet-50 up to layer3; Q-Net's encoder with the
     # ResNet-101 fc, reduce1/2 and reduce1d), see docs/methods.md: all parameters, and the learnable ones here
@@ -241,6 +244,7 @@ def test_upsampled_pooling_equals_pooling_after_bilinear_upsampling():
     assert torch.allclose(upsampled_average_pooling(feat, mask), expected, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_threshold_and_probability_against_hand_computation():
     model = make('qnet', 'resnet50').double()
     ep = {k: v.double() if v.is_floating_point() else v for k, v in episode(b=2, k=2, seed=7).items()}
@@ -296,6 +300,7 @@ def test_log_probabilities_equal_the_reference_and_keep_a_gradient_where_it_clam
     assert all(torch.isfinite(o).all() for o in our_grad)
 
 
+@pytest.mark.slow
 def test_qnet_query_loss_is_the_weighted_nll():
     model = make('qnet', 'resnet50')
     ep = episode(b=2, k=1, seed=8)
@@ -336,6 +341,7 @@ def reference_align_loss(model, aux, logits, support_masks):
     return total / b
 
 
+@pytest.mark.slow
 def test_alignment_loss_equals_the_reference_loops():
     model = make('qnet', 'resnet50').double()
     g = torch.Generator().manual_seed(9)
@@ -351,6 +357,7 @@ def test_alignment_loss_equals_the_reference_loops():
     assert torch.allclose(ours, reference_align_loss(model, aux, logits, masks), atol=1e-10) and ours > 0
 
 
+@pytest.mark.slow
 def test_episodes_of_a_batch_and_their_shots_are_not_mixed():
     r"""The reference views [way, shot, B] features as [B, way, shot] and subtracts the whole batch's T from each
     episode; here every episode of a batch predicts exactly what it predicts alone."""
@@ -393,6 +400,7 @@ class Capture(Hooks):
         return [f + 0.5 for f in fg], bg
 
 
+@pytest.mark.slow
 def test_refinement_starts_from_the_fused_prototypes_moves_them_and_resets(monkeypatch):
     model = make('qnet', 'resnet50').attach(Capture())
     assert (model.adaptation.steps, model.adaptation.lr) == (30, 2e-3)          # the pinned default
@@ -435,6 +443,7 @@ class Shift(Hooks):
 
 
 @pytest.mark.parametrize('name', ['pmms', 'rpmms'])
+@pytest.mark.slow
 def test_pmms_fused_prototypes_train_the_plugin_through_the_probability_map(name):
     model = make(name).train()
     model.attach(Shift())
@@ -483,6 +492,7 @@ CDTG = ['--cdtg', '--clip-weights', 'none', '--cdtg-width', '64']
 
 
 @pytest.mark.parametrize('method, backbone', [('pmms', 'resnet50'), ('rpmms', 'resnet50'), ('qnet', 'resnet50')])
+@pytest.mark.slow
 def test_train_and_test_with_and_without_cdtg(method, backbone, datapath, medical, tmp_path):
     r"""Each method trains two steps plain (1-shot; Q-Net two epochs) and with CD-TG (2-shot) on `synthetic`, and
     tests on synthetic-med and the WBC fixture, 1- and 5-shot. (Q-Net here on ResNet-50, its selectable backbone;

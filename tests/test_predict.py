@@ -69,6 +69,7 @@ def supports(own: Path) -> list[str]:
     return ['--support', f'{own}/s1.png:{own}/s1_mask.png', '--support', f'{own}/s2.jpg:{own}/s2_mask.png']
 
 
+@pytest.mark.slow
 def test_masks_of_original_size_for_odd_images_and_the_same_logits_as_the_model(own, tiny_checkpoint, tmp_path,
                                                                                  monkeypatch):
     seen = []
@@ -243,6 +244,7 @@ def test_bad_inputs(case, own, tiny_checkpoint, capsys):
     assert not (own / 'x').exists() and not list(own.glob('.x.tmp*'))       # nothing half-written
 
 
+@pytest.mark.slow
 def test_a_failure_mid_run_leaves_nothing(own, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     calls = []
 
@@ -267,6 +269,7 @@ def test_class_names_are_looked_up_in_the_description_files():
         predict.find_class('no such thing', None)
 
 
+@pytest.mark.slow
 def test_cdtg_needs_text_and_takes_a_one_off_description(own, tiny_cdtg_checkpoint, tmp_path, capsys, monkeypatch):
     base = ['--load', str(tiny_cdtg_checkpoint), '--support', f'{own}/s1.png:{own}/s1_mask.png', '--query',
             str(own / 'queries' / 'gray.png'), '--device', 'cpu']

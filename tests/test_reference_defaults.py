@@ -71,6 +71,7 @@ def deeplab_v2_taps(state: dict, x: torch.Tensor, blocks=(3, 4, 6)) -> list[torc
     return taps
 
 
+@pytest.mark.slow
 def test_pmms_backbone_is_the_reference_deeplab_v2_resnet_float64():
     model = quiet(build_method, 'pmms', None, 'none').double()
     randomise_bn(model.backbone.net)
@@ -90,6 +91,7 @@ def test_pmms_backbone_is_the_reference_deeplab_v2_resnet_float64():
     assert other[0].shape[-1] == 9                     # the torchvision geometry is another network: the test can fail
 
 
+@pytest.mark.slow
 def test_qnet_backbone_is_torchvision_with_the_reference_dilation_float64():
     model = quiet(build_method, 'qnet', 'resnet50', 'none').double()
     randomise_bn(model.backbone.net, seed=2)
@@ -185,6 +187,7 @@ def test_train_recipes_are_the_references():
     assert "the method's, 12 (1-shot), 6 (K > 1) for ifa" in ' '.join(helps.split())
 
 
+@pytest.mark.slow
 def test_a_run_takes_the_methods_recipe_unless_typed_and_old_checkpoints_keep_their_geometry(datapath, tmp_path,
                                                                                               capsys):
     quiet(train_cli.main, ['--method', 'rpmms', '--benchmark', 'synthetic', '--datapath', str(datapath),
@@ -215,6 +218,7 @@ def test_a_run_takes_the_methods_recipe_unless_typed_and_old_checkpoints_keep_th
 
 # --- --cdtg-features on every prototype host ----------------------------------------------------------------------
 @pytest.mark.parametrize('method', ['pmms', 'rpmms', 'qnet'])
+@pytest.mark.slow
 def test_cdtg_features_train_and_test_on_every_prototype_host(method):
     config = dict(cdtg_config(method, None), cdtg_features=True, cdtg_width=32, cdtg_text_bias='bounded')
     model = quiet(build_model, config, 'none')
@@ -419,6 +423,7 @@ def test_backbone_batchnorm_modes(mode):
     assert 'backbone.net.layer1.0.bn1.running_mean' in frozen
 
 
+@pytest.mark.slow
 def test_reference_batchnorm_defaults_of_pmms_and_qnet():
     pmms = quiet(build_method, 'pmms', None, 'none')
     qnet = quiet(build_method, 'qnet', 'resnet50', 'none')
@@ -428,6 +433,7 @@ def test_reference_batchnorm_defaults_of_pmms_and_qnet():
     assert quiet(build_method, 'qnet', 'resnet50', 'none', bn='frozen').backbone.spec.bn == 'frozen'
 
 
+@pytest.mark.slow
 def test_pmms_training_normalises_supports_and_queries_in_separate_passes():
     r"""PMMs in training (`--bn batch`): the features and the running statistics are those of two backbone passes,
     the supports' and then the queries' (FPMMs.forward), not of one pass over both; at test time one pass (running
@@ -455,6 +461,7 @@ def test_pmms_training_normalises_supports_and_queries_in_separate_passes():
 
 
 # --- IFA's deep-stem ResNet ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_deep_stem_backbone_loads_a_pspnet_style_file_and_refuses_a_download(tmp_path):
     torch.manual_seed(0)
     net = quiet(Backbone, 'resnet50-deep', 'none', BackboneSpec(taps=('layer3',)))
@@ -480,6 +487,7 @@ def test_deep_stem_backbone_loads_a_pspnet_style_file_and_refuses_a_download(tmp
         Backbone('resnet50-deep', str(tmp_path / 'tv.pth'), BackboneSpec(taps=('layer3',)))
 
 
+@pytest.mark.slow
 def test_deeplabv3_coco_initialisation_loads_the_trunk_or_says_what_to_download(monkeypatch, tmp_path):
     from torchvision.models import segmentation
     enum = segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1

@@ -77,6 +77,7 @@ def grid(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_tables_have_the_right_numbers(grid, tmp_path, capsys):
     out = tmp_path / 'report'
     result = report.main([str(grid), '--out', str(out), '--no-figure'])
@@ -167,6 +168,7 @@ def figure_grid(datapath, tiny_checkpoint, tiny_cdtg_checkpoint, tmp_path_factor
     return root, ds, episodes
 
 
+@pytest.mark.slow
 def test_qualitative_figure_shows_episodes_drawn_by_seed_for_both_models(figure_grid, datapath, tmp_path,
                                                                           monkeypatch):
     root, ds, episodes = figure_grid
@@ -195,6 +197,7 @@ def test_qualitative_figure_shows_episodes_drawn_by_seed_for_both_models(figure_
     assert 'SELECTED BY RESULT' in (tmp_path / 'g' / 'report.md').read_text()
 
 
+@pytest.mark.slow
 def test_re_predicted_episodes_equal_the_evaluation_loop(figure_grid, tiny_checkpoint):
     r"""The figure re-runs an episode of results.json through the test-time entry point: same images, masks and
     prediction as test.py's evaluation loop on that episode list."""
@@ -239,6 +242,7 @@ def read_events(folder: Path) -> list:
     return events
 
 
+@pytest.mark.slow
 def test_tensorboard_draws_validation_episodes_and_an_hparams_summary(datapath, tmp_path):
     import train
     with warnings.catch_warnings():

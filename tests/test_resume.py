@@ -46,6 +46,7 @@ def _assert_same_run(a_path, b_path):
 
 @pytest.mark.parametrize('method, cdtg, augmentation', [('hsnet', False, 'flip-resized-crop'), ('hsnet', True, 'none'),
                                                        ('patnet', False, 'none'), ('patnet', True, 'none')])
+@pytest.mark.slow
 def test_one_epoch_plus_resume_equals_two_epochs(datapath, tmp_path, method, cdtg, augmentation):
     base = _base(datapath, method, cdtg) + ['--augmentation', augmentation]
     straight = tmp_path / 'straight'
@@ -64,6 +65,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoint_resumes_at_the_exact_step(datapath, tmp_path, monkeypatch):
     base = _base(datapath, 'hsnet', True)
     base[base.index('--episodes-per-epoch') + 1] = '8'                                 # 4 steps per epoch

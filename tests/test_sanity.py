@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +44,7 @@ def test_sanity_report_by_hand(tmp_path):
     assert (tmp_path / 'rep' / 'sanity.md').read_text().startswith('# CD-TG no-harm check')
 
 
+@pytest.mark.slow
 def test_sanity_dry_run_trains_every_arm_paired_by_seed(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), METHODS='patnet')
     env.pop('SEEDS', None)

@@ -420,6 +420,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize('benchmark', ['isic', 'lung', 'wbc'])
 @pytest.mark.parametrize('nshot', [1, 5])
+@pytest.mark.slow
 def test_test_py_end_to_end(targets, checkpoint, tmp_path, capsys, benchmark, nshot):
     import test as test_cli
     root, _ = targets

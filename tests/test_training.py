@@ -29,6 +29,7 @@ TOLERANCE = {'hsnet': (0.05, 0.995), 'patnet': (0.15, 0.95)}
 
 
 @pytest.mark.parametrize('name', ['hsnet', 'patnet'])
+@pytest.mark.slow
 def test_bf16_stays_within_the_stated_tolerance_of_fp32(name):
     model = _model(name)
     ep = episode(1, 2, seed=3)
@@ -94,6 +95,7 @@ def test_sharded_training_stream_is_the_single_process_stream(world, start):
     assert sum(len(s) for s in shards) == steps * g
 
 
+@pytest.mark.slow
 def test_fp16_training_step_with_gradient_scaler(datapath):
     from data import TrainingEpisodes as Episodes
     from data import build_dataset, build_loader
