@@ -447,6 +447,14 @@ class CheckedDataset(EpisodicDataset):
         if options:
             raise TypeError(f'unexpected options {sorted(options)}')
 
+    # --- reading: image and binary mask files paired by `scan` in `self._paths` (key -> (image, mask)) ----------
+    def read_image(self, key: str) -> Image.Image:
+        return open_rgb(self._paths[key][0])
+
+    def read_mask(self, key: str, class_id: int) -> np.ndarray:
+        r"""The mask file as 0/1 (0/255 or 0/1 coded, `binary_mask`); benchmarks with class-coded masks override it."""
+        return binary_mask(open_mask(self._paths[key][1]))
+
     def scan(self, full: bool) -> DataReport:
         raise NotImplementedError
 

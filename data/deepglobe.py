@@ -9,8 +9,8 @@ dropped). Masks are binarised at >= 128. 600 class-balanced episodes (episode i 
 from pathlib import Path
 
 
-from data.checks import (CheckedDataset, DataReport, binary_mask, find_dataset_root, layout_error, list_files,
-                         open_mask, open_rgb, pair_by_stem)
+from data.checks import (CheckedDataset, DataReport, find_dataset_root, layout_error, list_files,
+                         pair_by_stem)
 
 CLASSES = ['agriculture land', 'urban land', 'rangeland', 'forest land', 'water', 'barren land']
 ROOTS = ('Deepglobe', 'DeepGlobe', 'deepglobe')
@@ -47,8 +47,3 @@ class Deepglobe(CheckedDataset):
         report.class_names, report.class_items = list(CLASSES), items
         return report
 
-    def read_image(self, key):
-        return open_rgb(self._paths[key][0])
-
-    def read_mask(self, key, class_id):
-        return binary_mask(open_mask(self._paths[key][1]))

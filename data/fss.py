@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
-from data.checks import (CheckedDataset, DataReport, binary_mask, layout_error, list_files, open_mask, open_rgb,
-                         pair_by_stem)
+from data.checks import (CheckedDataset, DataReport, layout_error, list_files, pair_by_stem)
 from data.episodic import Episode
 
 ROOTS = ('FSS-1000', 'fewshot_data', 'fewshot_data/fewshot_data')
@@ -125,8 +124,3 @@ class FSS1000(CheckedDataset):
             episodes.append(Episode(c, query, self.sample_supports(rng, c, query)))
         return episodes
 
-    def read_image(self, key):
-        return open_rgb(self._paths[key][0])
-
-    def read_mask(self, key, class_id):
-        return binary_mask(open_mask(self._paths[key][1]))

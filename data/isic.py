@@ -16,8 +16,7 @@ from pathlib import Path
 
 
 from common.errors import UserError
-from data.checks import (CheckedDataset, DataReport, binary_mask, check_pair, find_dataset_root, list_files,
-                         open_mask, open_rgb)
+from data.checks import (CheckedDataset, DataReport, check_pair, find_dataset_root, list_files)
 
 CLASSES = ['melanoma', 'nevus', 'seborrheic keratosis']
 SINGLE_CLASS = 'lesion'
@@ -191,8 +190,3 @@ class ISIC(CheckedDataset):
                                f'data/isic/class_id.csv in slei109/PATNet) for the three diagnosis classes.{hint}')
         return [SINGLE_CLASS], None
 
-    def read_image(self, key):
-        return open_rgb(self._paths[key][0])
-
-    def read_mask(self, key, class_id):
-        return binary_mask(open_mask(self._paths[key][1]))

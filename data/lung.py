@@ -14,8 +14,8 @@ Montgomery mask would crash, so published Chest X-ray numbers were very likely c
 from pathlib import Path
 
 from common.errors import UserError
-from data.checks import (CheckedDataset, DataReport, binary_mask, check_pair, find_dataset_root, layout_error,
-                         list_files, open_mask, open_rgb)
+from data.checks import (CheckedDataset, DataReport, check_pair, find_dataset_root, layout_error,
+                         list_files)
 
 CLASSES = ['lung']
 ROOTS = ('LungSegmentation', 'Lung Segmentation')
@@ -87,8 +87,3 @@ class Lung(CheckedDataset):
     def describe(self) -> str:
         return f'{super().describe()} (--lung-subset {self.subset})'
 
-    def read_image(self, key):
-        return open_rgb(self._paths[key][0])
-
-    def read_mask(self, key, class_id):
-        return binary_mask(open_mask(self._paths[key][1]))

@@ -24,7 +24,7 @@ import numpy as np
 from common.errors import UserError
 from data.episodic import Episode
 from data.checks import CheckedDataset, DataReport, check_pair, first_existing, layout_error, list_files, \
-    note_values, open_mask, open_rgb
+    note_values, open_mask
 
 CLASSES = ['nucleus', 'cytoplasm']
 CODES = {'nucleus': 255, 'cytoplasm': 128}
@@ -148,9 +148,6 @@ class WBC(CheckedDataset):
                                 'read (nucleus 255, cytoplasm 128)')
         report.class_names, report.class_items = list(CLASSES), items
         return report
-
-    def read_image(self, key):
-        return open_rgb(self._paths[key][0])
 
     def read_mask(self, key, class_id):
         return class_mask(open_mask(self._paths[key][1]), CLASSES[class_id], self.protocol).astype(np.uint8)
