@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.config import bounded, parse_with_config
+from common.config import parse_with_config
 from common.constants import FEW_FOREGROUND, MIN_IMG_SIZE
 from common.errors import UserError, run_cli
 from common.logger import staged_folder
@@ -50,7 +50,7 @@ from data.checks import (IMAGE_EXTENSIONS, WIDE_MODES, DataReport, inspect_file,
                          open_rgb, pair_by_stem)
 from data.episodic import image_tensor, mask_tensor
 from engine.factory import adaptation_record, load_model, plugin_record
-from engine.flags import add_plugin_args
+from engine.flags import add_adaptation_args, add_config_arg, add_plugin_args, add_runtime_args
 from model.base import Output
 
 MASK_SUFFIXES = ('_mask', '_segmentation')         # the Chest X-ray and ISIC conventions
@@ -69,7 +69,7 @@ MAX_UPSAMPLED = 2 ** 26
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Segment your own images from K annotated examples.')
-    p.add_argument('--config', type=str, default=None, help='YAML file whose keys set the defaults of these flags')
+    add_config_arg(p)
     p.add_argument('--load', type=str, default=None, help='checkpoint (best.pt / last.pt written by train.py)')
     p.add_argument('--support', action='append', default=[], metavar='IMAGE:MASK',
                    help='an annotated example (repeat for K > 1)')
@@ -95,14 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='CD-TG: a one-off description of the class (one sentence), encoded on the fly')
     p.add_argument('--background-description', type=str, default=None,
                    help=f'CD-TG with --description: the background text (default "{GENERIC_BACKGROUND}")')
-    bounded(p, '--img-size', int, None, low=MIN_IMG_SIZE, high=4096, help='default: the training image size')
-    bounded(p, '--bsz', int, 4, low=1, help='queries per forward pass')
-    bounded(p, '--seed', int, 0, low=0, high=2**63 - 1, help='seeds any randomness of test-time adaptation')
-    p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
-    bounded(p, '--finetune-steps', int, None, low=0,
-            help="test-time adaptation steps per query, for methods that have it (default: the method's)")
-    bounded(p, '--finetune-lr', float, None, low=0, low_open=True,
-            help="learning rate of test-time adaptation (default: the method's)")
+    add_runtime_args(p, img_size_help='default: the training image size', bsz_default=4,
+                     bsz_help='queries per forward pass', seed_help='seeds any randomness of test-time adaptation',
+                     workers=False)
+    add_adaptation_args(p, 'query')
     add_plugin_args(p, 'test')
     return p
 

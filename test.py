@@ -8,16 +8,15 @@ episode list) into --logpath.
 import argparse
 
 from common.config import bounded, parse_with_config
-from common.constants import MIN_IMG_SIZE
 from common.errors import run_cli
-from common.names import MATCH_SHOTS, MIOU_OVER, PRECISIONS, PROTOCOLS, SUPPORT_RULES
+from common.names import MATCH_SHOTS, MIOU_OVER, PROTOCOLS, SUPPORT_RULES
 from data import add_dataset_args
-from engine.flags import add_plugin_args
+from engine.flags import add_adaptation_args, add_config_arg, add_plugin_args, add_runtime_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Test a trained few-shot segmenter on a benchmark.')
-    p.add_argument('--config', type=str, default=None, help='YAML file whose keys set the defaults of these flags')
+    add_config_arg(p)
     p.add_argument('--load', type=str, required=False, default=None, help='checkpoint (best.pt / last.pt)')
     p.add_argument('--benchmark', type=str, default='synthetic-med')
     p.add_argument('--datapath', type=str, default='datasets')
@@ -38,25 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--miou-over', type=str, default='all', choices=MIOU_OVER,
                    help='all (default, as HSNet/PATNet): mIoU and Dice average over every class of the split, a class '
                         'without episodes counting 0; seen: over the classes that had episodes')
-    bounded(p, '--seed', int, 0, low=0, high=2**63 - 1, help='seeds the episode list (saved with the results)')
-    bounded(p, '--img-size', int, None, low=MIN_IMG_SIZE, high=4096, help='default: the training image size')
-    bounded(p, '--bsz', int, 1, low=1, help='episodes per forward pass')
-    bounded(p, '--workers', int, 4, low=0)
+    add_runtime_args(p, img_size_help='default: the training image size', bsz_default=1,
+                     bsz_help='episodes per forward pass', seed_help='seeds the episode list (saved with the results)',
+                     precision_help='fp32 (default), or bf16/fp16 autocast (faster on GPUs; see docs/gpus.md)')
     p.add_argument('--logpath', type=str, default=None,
                    help='output folder (default: <checkpoint folder>/test-<benchmark>-<K>shot-seed<seed>)')
-    p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
     bounded(p, '--vis', int, 0, low=0, high=100, help='draw the first N episodes into predictions.png')
-    bounded(p, '--finetune-steps', int, None, low=0,
-            help="test-time adaptation steps per episode, for methods that have it (default: the method's; reset "
-                 'after every episode)')
-    bounded(p, '--finetune-lr', float, None, low=0, low_open=True,
-            help="learning rate of test-time adaptation (default: the method's)")
-    p.add_argument('--precision', type=str, default='fp32', choices=PRECISIONS,
-                   help='fp32 (default), or bf16/fp16 autocast (faster on GPUs; see docs/gpus.md)')
+    add_adaptation_args(p, 'episode')
     p.add_argument('--tf32', action='store_true',
                    help='allow TF32 matmuls/convolutions on CUDA (faster; ~1e-3 relative error in the correlations). '
                         'Off by default, so evaluation matches float32 reference code')
-    p.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
     bounded(p, '--cache-images', int, 0, low=0,
             help='keep this many decoded and resized (image, mask) pairs in memory per loader process (0 = off); a '
                  'target test set of a few hundred images is then decoded once, not once per episode')

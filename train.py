@@ -5,18 +5,17 @@ r"""Episodic training on a source benchmark; checkpoints are selected on a held-
 import argparse
 
 from common.config import bounded, parse_with_config, typed_flags
-from common.constants import MIN_IMG_SIZE
 from common.errors import run_cli
-from common.names import AUGMENTATION_NAMES, BOUNDARY_POLICIES, PRECISIONS, SCHEDULES
+from common.names import AUGMENTATION_NAMES, BOUNDARY_POLICIES, SCHEDULES
 from data import add_dataset_args
-from engine.flags import add_method_args, add_plugin_args, preparse_method
+from engine.flags import add_config_arg, add_method_args, add_plugin_args, add_runtime_args, preparse_method
 from model import BACKBONES, METHODS, train_recipe
 
 
 def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
     r"""train.py's flags; those of `method`'s own options are added (`train.py --method patnet -h` lists them)."""
     p = argparse.ArgumentParser(description='Train a few-shot segmentation method on a source benchmark.')
-    p.add_argument('--config', type=str, default=None, help='YAML file whose keys set the defaults of these flags')
+    add_config_arg(p)
     p.add_argument('--method', type=str, default='hsnet', choices=sorted(METHODS))
     p.add_argument('--benchmark', type=str, default='pascal', help='source benchmark: pascal | coco | synthetic')
     p.add_argument('--val-benchmark', type=str, default=None,
@@ -37,8 +36,10 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
         value = one.get(key) if one.get(key) == kshot.get(key) else f'{one.get(key)} (1-shot), {kshot.get(key)} (K > 1)'
         return f"default: the method's, {value} for {method}"
 
-    bounded(p, '--img-size', int, None, low=MIN_IMG_SIZE, high=4096, help=method_default('img_size'))
-    bounded(p, '--bsz', int, None, low=1, help=method_default('bsz'))
+    add_runtime_args(p, img_size_help=method_default('img_size'), bsz_default=None, bsz_help=method_default('bsz'),
+                     seed_help='seeds the run: episodes, augmentation, initialisation (saved with the run)',
+                     precision_help='fp32 (default), bf16 or fp16 (autocast; fp16 with a gradient scaler); see '
+                                    'docs/gpus.md')
     bounded(p, '--lr', float, None, low=0, low_open=True,
             help="base learning rate of the method's recipe (default: the method's, 1e-3 for hsnet and patnet; "
                  'optimizer, schedule and parameter groups come from the method)')
@@ -55,11 +56,8 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
                    help='label-255 pixels of the training query masks (PASCAL\'s object boundaries): background '
                         "(HSNet/PATNet/PMMs train them as background) or ignore (left out of the loss; Q-Net's NLL); "
                         f"{method_default('train_boundary')}. Evaluation always ignores them")
-    bounded(p, '--workers', int, 4, low=0)
-    bounded(p, '--seed', int, 0, low=0, high=2**63 - 1)
     p.add_argument('--logpath', type=str, default=None, help='run folder (default: logs/<method>-<benchmark>-<time>)')
     p.add_argument('--resume', action='store_true', help='continue the run in --logpath from its last.pt')
-    p.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
     bounded(p, '--log-every', int, 50, low=1,
             help='training steps between loss scalars and health readings (log.txt, health.json)')
     bounded(p, '--save-every-steps', int, 0, low=0,
@@ -77,9 +75,6 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
                                                       'none|cosine|poly)')
     bounded(p, '--grad-clip', float, None, low=0, low_open=True,
             help="clip the gradient norm to this value (default: the method's recipe; none for hsnet/patnet)")
-    p.add_argument('--precision', type=str, default='fp32', choices=PRECISIONS,
-                   help='fp32 (default), bf16 or fp16 (autocast; fp16 with a gradient scaler); see docs/gpus.md')
-    p.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
     if method in METHODS:
         add_method_args(p, method)
     add_plugin_args(p, 'train')

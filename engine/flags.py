@@ -8,11 +8,44 @@ described in engine/factory.py) and a torch-free `add_args(parser, stage)` that 
 import argparse
 
 from common.config import bounded
+from common.constants import MIN_IMG_SIZE
+from common.names import PRECISIONS
 from model import option_specs
 
 PLUGINS: dict[str, dict[str, str]] = {
     'cdtg': {'class': 'text.plugin:CDTG', 'flags': 'text.flags:add_args'},
 }
+
+
+def add_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--config', type=str, default=None,
+                        help='YAML file whose keys set the defaults of these flags')
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, *, img_size_help: str, bsz_default: int | None, bsz_help: str,
+                     seed_help: str, workers: bool = True, precision_help: str | None = None) -> None:
+    r"""The runtime flags train.py, test.py and predict.py share: --img-size, --bsz, --workers (loader processes),
+    --seed, --device and, for the commands that run the loops, --precision and --compile. Each command says what
+    its image size, batch and seed mean."""
+    bounded(parser, '--img-size', int, None, low=MIN_IMG_SIZE, high=4096, help=img_size_help)
+    bounded(parser, '--bsz', int, bsz_default, low=1, help=bsz_help)
+    if workers:
+        bounded(parser, '--workers', int, 4, low=0, help='data loader processes (0: load in the main process)')
+    bounded(parser, '--seed', int, 0, low=0, high=2**63 - 1, help=seed_help)
+    parser.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
+    if precision_help:
+        parser.add_argument('--precision', type=str, default='fp32', choices=PRECISIONS, help=precision_help)
+        parser.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
+
+
+def add_adaptation_args(parser: argparse.ArgumentParser, unit: str) -> None:
+    r"""Test-time adaptation (test.py, predict.py): steps per `unit` ('episode', 'query') and learning rate; None
+    = the method's own setting."""
+    bounded(parser, '--finetune-steps', int, None, low=0,
+            help=f"test-time adaptation steps per {unit}, for methods that have it (default: the method's; reset "
+                 f'after every {unit})')
+    bounded(parser, '--finetune-lr', float, None, low=0, low_open=True,
+            help="learning rate of test-time adaptation (default: the method's)")
 
 
 def add_plugin_args(parser: argparse.ArgumentParser, stage: str) -> None:
