@@ -83,12 +83,6 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> 'RunLock':
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
 
 def check_free(folder: str | Path, flag: str = '--logpath') -> None:
     r"""Refuse now, with the holder named, when a live run holds `folder` (before slower checks would report a

@@ -259,12 +259,14 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
         fg = (batch['support_masks'] == 1).flatten(2)
         pixels = fg.sum(dim=2)                                                           # [B,K]
         shots += pixels.numel()
-        for kind, hit in (('empty', pixels == 0), ('all_foreground', pixels == fg.shape[2]),
-                          ('few_foreground', (pixels > 0) & (pixels < FEW_FOREGROUND))):
-            if bool(hit.any()):
-                degenerate[kind][0] += int(hit.sum())
-                b, k = hit.nonzero()[0].tolist()
-                degenerate[kind][1] = degenerate[kind][1] or batch['support_names'][b][k]
+        hits = torch.stack([pixels == 0, pixels == fg.shape[2],                          # DEGENERATE_SUPPORTS' order
+                            (pixels > 0) & (pixels < FEW_FOREGROUND)])
+        if bool(hits.any()):                                                             # one host sync per batch
+            for count_example, hit in zip(degenerate.values(), hits):
+                if bool(hit.any()):
+                    count_example[0] += int(hit.sum())
+                    b, k = hit.nonzero()[0].tolist()
+                    count_example[1] = count_example[1] or batch['support_names'][b][k]
         with autocast(device, precision):
             output = model.infer_episode(*episode_inputs(batch))
             loss = total_loss(model.loss(output, batch))
