@@ -17,13 +17,22 @@ METHODS = LazyRegistry({
     'ifa': 'model.ifa:IFA',
 })
 
-#: The backbones (model/backbone.py builds them; the names are here so that command lines need no torch import).
-BACKBONES = ('resnet50', 'resnet101', 'vgg16', 'resnet50-deep', 'resnet101-deep')
+#: The backbones, declared here so that command lines need no torch import (model/backbone.py builds them): name ->
+#: (torchvision constructor, its ImageNet weights enum or None (a weights file only), bottlenecks per layer1..4 of a
+#: ResNet). '-deep': PSPNet's deep stem (IFA's ResNet).
+BACKBONE_SPECS = {
+    'resnet50': ('resnet50', 'ResNet50_Weights', (3, 4, 6, 3)),
+    'resnet101': ('resnet101', 'ResNet101_Weights', (3, 4, 23, 3)),
+    'vgg16': ('vgg16', 'VGG16_Weights', None),
+    'resnet50-deep': ('resnet50', None, (3, 4, 6, 3)),
+    'resnet101-deep': ('resnet101', None, (3, 4, 23, 3)),
+}
+BACKBONES = tuple(BACKBONE_SPECS)
 
 # The interface, imported on first use (PEP 562): `from model import FewShotSegmenter` works as usual.
-_EXPORTS = {'Backbone': 'model.backbone', 'BackboneSpec': 'model.backbone', 'Adaptation': 'model.base',
-            'EpisodeContext': 'model.base', 'EpisodeRecord': 'model.base', 'FewShotSegmenter': 'model.base',
-            'Hooks': 'model.base', 'Output': 'model.base', 'Recipe': 'model.base', 'SupportSet': 'model.base',
+_EXPORTS = {'Backbone': 'model.backbone', 'BackboneSpec': 'model.backbone', 'Adaptation': 'model.records',
+            'EpisodeContext': 'model.records', 'EpisodeRecord': 'model.records', 'FewShotSegmenter': 'model.base',
+            'Hooks': 'model.base', 'Output': 'model.records', 'Recipe': 'model.records', 'SupportSet': 'model.records',
             'option': 'model.base'}
 
 

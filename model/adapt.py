@@ -14,9 +14,14 @@ IFA's adaptation) declares what it optimises (`adaptation_parameters`) and the o
     is restored bit for bit (in a `finally`, so also after an error). Tensors the method put into `record.state`
     die with the record.
 """
+from typing import TYPE_CHECKING
+
 import torch
 
-from model.base import EpisodeRecord, FewShotSegmenter, Output
+from model.records import EpisodeRecord, Output
+
+if TYPE_CHECKING:                                   # the interface imports this module, not the other way
+    from model.base import FewShotSegmenter
 
 
 class Snapshot:
@@ -42,7 +47,7 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone()
 
 
-def adapt_and_match(model: FewShotSegmenter, record: EpisodeRecord) -> Output:
+def adapt_and_match(model: 'FewShotSegmenter', record: EpisodeRecord) -> Output:
     r"""Test-time adaptation of every episode of `record`, each from the same starting weights; returns the
     concatenated outputs (logits along the batch dimension; aux entries are dropped)."""
     logits = []
@@ -53,7 +58,7 @@ def adapt_and_match(model: FewShotSegmenter, record: EpisodeRecord) -> Output:
     return Output(torch.cat(logits))
 
 
-def _adapt_one(model: FewShotSegmenter, record: EpisodeRecord) -> Output:
+def _adapt_one(model: 'FewShotSegmenter', record: EpisodeRecord) -> Output:
     with torch.enable_grad():
         params = model.adaptation_parameters(record)
     snapshot = Snapshot(model, params)

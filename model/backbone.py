@@ -11,17 +11,12 @@ from torchvision import models
 
 from common.checkpoint import strip_prefixes
 from common.errors import UserError
+from model import BACKBONE_SPECS, BACKBONES  # noqa: F401  (BACKBONES re-exported)
 
-# name -> (torchvision constructor, weights enum (None: no torchvision download), bottlenecks per layer1..4 for
-# ResNets). '-deep': PSPNet's deep stem (IFA's ResNet), weights from a file only.
-_SPECS = {
-    'resnet50': (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, [3, 4, 6, 3]),
-    'resnet101': (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1, [3, 4, 23, 3]),
-    'vgg16': (models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, None),
-    'resnet50-deep': (models.resnet50, None, [3, 4, 6, 3]),
-    'resnet101-deep': (models.resnet101, None, [3, 4, 23, 3]),
-}
-BACKBONES = tuple(_SPECS)      # model/__init__.py repeats the names (no torch import there); a test checks it
+# name -> (torchvision constructor, ImageNet weights (None: no torchvision download), bottlenecks per layer1..4 for
+# ResNets), from the torch-free declaration in model/__init__.py.
+_SPECS = {name: (getattr(models, ctor), getattr(models, enum).IMAGENET1K_V1 if enum else None,
+                 list(blocks) if blocks else None) for name, (ctor, enum, blocks) in BACKBONE_SPECS.items()}
 
 # VGG-16 taps as in HSNet: conv4_1..4_3 and conv5_1..5_3 before their ReLU, and pool5.
 _VGG_TAPS = {17: 2, 19: 2, 21: 2, 24: 3, 26: 3, 28: 3, 30: 4}

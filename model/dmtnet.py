@@ -6,6 +6,7 @@ are cited as `D:line`.
 """
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,15 @@ from model.base import Adaptation, EpisodeContext, EpisodeRecord, Output, option
 from model.layers import (cholesky_psd, dense_transform_matrix, masked_average_pooling, multilayer_correlation,
                           normalize_rows, rank2_coefficients)
 from model.patnet import PROTOTYPE_EPS, PATNet
+
+
+class Prototypes(NamedTuple):
+    r"""The four prototype sets of the double transformation, one list entry per tap: the supports' foreground and
+    background (fg, bg) and the query's pseudo foreground and background (fg_q, bg_q)."""
+    fg: list
+    bg: list
+    fg_q: list
+    bg_q: list
 
 TRANSFORMS = ('rank4', 'pinv')
 GRID_SCALE = 10.0          # self-matching logits are 10 · cosine (D:333)
@@ -139,8 +149,9 @@ class DMTNet(PATNet):
         """
         masks = self._support_masks(support_feats, ctx)
         fg_q, bg_q, grid = self.query_prototypes(query_feats, support_feats, masks, ctx.nshot)
-        query_maps, support_maps = self.transform_maps_doubly(query_feats, support_feats, masks, fg, bg, fg_q, bg_q,
-                                                              ctx.nshot, background)
+        protos = Prototypes(fg, bg, fg_q, bg_q)
+        query_maps, support_maps = self.transform_maps_doubly(query_feats, support_feats, masks, protos, ctx.nshot,
+                                                              background)
         branches = 2 if background else 1
         # The branches' support maps are interleaved [(n, fg), (n, bg), ...], so the query maps serve both unrepeated
         # and one learner pass computes both (the learner treats every item separately).
@@ -199,19 +210,19 @@ class DMTNet(PATNet):
             rows.append((pair[0], pair[1]))
         return rows
 
-    def transform_maps_doubly(self, query_feats, support_feats, masks, fg, bg, fg_q, bg_q, nshot: int,
+    def transform_maps_doubly(self, query_feats, support_feats, masks, protos: 'Prototypes', nshot: int,
                               background: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         r"""Step 4: the transformed query maps [Nq*K,...] and masked support maps [Nq*K*branches,...] (fg and bg
         interleaved). 'rank4' returns 4-channel maps with the reference's correlations, 'pinv' the reference's
         C-channel maps."""
         anchors = self.anchor_rows(support_feats[0].shape[0])
         if self.options.transform == 'rank4':
-            return self._rank4_maps(query_feats, support_feats, masks, fg, bg, fg_q, bg_q, nshot, background, anchors)
-        return self._dense_maps_doubly(query_feats, support_feats, masks, fg, bg, fg_q, bg_q, nshot, background,
-                                       anchors)
+            return self._rank4_maps(query_feats, support_feats, masks, protos, nshot, background, anchors)
+        return self._dense_maps_doubly(query_feats, support_feats, masks, protos, nshot, background, anchors)
 
-    def _rank4_maps(self, query_feats, support_feats, masks, fg, bg, fg_q, bg_q, nshot, background, anchors):
+    def _rank4_maps(self, query_feats, support_feats, masks, protos: 'Prototypes', nshot, background, anchors):
         r"""4-channel maps z = Lᵀu (query) and Lᵀv (supports) whose cosine correlations equal the reference's."""
+        fg, bg, fg_q, bg_q = protos
         nq, k = query_feats[0].shape[0], nshot
         query_maps, support_maps = [None] * len(query_feats), [None] * len(query_feats)
         for si, taps in enumerate(self.stage_taps):
@@ -236,9 +247,11 @@ class DMTNet(PATNet):
                 support_maps[i] = _branch_maps(z, masks[(hs, ws)], background)
         return query_maps, support_maps
 
-    def _dense_maps_doubly(self, query_feats, support_feats, masks, fg, bg, fg_q, bg_q, nshot, background, anchors):
+    def _dense_maps_doubly(self, query_feats, support_feats, masks, protos: 'Prototypes', nshot, background,
+                           anchors):
         r"""The reference (D:179-228): P = pinv(Ĉ) R̂, P_q = pinv(Ĉ_q) R̂_q (C x C), maps mixed by Pᵀ and
         (β P_q + (1-β) P)ᵀ."""
+        fg, bg, fg_q, bg_q = protos
         nq, k = query_feats[0].shape[0], nshot
         query_maps, support_maps = [None] * len(query_feats), [None] * len(query_feats)
         for si, taps in enumerate(self.stage_taps):

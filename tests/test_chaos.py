@@ -209,6 +209,7 @@ class AllForeground(FewShotSegmenter):
     often the protocol went through the test-time entry point `infer` (where methods with test-time adaptation,
     e.g. PATNet --finetune-steps, adapt), which it must use as the 2D episodes do."""
     kshot = 'vote'
+    plugin_point = 'features'
     match_shots = 'all'          # one `match` per episode with all K supports (the per-shot split is tested apart)
 
     def __init__(self):

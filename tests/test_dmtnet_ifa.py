@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from common.constants import IGNORE_INDEX
 from model import build_method
 from model.base import EpisodeContext, EpisodeRecord, Output, SupportSet
-from model.dmtnet import DMTNet, grid_cells, grid_loss, inverted_mask
+from model.dmtnet import DMTNet, Prototypes, grid_cells, grid_loss, inverted_mask
 from model.ifa import IFA, hsv_to_rgb, pseudo_query_augmentation, rgb_to_hsv, shift_hsv, similarity, ssp
 from model.layers import cholesky_psd
 
@@ -195,7 +195,7 @@ def test_query_side_transform_against_float64_pinv_formula(dmtnet, case):
     for transform in ('rank4', 'pinv'):
         model.options.transform = transform
         torch.manual_seed(5)                                           # the same dropout draw for both
-        maps[transform] = model.transform_maps_doubly(query, support, masks, fg, bg, fg_q, bg_q, k)
+        maps[transform] = model.transform_maps_doubly(query, support, masks, Prototypes(fg, bg, fg_q, bg_q), k)
     torch.manual_seed(5)
     anchors = model.anchor_rows(b * k)
     for i in (0, 5, 12):                                               # one tap of each stage (the C x C maps are slow)
@@ -225,7 +225,7 @@ def test_query_side_transform_against_float64_pinv_formula(dmtnet, case):
     if case == 'random':                                               # the test can fail: the query anchors act
         model.options.transform = 'rank4'
         model.query_anchors[0].data.mul_(-1).add_(0.1)
-        other = model.transform_maps_doubly(query, support, masks, fg, bg, fg_q, bg_q, k)
+        other = model.transform_maps_doubly(query, support, masks, Prototypes(fg, bg, fg_q, bg_q), k)
         assert not torch.allclose(cosines(other[0][0], other[1][0][0::2]),
                                   cosines(maps['rank4'][0][0], maps['rank4'][1][0][0::2]))
 
