@@ -16,10 +16,11 @@ from common.errors import FlagError, UserError, launcher_rank
 
 
 def bounded(parser, flag: str, type: type, default, low: float | None = None, high: float | None = None,
-            low_open: bool = False, help: str = '', **kwargs) -> argparse.Action:
-    r"""Add a numeric flag with an allowed range [low, high] (`low_open`: low excluded). None default = unset."""
+            low_open: bool = False, help: str = '') -> argparse.Action:
+    r"""Add a numeric flag with an allowed range [low, high] (`low_open`: low excluded). None default = unset.
+    Returns the argparse action (e.g. to set its `metavar`)."""
     rng = _range_text(type, low, high, low_open)
-    action = parser.add_argument(flag, type=type, default=default, help=f'{help} ({rng})'.strip(), **kwargs)
+    action = parser.add_argument(flag, type=type, default=default, help=f'{help} ({rng})'.strip())
     action.bounds = (low, high, low_open)
     return action
 

@@ -5,6 +5,7 @@ so command lines can list and check benchmarks without them.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import TYPE_CHECKING
 
@@ -47,45 +48,43 @@ def dataset_class(name: str) -> type[EpisodicDataset]:
 
 
 def add_dataset_args(parser) -> None:
-    r"""Benchmark-specific flags. They default to None ("the benchmark's default"); a flag given for a benchmark
-    that does not declare it in `options` is an error rather than silently ignored."""
-    parser.add_argument('--fold', type=str, default=None,
-                        help='pascal/coco: 0-3 (5-class / 20-class folds) or "all" (every class; default)')
-    parser.add_argument('--split-file', type=str, default=None,
-                        help='pascal/coco: folder with HSNet split files ({trn,val}/fold{0..3}.txt or .pkl) to use '
-                             'instead of the lists derived from the masks; fss: folder with HSNet\'s '
-                             '{trn,val,test}.txt class lists (default: a derived 520/240/240 class split)')
-    parser.add_argument('--isic-classes', type=str, default=None,
-                        help='isic: class CSV "ID,Class" (default ISIC2018/class_id.csv), or the diagnoses of the '
-                             'class folders 1,2,3 in order, e.g. "nevus,melanoma,seborrheic keratosis"')
-    parser.add_argument('--lung-subset', type=str, default=None,
-                        help='lung: shenzhen (566 pairs; what the released PATNet/CD-TG loaders can read), montgomery '
-                             '(138) or all (704; default)')
-    parser.add_argument('--wbc-subset', type=str, default=None, help='wbc: 1, 2 or all (default: all, pooled)')
-    parser.add_argument('--wbc-protocol', type=str, default=None,
-                        help='wbc: ours (default: cytoplasm = the 128 ring, nucleus = 255, 600 class-balanced '
-                             'episodes at --img-size) or cdtg (the CD-TG release: cytoplasm = mask >= 128, i.e. the '
-                             'whole cell, nucleus = 255, 321x321, every image once as the query)')
-    parser.add_argument('--chaos-cache', type=str, default=None,
-                        help='chaos: prepared cache folder (default <datapath>/CHAOS/prepared_T2SPIR, written by '
-                             'scripts/prepare_chaos.py)')
-    parser.add_argument('--skip-bad', action='store_true', default=None,
-                        help='isic/lung/wbc/chaos/fss/deepglobe: leave out items whose files are missing, truncated '
-                             'or unreadable (with a warning that counts them) instead of stopping')
+    r"""The benchmark-specific flags, generated from what the benchmarks declare (`options`, `switches`; read from
+    their source, no import). They default to None ("the benchmark's default"); a flag given for a benchmark that does
+    not declare it is an error rather than silently ignored."""
+    for name, (kind, helps) in _declared_options().items():
+        by_help: dict[str, list[str]] = {}                  # benchmarks that say the same, together
+        for bench, help in helps.items():
+            by_help.setdefault(help, []).append(bench)
+        text = '; '.join(f'{"/".join(benches)}: {help}' for help, benches in by_help.items())
+        flag = '--' + name.replace('_', '-')
+        if kind == 'switch':
+            parser.add_argument(flag, action='store_true', default=None, help=text)
+        else:
+            parser.add_argument(flag, type=str, default=None, help=text)
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_options() -> dict[str, tuple[str, dict[str, str]]]:
+    r"""Option name -> ('value' or 'switch', {benchmark: help}), options before switches, in registry order."""
+    found: dict[str, tuple[str, dict[str, str]]] = {}
+    for kind, attr in (('value', 'options'), ('switch', 'switches')):
+        for bench in DATASETS:
+            for name, help in DATASETS.declared(bench, attr, {}).items():
+                found.setdefault(name, (kind, {}))[1][bench] = help
+    return found
 
 
 def dataset_options(args) -> dict:
-    # getattr: configurations saved before a flag existed (resumed runs) simply lack it
-    return {'fold': args.fold, 'split_file': args.split_file,
-            **{k: getattr(args, k, None) for k in ('isic_classes', 'lung_subset', 'wbc_subset', 'wbc_protocol',
-                                                   'chaos_cache', 'skip_bad')}}
+    r"""The benchmark options among parsed flags or a saved configuration (None where not given); configurations
+    saved before an option existed simply lack it."""
+    return {name: getattr(args, name, None) for name in _declared_options()}
 
 
 def build_dataset(name: str, datapath: str, split: str, nshot: int, img_size: int, **options) -> EpisodicDataset:
     r"""Instantiate a benchmark; `options` holds benchmark-specific values (None = the benchmark's default)."""
     cls = dataset_class(name)
     given = {k: v for k, v in options.items() if v is not None}
-    foreign = sorted(set(given) - set(cls.options))
+    foreign = sorted(set(given) - set(cls.options) - set(cls.switches))
     if foreign:
         flags = ', '.join('--' + k.replace('_', '-') for k in foreign)
         raise UserError(f'{flags} does not apply to benchmark {name!r}')

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from common.constants import IGNORE_INDEX
-from common.names import AUGMENTATION_NAMES
+from common.names import AUGMENTATIONS as AUGMENTATION_CLASSES
 
 
 
@@ -213,8 +213,7 @@ def gaussian_blur(field: np.ndarray, taps: int, sigma: float) -> np.ndarray:
 
 
 #: --augmentation name -> transform (None: the images are only resized).
-AUGMENTATIONS = {'none': None, 'flip-resized-crop': FlipResizedCrop(), 'gamma-affine-elastic': GammaAffineElastic()}
-assert tuple(AUGMENTATIONS) == AUGMENTATION_NAMES
+AUGMENTATIONS = {name: globals()[cls]() if cls else None for name, cls in AUGMENTATION_CLASSES.items()}
 
 
 #: The second seed word of an episode's plan generator (its images use 0, 1, ..., K).

@@ -354,7 +354,8 @@ class Chaos(CheckedDataset):
     name = 'chaos'
     domain = 'target'
     splits = ('test',)
-    options = ('chaos_cache', 'skip_bad')
+    options = {'chaos_cache': 'prepared cache folder (default <datapath>/CHAOS/prepared_T2SPIR, written by '
+                              'scripts/prepare_chaos.py)'}
     protocols = ('2d', 'volumetric')
     layout = (f'{RAW_LAYOUT}\n  CHAOS/{CACHE_NAME}/manifest.json, image_<pid>.npy, label_<pid>.npy   (written by '
               '`python scripts/prepare_chaos.py --datapath DIR`)')

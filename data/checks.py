@@ -429,6 +429,8 @@ class CheckedDataset(EpisodicDataset):
     """
 
     default_split = 'test'
+    switches = {'skip_bad': 'leave out items whose files are missing, truncated or unreadable (with a warning that '
+                            'counts them) instead of stopping'}
 
     def __init__(self, datapath, split: str | None = None, nshot: int = 1, img_size: int = 400,
                  skip_bad: bool | None = None, **options):

@@ -10,9 +10,8 @@ from pathlib import Path
 
 
 from common.errors import UserError
-from data.episodic import (EpisodicDataset, cache_file, open_image, read_json, require_dirs,
-                           write_json_atomic)
-from data.pascal import MIN_PIXELS, class_mask, parse_fold, scan_masks
+from data.episodic import cache_file, open_image, read_json, write_json_atomic
+from data.pascal import MIN_PIXELS, FoldedDataset, class_mask, scan_masks
 
 CLASSES = ['person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light',
            'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
@@ -34,22 +33,14 @@ class PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f'it refers to {module}.{name}; only plain lists and dicts are accepted')
 
 
-class COCO(EpisodicDataset):
+class COCO(FoldedDataset):
     r"""COCO-20i (optional source domain)."""
     name = 'coco'
-    domain = 'source'
-    splits = ('trn', 'val')
-    options = ('fold', 'split_file')
-    nfolds = 4
+    classes = CLASSES
     layout = ('  COCO2014/train2014/COCO_train2014_000000000009.jpg ...\n'
               '  COCO2014/val2014/COCO_val2014_000000000042.jpg ...\n'
               '  COCO2014/annotations/train2014/COCO_train2014_000000000009.png ...   (HSNet masks: class index + 1)\n'
               '  COCO2014/annotations/val2014/COCO_val2014_000000000042.png ...')
-
-    def __init__(self, datapath, split='trn', nshot=1, img_size=400, fold=None, split_file=None):
-        self.fold = parse_fold(fold, self.nfolds)
-        self.split_file = Path(split_file) if split_file else None
-        super().__init__(datapath, split=split, nshot=nshot, img_size=img_size)
 
     @property
     def root(self) -> Path:
@@ -59,20 +50,11 @@ class COCO(EpisodicDataset):
     def subset(self) -> str:
         return 'train2014' if self.split == 'trn' else 'val2014'
 
-    def fold_classes(self) -> list[int]:
-        if self.fold == 'all':
-            return list(range(len(CLASSES)))
-        held_out = [self.fold + self.nfolds * v for v in range(len(CLASSES) // self.nfolds)]
-        return held_out if self.split == 'val' else [c for c in range(len(CLASSES)) if c not in held_out]
+    def held_out(self, fold: int) -> list[int]:
+        return [fold + self.nfolds * v for v in range(len(CLASSES) // self.nfolds)]
 
-    def build_index(self):
-        require_dirs(self, self.root / self.subset, self.root / 'annotations' / self.subset)
-        keep = set(self.fold_classes())
-        items: list[list[str]] = [[] for _ in CLASSES]
-        for name, c in (self._split_file_pairs() if self.split_file else self._derived_pairs()):
-            if c in keep:
-                items[c].append(name)
-        return list(CLASSES), items
+    def required_dirs(self) -> list[Path]:
+        return [self.root / self.subset, self.root / 'annotations' / self.subset]
 
     def _split_file_pairs(self) -> list[tuple[str, int]]:
         folds = range(self.nfolds) if self.fold == 'all' else [self.fold]

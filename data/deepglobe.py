@@ -21,7 +21,6 @@ class Deepglobe(CheckedDataset):
     name = 'deepglobe'
     domain = 'target'
     splits = ('test',)
-    options = ('skip_bad',)
     layout = ('  Deepglobe/\n'
               '    1/test/origin/<tile>.jpg ...  1/test/groundtruth/<tile>.png ...   (binary masks)\n'
               '    ... 2/ to 6/ alike   (1 agriculture, 2 urban, 3 rangeland, 4 forest, 5 water, 6 barren)')

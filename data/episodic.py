@@ -50,7 +50,12 @@ class EpisodicDataset(Dataset):
     name = ''
     domain = 'source'
     splits: tuple[str, ...] = ('test',)
-    options: tuple[str, ...] = ()
+    #: The benchmark's own options, name -> help: each is a command-line flag (--name, a string; None = the
+    #: benchmark's default) of train.py/test.py, passed to the constructor when given (data/__init__.py). Literal
+    #: dicts, so that the flags exist without importing the dataset.
+    options: dict[str, str] = {}
+    #: On/off options, name -> help (flags without a value).
+    switches: dict[str, str] = {}
     layout = ''
     #: Evaluation episodes when test.py's --episodes is not given.
     default_episodes = 600

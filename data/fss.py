@@ -46,7 +46,8 @@ class FSS1000(CheckedDataset):
     name = 'fss'
     domain = 'source'
     splits = ('trn', 'val', 'test')
-    options = ('split_file', 'skip_bad')
+    options = {'split_file': "folder with HSNet's {trn,val,test}.txt class lists (default: a derived 520/240/240 "
+                             'class split)'}
     layout = ('  FSS-1000/   (or fewshot_data/ as the original archive unpacks)\n'
               '    abacus/1.jpg + 1.png ... 10.jpg + 10.png   (masks 0/255)\n'
               '    ... one folder per class (1,000)')

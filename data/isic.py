@@ -78,7 +78,8 @@ class ISIC(CheckedDataset):
     name = 'isic'
     domain = 'target'
     splits = ('test',)
-    options = ('isic_classes', 'skip_bad')
+    options = {'isic_classes': 'class CSV "ID,Class" (default ISIC2018/class_id.csv), or the diagnoses of the class '
+                               'folders 1,2,3 in order, e.g. "nevus,melanoma,seborrheic keratosis"'}
     layout = (f'  ISIC2018/   (or ISIC/, or --datapath pointing at this folder itself)\n'
               f'    {IMG_DIR}/ISIC_0000000.jpg ...        (PATNet-style class folders 1/ 2/ 3/ also accepted)\n'
               f'    {GT_DIR}/ISIC_0000000_segmentation.png ...   (0/255)\n'

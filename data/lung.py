@@ -34,7 +34,8 @@ class Lung(CheckedDataset):
     name = 'lung'
     domain = 'target'
     splits = ('test',)
-    options = ('lung_subset', 'skip_bad')
+    options = {'lung_subset': 'shenzhen (566 pairs; what the released PATNet/CD-TG loaders can read), montgomery '
+                              '(138) or all (704; default)'}
     layout = ('  LungSegmentation/   (or "Lung Segmentation/" as Kaggle ships it, or --datapath pointing at it)\n'
               '    CXR_png/CHNCXR_0001_0.png ... MCUCXR_0001_0.png ...   (800 radiographs)\n'
               '    masks/CHNCXR_0001_0_mask.png ... MCUCXR_0001_0.png ...  (704 masks, 0/255)')

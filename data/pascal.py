@@ -71,42 +71,67 @@ def class_mask(path: Path, class_id: int, nclass: int) -> np.ndarray:
     return mask
 
 
-class PASCAL(EpisodicDataset):
-    r"""PASCAL-5i. Fold f tests classes 5f..5f+4 and trains on the others; fold 'all' uses all 20 for both."""
-    name = 'pascal'
+class FoldedDataset(EpisodicDataset):
+    r"""A source benchmark split into `nfolds` class folds (PASCAL-5i, COCO-20i): fold f holds out
+    `held_out(f)` for validation and trains on the other classes; fold 'all' uses every class for both. Its
+    (image, class) pairs come from HSNet's split files (`--split-file`, `_split_file_pairs`) or are derived from the
+    masks (`_derived_pairs`); subclasses name the folders that must exist (`required_dirs`)."""
     domain = 'source'
     splits = ('trn', 'val')
-    options = ('fold', 'split_file')
+    options = {'fold': '0-3 (the four class folds: 5 classes each in PASCAL, 20 in COCO) or "all" (every class; '
+                       'default)',
+               'split_file': "folder with HSNet's split files ({trn,val}/fold{0..3}.txt or .pkl) to use instead of "
+                             'the lists derived from the masks'}
+    classes: list[str] = []
     nfolds = 4
-    layout = ('  VOC2012/JPEGImages/2007_000032.jpg ...\n'
-              '  VOC2012/SegmentationClassAug/2007_000032.png ...   (SBD-augmented masks, 255 = ignore)\n'
-              '  VOC2012/ImageSets/Segmentation/val.txt            (from the VOC2012 tar; or pass --split-file)')
 
     def __init__(self, datapath, split='trn', nshot=1, img_size=400, fold=None, split_file=None):
         self.fold = parse_fold(fold, self.nfolds)
         self.split_file = Path(split_file) if split_file else None
         super().__init__(datapath, split=split, nshot=nshot, img_size=img_size)
 
+    def held_out(self, fold: int) -> list[int]:
+        raise NotImplementedError
+
+    def required_dirs(self) -> list[Path]:
+        raise NotImplementedError
+
+    def fold_classes(self) -> list[int]:
+        n = len(self.classes)
+        if self.fold == 'all':
+            return list(range(n))
+        held_out = self.held_out(self.fold)
+        return held_out if self.split == 'val' else [c for c in range(n) if c not in held_out]
+
+    def build_index(self):
+        require_dirs(self, *self.required_dirs())
+        pairs = self._split_file_pairs() if self.split_file else self._derived_pairs()
+        keep = set(self.fold_classes())
+        items: list[list[str]] = [[] for _ in self.classes]
+        for name, c in pairs:
+            if c in keep:
+                items[c].append(name)
+        return list(self.classes), items
+
+
+class PASCAL(FoldedDataset):
+    r"""PASCAL-5i. Fold f tests classes 5f..5f+4 and trains on the others; fold 'all' uses all 20 for both."""
+    name = 'pascal'
+    classes = CLASSES
+    layout = ('  VOC2012/JPEGImages/2007_000032.jpg ...\n'
+              '  VOC2012/SegmentationClassAug/2007_000032.png ...   (SBD-augmented masks, 255 = ignore)\n'
+              '  VOC2012/ImageSets/Segmentation/val.txt            (from the VOC2012 tar; or pass --split-file)')
+
     @property
     def root(self) -> Path:
         return self.datapath / 'VOC2012'
 
-    def fold_classes(self) -> list[int]:
+    def held_out(self, fold: int) -> list[int]:
         n = len(CLASSES)
-        if self.fold == 'all':
-            return list(range(n))
-        held_out = list(range(self.fold * n // self.nfolds, (self.fold + 1) * n // self.nfolds))
-        return held_out if self.split == 'val' else [c for c in range(n) if c not in held_out]
+        return list(range(fold * n // self.nfolds, (fold + 1) * n // self.nfolds))
 
-    def build_index(self):
-        require_dirs(self, self.root / 'JPEGImages', self.root / 'SegmentationClassAug')
-        pairs = self._split_file_pairs() if self.split_file else self._derived_pairs()
-        keep = set(self.fold_classes())
-        items: list[list[str]] = [[] for _ in CLASSES]
-        for name, c in pairs:
-            if c in keep:
-                items[c].append(name)
-        return list(CLASSES), items
+    def required_dirs(self) -> list[Path]:
+        return [self.root / 'JPEGImages', self.root / 'SegmentationClassAug']
 
     def _split_file_pairs(self) -> list[tuple[str, int]]:
         folds = range(self.nfolds) if self.fold == 'all' or self.split == 'trn' else [self.fold]

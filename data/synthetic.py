@@ -345,3 +345,26 @@ class SyntheticMed(_Procedural):
     splits = ('test',)
     class_names_ = MEDICAL_CLASSES
     layout = '  synthetic-med/  (generated automatically on first use)'
+
+
+def elliptic_episode(size: int, shots: int, batch: int = 1, seed: int = 0, radius_span: float = 0.2,
+                     query_mask: bool = True) -> dict:
+    r"""A random episode batch for benchmarks, precision checks and golden files: Gaussian-noise images and elliptic
+    masks (centres in [0.3, 0.7], radii in [0.15, 0.15 + `radius_span`] of the side), drawn from `seed` alone. Keys
+    as a loader batch (query_img, support_imgs, support_masks, class_id 0, and query_mask unless `query_mask` is
+    False, which also draws no query ellipse)."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, 3, size, size, generator=gen)
+    support = torch.randn(batch, shots, 3, size, size, generator=gen)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing='ij')
+    n = shots + int(query_mask)
+    centre = 0.3 + 0.4 * torch.rand(batch, n, 2, generator=gen)
+    radius = 0.15 + radius_span * torch.rand(batch, n, 2, generator=gen)
+    masks = (((yy - centre[..., 0, None, None]) / radius[..., 0, None, None]) ** 2
+             + ((xx - centre[..., 1, None, None]) / radius[..., 1, None, None]) ** 2 <= 1).float()
+    out = {'query_img': query, 'support_imgs': support, 'support_masks': masks[:, int(query_mask):]}
+    if query_mask:
+        out['query_mask'] = masks[:, 0].long()
+    out['class_id'] = torch.zeros(batch, dtype=torch.long)
+    return out

@@ -63,7 +63,10 @@ class WBC(CheckedDataset):
     name = 'wbc'
     domain = 'target'
     splits = ('test',)
-    options = ('wbc_subset', 'wbc_protocol', 'skip_bad')
+    options = {'wbc_subset': '1, 2 or all (default: all, pooled)',
+               'wbc_protocol': 'ours (default: cytoplasm = the 128 ring, nucleus = 255, 600 class-balanced episodes '
+                               'at --img-size) or cdtg (the CD-TG release: cytoplasm = mask >= 128, i.e. the whole '
+                               'cell, nucleus = 255, 321x321, every image once as the query)'}
     layout = ('  WBC/   (or segmentation_WBC/ as cloned, or --datapath pointing at it)\n'
               '    Dataset 1/001.bmp + 001.png ... 300.bmp + 300.png   (masks: 0 background, 128 cytoplasm, 255 '
               'nucleus)\n'

@@ -44,6 +44,7 @@ from common.config import bounded, parse_with_config  # noqa: E402
 from common.constants import MIN_IMG_SIZE  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
 from common.utils import resolve_device  # noqa: E402
+from data.synthetic import elliptic_episode  # noqa: E402
 from engine.factory import build_model  # noqa: E402
 from engine.loops import PRECISIONS, autocast  # noqa: E402
 from model import METHODS, Output  # noqa: E402
@@ -120,18 +121,8 @@ def _high_water_mark() -> int:
 
 
 def episode(size: int, shots: int, batch: int, seed: int, device: torch.device):
-    r"""Random images and elliptic masks (one fixed episode per configuration)."""
-    gen = torch.Generator().manual_seed(seed)
-    query = torch.randn(batch, 3, size, size, generator=gen)
-    support = torch.randn(batch, shots, 3, size, size, generator=gen)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing='ij')
-    centre = 0.3 + 0.4 * torch.rand(batch, shots + 1, 2, generator=gen)
-    radius = 0.15 + 0.2 * torch.rand(batch, shots + 1, 2, generator=gen)
-    masks = (((yy - centre[..., 0, None, None]) / radius[..., 0, None, None]) ** 2
-             + ((xx - centre[..., 1, None, None]) / radius[..., 1, None, None]) ** 2 <= 1).float()
-    return {'query_img': query.to(device), 'support_imgs': support.to(device),
-            'support_masks': masks[:, 1:].to(device), 'query_mask': masks[:, 0].long().to(device),
-            'class_id': torch.zeros(batch, dtype=torch.long, device=device)}
+    r"""Random images and elliptic masks (one fixed episode per configuration), on `device`."""
+    return {k: v.to(device) for k, v in elliptic_episode(size, shots, batch, seed).items()}
 
 
 def sync(device):

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         raise UserError(f'check_data.py checks {", ".join(checkable())}; {args.benchmark!r} is not one of them')
     cls = DATASETS[args.benchmark]
     options = {k: getattr(args, k) for k in OPTION_FLAGS if getattr(args, k) is not None}
-    foreign = sorted(set(options) - set(cls.options))
+    foreign = sorted(set(options) - set(cls.options) - set(cls.switches))
     if foreign:
         raise UserError(f'{", ".join("--" + k.replace("_", "-") for k in foreign)} does not apply to benchmark '
                         f'{args.benchmark!r}')

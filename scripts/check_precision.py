@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common.errors import run_cli  # noqa: E402
+from data.synthetic import elliptic_episode  # noqa: E402
 from model import BACKBONES, build_method  # noqa: E402
 from model.layers import learner as learner_module  # noqa: E402
 from model.layers import mask_features, multilayer_correlation  # noqa: E402
@@ -46,15 +47,8 @@ VARIANTS = {'before': native_channels_last, 'after': learner_module.GroupNormLas
 
 def episode(img_size: int, shots: int, seed: int):
     r"""Random images and elliptic support masks (one fixed 1-query episode)."""
-    gen = torch.Generator().manual_seed(seed)
-    query = torch.randn(1, 3, img_size, img_size, generator=gen)
-    support = torch.randn(1, shots, 3, img_size, img_size, generator=gen)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, img_size), torch.linspace(0, 1, img_size), indexing='ij')
-    centre = 0.3 + 0.4 * torch.rand(1, shots, 2, generator=gen)
-    radius = 0.15 + 0.2 * torch.rand(1, shots, 2, generator=gen)
-    masks = (((yy - centre[..., 0, None, None]) / radius[..., 0, None, None]) ** 2
-             + ((xx - centre[..., 1, None, None]) / radius[..., 1, None, None]) ** 2 <= 1).float()
-    return query, support, masks, torch.zeros(1, dtype=torch.long)
+    ep = elliptic_episode(img_size, shots, seed=seed, query_mask=False)
+    return ep['query_img'], ep['support_imgs'], ep['support_masks'], ep['class_id']
 
 
 def use_variant(name: str) -> None:

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -94,10 +95,18 @@ def target_protocols(spec: str) -> tuple[str, list[str]]:
 PROTOCOL_LABELS = {'2d': '2D episodes', 'volumetric': 'volumetric (Q-Net), 3D Dice'}
 
 
-def run_cell(args, run: Path, name: str, method: str, cdtg: str, target: str, protocol: str, shots: int,
-             alpha: float | None) -> dict | None:
+class Cell(NamedTuple):
+    r"""One test of a trained run: target benchmark, protocol, shots, and the test-time alpha (None: its own)."""
+    target: str
+    protocol: str
+    shots: int
+    alpha: float | None
+
+
+def run_cell(args, run: Path, name: str, method: str, cdtg: str, cell: Cell) -> dict | None:
     r"""One test.py run (or its results from an earlier identical run) -> one table row; a dry run prints the
     command if the cell still needs it and returns None."""
+    target, protocol, shots, alpha = cell
     tag = (f'test-{target}' + ('-volumetric' if protocol == 'volumetric' else '') + f'-{shots}shot'
            + (f'-alpha{alpha:g}' if alpha is not None else ''))
     cmd = ['--load', str(run / 'best.pt'), '--benchmark', target, '--datapath', args.datapath, '--nshot', str(shots),
@@ -177,7 +186,7 @@ def main(argv=None) -> list[dict]:
                 for protocol in protocols:
                     for shots in args.shots:
                         for alpha in alphas:
-                            row = run_cell(args, run, name, method, cdtg, target, protocol, shots, alpha)
+                            row = run_cell(args, run, name, method, cdtg, Cell(target, protocol, shots, alpha))
                             if row is not None:
                                 rows.append(row)
     if args.dry_run:

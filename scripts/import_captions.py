@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.errors import UserError, run_cli  # noqa: E402
-from text.descriptions import class_record, load_descriptions, normalize_name, write_description_file  # noqa: E402
+from text.descriptions import (FileSource, class_record, load_descriptions, normalize_name,  # noqa: E402
+                               write_description_file)
 
 REFERENCE_FILES = {'isic.json': 'isic', 'lung.json': 'lung', 'wbc.json': 'wbc', 'chaost2.json': 'chaos',
                    'pascal.json': 'pascal', 'coco.json': 'coco'}
@@ -97,8 +98,8 @@ def import_file(path: Path, benchmark: str, background: str, background_sha: str
     header = (f"Reference captions of the CD-TG release for '{benchmark}', converted by scripts/import_captions.py.\n"
               'Use with --descriptions (and --cdtg-attn paper: captions only). Not redistributed with this project.')
     target = out / f'{benchmark}.yaml'
-    write_description_file(target, benchmark, shipped.modality, provenance, {'caption': background}, records,
-                           header=header, captions_only=True)
+    write_description_file(target, FileSource(benchmark, shipped.modality, provenance), {'caption': background},
+                           records, header=header, captions_only=True)
     return target, notes
 
 

@@ -170,7 +170,9 @@ def read_cell(results_path: Path) -> Cell | None:
     config = (plugin or {}).get('config', {})
     used = config.get('alpha') if plugin else None
     override = plugin is not None and test_config.get('alpha') is not None
-    trained = run_config.get('alpha', used if not override else None) if plugin else None
+    # config.yaml holds the plug-in's settings as their own section (runs before that: flat keys)
+    section = run_config.get('cdtg') if isinstance(run_config.get('cdtg'), dict) else run_config
+    trained = section.get('alpha', used if not override else None) if plugin else None
     if plugin and config.get('fusion') == 'learned':
         trained, used = None, None                 # a learned gate has no single α
     variant, settings = _variant(plugin, trained)
@@ -320,18 +322,25 @@ def table_markdown(t: Table) -> str:
     head += [f'Δ {k}-shot' if multi else 'Δ' for k in t.shots]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' + '---:|' * (len(head) - 1)]
     for row in t.rows:
-        out = [_row_name(row)]
-        for col in t.columns:
-            s = t.cells.get((row, col))
-            out.append('–' if s is None else _bold(s.text(), round(s.mean, 1) == best.get(col), 'md'))
-        for k in t.shots:
-            m = t.means.get((row, k))
-            out.append('–' if m is None else _bold(f'{m:.1f}', round(m, 1) == best.get(('mean', k)), 'md'))
-        for k in t.shots:
-            d = t.deltas.get((row, k))
-            out.append('' if d is None else f'{d:+.1f}')
-        lines.append('| ' + ' | '.join(out) + ' |')
+        lines.append('| ' + ' | '.join(_row_cells(t, row, best, 'md')) + ' |')
     return '\n'.join(lines) + '\n'
+
+
+def _row_cells(t: Table, row: tuple[str, str], best: dict, fmt: str) -> list[str]:
+    r"""One row of the table in `fmt` ('md' or 'tex'): its name, mean ± std per column, the mean over the targets
+    per K and the change from the method's baseline per K; the best value of a column in bold."""
+    empty, escape = ('–', str) if fmt == 'md' else ('--', _tex)
+    out = [escape(_row_name(row))]
+    for col in t.columns:
+        s = t.cells.get((row, col))
+        out.append(empty if s is None else _bold(escape(s.text()), round(s.mean, 1) == best.get(col), fmt))
+    for k in t.shots:
+        m = t.means.get((row, k))
+        out.append(empty if m is None else _bold(f'{m:.1f}', round(m, 1) == best.get(('mean', k)), fmt))
+    for k in t.shots:
+        d = t.deltas.get((row, k))
+        out.append('' if d is None else f'{d:+.1f}')
+    return out
 
 
 def _tex(text: str) -> str:
@@ -357,18 +366,7 @@ def table_latex(t: Table, caption: str) -> str:
         if previous is not None and row[0] != previous:
             lines.append('\\midrule')
         previous = row[0]
-        out = [_tex(_row_name(row))]
-        for col in t.columns:
-            s = t.cells.get((row, col))
-            text = '--' if s is None else _tex(s.text())
-            out.append(_bold(text, s is not None and round(s.mean, 1) == best.get(col), 'tex'))
-        for k in t.shots:
-            m = t.means.get((row, k))
-            out.append('--' if m is None else _bold(f'{m:.1f}', round(m, 1) == best.get(('mean', k)), 'tex'))
-        for k in t.shots:
-            d = t.deltas.get((row, k))
-            out.append('' if d is None else f'{d:+.1f}')
-        lines.append(' & '.join(out) + ' \\\\')
+        lines.append(' & '.join(_row_cells(t, row, best, 'tex')) + ' \\\\')
     lines += ['\\bottomrule', '\\end{tabular}', '\\end{table}']
     return '\n'.join(lines) + '\n'
 

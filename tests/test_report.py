@@ -22,9 +22,11 @@ CDTG_CONFIG = {'clip': 'ViT-B-32', 'clip_weights': 'none', 'attn': 'paper', 'alp
 
 
 def write_cell(run: Path, tag: str, method: str, benchmark: str, shots: int, miou: float, seed: int,
-               plugin: dict | None = None, test_alpha: float | None = None, episodes=None, checkpoint=None,
-               img_size: int = 400) -> Path:
-    r"""A cell as grid.py + test.py leave it: <run>/<tag>/results.json and the test's config.yaml."""
+               **extra) -> Path:
+    r"""A cell as grid.py + test.py leave it: <run>/<tag>/results.json and the test's config.yaml. `extra`: plugin
+    (its record), test_alpha (a test.py --alpha), episodes, checkpoint, img_size (default 400)."""
+    plugin, test_alpha, checkpoint = extra.get('plugin'), extra.get('test_alpha'), extra.get('checkpoint')
+    episodes, img_size = extra.get('episodes'), extra.get('img_size', 400)
     cell = run / tag
     cell.mkdir(parents=True)
     results = {'miou': miou, 'fbiou': miou + 10, 'dice': miou + 5, 'nshot': shots, 'seed': 0, 'benchmark': benchmark,
@@ -61,19 +63,19 @@ def grid(tmp_path_factory):
                 for target in TARGET:
                     for shots in (1, 5):
                         write_cell(run, f'test-{target}-{shots}shot', method, target, shots,
-                                   value(method, on, target, shots, seed), seed, cdtg() if on else None)
+                                   value(method, on, target, shots, seed), seed, plugin=cdtg() if on else None)
                 if method == 'hsnet' and on:                   # test-time alpha overrides, 1-shot
                     for a, gain in ((0.3, -6.0), (1.0, -1.0)):
                         for target in TARGET:
                             write_cell(run, f'test-{target}-1shot-alpha{a:g}', method, target, 1,
-                                       value(method, 1, target, 1, seed) + gain, seed, cdtg(a), test_alpha=a)
+                                       value(method, 1, target, 1, seed) + gain, seed, plugin=cdtg(a), test_alpha=a)
     # the same default model trained again (same seeds): must count once
     write_cell(root / 'seed0' / 'retrained' / 'alpha0.7' / 'hsnet-cdtg', 'test-isic-1shot', 'hsnet', 'isic', 1,
-               99.0, 0, cdtg())
+               99.0, 0, plugin=cdtg())
     # a component variant, one seed
     for target in TARGET:
         write_cell(root / 'seed0' / 'learned' / 'patnet-cdtg', f'test-{target}-1shot', 'patnet', target, 1, 70.0, 0,
-                   cdtg(fusion='learned'))
+                   plugin=cdtg(fusion='learned'))
     return root
 
 
@@ -136,7 +138,7 @@ def test_retrained_alphas_make_their_own_line(tmp_path):
         run = tmp_path / f'alpha{a:g}' / 'hsnet-cdtg'
         plugin = cdtg(a)
         plugin['trained'] = a
-        write_cell(run, 'test-isic-1shot', 'hsnet', 'isic', 1, miou, 0, plugin)
+        write_cell(run, 'test-isic-1shot', 'hsnet', 'isic', 1, miou, 0, plugin=plugin)
     series = report.alpha_series(report.collect([tmp_path]), 'miou')[('isic', 1)]
     assert [(label, [(x, s.mean) for x, s in points]) for label, _, _, points in series] == \
         [('hsnet +CD-TG (retrained per α)', [(0.3, 40.0), (0.7, 50.0), (1.0, 45.0)])]
@@ -163,7 +165,7 @@ def figure_grid(datapath, tiny_checkpoint, tiny_cdtg_checkpoint, tmp_path_factor
     root = tmp_path_factory.mktemp('figure_grid')
     write_cell(root / 'hsnet', 'test-synthetic-med-1shot', 'hsnet', 'synthetic-med', 1, 10.0, 0,
                episodes=episodes, checkpoint=tiny_checkpoint, img_size=64)
-    write_cell(root / 'hsnet-cdtg', 'test-synthetic-med-1shot', 'hsnet', 'synthetic-med', 1, 12.0, 0, cdtg(),
+    write_cell(root / 'hsnet-cdtg', 'test-synthetic-med-1shot', 'hsnet', 'synthetic-med', 1, 12.0, 0, plugin=cdtg(),
                episodes=episodes, checkpoint=tiny_cdtg_checkpoint, img_size=64)
     return root, ds, episodes
 
@@ -221,7 +223,7 @@ def test_different_episode_lists_are_refused(figure_grid, tmp_path, datapath, ca
     other = tmp_path / 'g'
     for name, eps in (('hsnet', episodes), ('hsnet-cdtg', episodes[::-1])):
         write_cell(other / name, 'test-synthetic-med-1shot', 'hsnet', 'synthetic-med', 1, 1.0, 0,
-                   cdtg() if 'cdtg' in name else None, episodes=eps, img_size=64)
+                   plugin=cdtg() if 'cdtg' in name else None, episodes=eps, img_size=64)
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: report.main([str(other), '--datapath', str(datapath)]))
     assert stop.value.code == 2 and 'different episode lists' in capsys.readouterr().err

@@ -362,17 +362,26 @@ def class_record(name: str, caption: str, attributes: dict[str, str] | None, ali
     return record
 
 
-def write_description_file(path: str | Path, benchmark: str, modality: str, provenance: dict[str, str],
-                           background: dict[str, Any], classes: Sequence[dict], fallback: str | None = None,
+@dataclass(frozen=True)
+class FileSource:
+    r"""What a description file describes and where its texts come from: the benchmark, its imaging modality, the
+    provenance record (key -> value: generator, template, date, ...) and the optional fallback benchmark."""
+    benchmark: str
+    modality: str
+    provenance: dict[str, str]
+    fallback: str | None = None
+
+
+def write_description_file(path: str | Path, source: FileSource, background: dict[str, Any], classes: Sequence[dict],
                            header: str = '', captions_only: bool = False) -> Descriptions:
     r"""Write a description file in the layout `load_description_file` reads, validate it by loading it back (a
     file that would not load is never left behind), and return the loaded descriptions. With `captions_only`,
     the background and the classes have captions and no attributes."""
     path = Path(path)
-    data: dict[str, Any] = {'format': FORMAT, 'benchmark': benchmark, 'modality': modality,
-                            'provenance': dict(provenance)}
-    if fallback is not None:
-        data['fallback'] = fallback
+    data: dict[str, Any] = {'format': FORMAT, 'benchmark': source.benchmark, 'modality': source.modality,
+                            'provenance': dict(source.provenance)}
+    if source.fallback is not None:
+        data['fallback'] = source.fallback
     if captions_only:
         data['captions_only'] = True
         data['background'] = {'caption': background['caption']}

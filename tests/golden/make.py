@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from data.synthetic import elliptic_episode
+
 GOLDEN = Path(__file__).with_name('outputs.pt')
 SIZE = 64
 CASES = [  # (name, method, options, nshot, batch)
@@ -50,16 +52,7 @@ def deterministic_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
 
 def episode(nshot: int, batch: int, seed: int = 0, size: int = SIZE):
     r"""Random images and elliptic support masks (and query masks) of varied size and position."""
-    gen = torch.Generator().manual_seed(seed)
-    query = torch.randn(batch, 3, size, size, generator=gen)
-    support = torch.randn(batch, nshot, 3, size, size, generator=gen)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing='ij')
-    centre = 0.3 + 0.4 * torch.rand(batch, nshot + 1, 2, generator=gen)
-    radius = 0.15 + 0.25 * torch.rand(batch, nshot + 1, 2, generator=gen)
-    masks = (((yy - centre[..., 0, None, None]) / radius[..., 0, None, None]) ** 2
-             + ((xx - centre[..., 1, None, None]) / radius[..., 1, None, None]) ** 2 <= 1).float()
-    return {'query_img': query, 'support_imgs': support, 'support_masks': masks[:, 1:],
-            'query_mask': masks[:, 0].long(), 'class_id': torch.zeros(batch, dtype=torch.long)}
+    return elliptic_episode(size, nshot, batch, seed, radius_span=0.25)
 
 CDTG_CASES = [  # (name, method, nshot, batch): the plug-in at alpha 0.7 with fixed stand-in text embeddings
     ('hsnet-cdtg-1shot', 'hsnet', 1, 2),
