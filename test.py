@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--strict-shots', action='store_true',
                    help='refuse episodes whose K supports cannot be distinct (a class with K images or fewer); by '
                         'default such supports repeat, with a warning, and results.json counts them')
-    p.add_argument('--protocol', type=str, default='2d', choices=PROTOCOLS,
+    p.add_argument('--protocol', type=str, default='2d', choices=tuple(PROTOCOLS),
                    help='2d: pre-sampled 2D episodes (every benchmark); volumetric: Q-Net\'s 5-fold protocol with '
                         '3D Dice per organ (chaos; see engine/volumetric.py)')
     p.add_argument('--volumetric-support', type=str, default=None, choices=SUPPORT_RULES,

@@ -6,7 +6,7 @@ import argparse
 
 from common.config import bounded, parse_with_config, typed_flags
 from common.errors import run_cli
-from common.names import AUGMENTATION_NAMES, BOUNDARY_POLICIES, SCHEDULES
+from common.names import AUGMENTATIONS, BOUNDARY_POLICIES, SCHEDULES
 from data import add_dataset_args
 from engine.flags import add_config_arg, add_method_args, add_plugin_args, add_runtime_args, preparse_method
 from model import BACKBONES, METHODS, train_recipe
@@ -44,7 +44,7 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
             help="base learning rate of the method's recipe (default: the method's, 1e-3 for hsnet and patnet; "
                  'optimizer, schedule and parameter groups come from the method)')
     bounded(p, '--epochs', int, None, low=1, help=method_default('epochs'))
-    p.add_argument('--augmentation', type=str, default=None, choices=sorted(AUGMENTATION_NAMES),
+    p.add_argument('--augmentation', type=str, default=None, choices=sorted(AUGMENTATIONS),
                    help="training images: none (resized only), flip-resized-crop (PMMs' flip + random resized crop "
                         "of 50-100 %% of the area) or gamma-affine-elastic (Q-Net's gamma, affine and elastic "
                         f'transforms on the query or the supports); {method_default("augmentation")}')
@@ -56,6 +56,15 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
                    help='label-255 pixels of the training query masks (PASCAL\'s object boundaries): background '
                         "(HSNet/PATNet/PMMs train them as background) or ignore (left out of the loss; Q-Net's NLL); "
                         f"{method_default('train_boundary')}. Evaluation always ignores them")
+    _add_run_folder_args(p)
+    if method in METHODS:
+        add_method_args(p, method)
+    add_plugin_args(p, 'train')
+    return p
+
+
+def _add_run_folder_args(p: argparse.ArgumentParser) -> None:
+    r"""The run folder and what goes into it: checkpoints, logs, TensorBoard, the non-finite policy, the schedule."""
     p.add_argument('--logpath', type=str, default=None, help='run folder (default: logs/<method>-<benchmark>-<time>)')
     p.add_argument('--resume', action='store_true', help='continue the run in --logpath from its last.pt')
     bounded(p, '--log-every', int, 50, low=1,
@@ -75,10 +84,6 @@ def build_parser(method: str = 'hsnet') -> argparse.ArgumentParser:
                                                       'none|cosine|poly)')
     bounded(p, '--grad-clip', float, None, low=0, low_open=True,
             help="clip the gradient norm to this value (default: the method's recipe; none for hsnet/patnet)")
-    if method in METHODS:
-        add_method_args(p, method)
-    add_plugin_args(p, 'train')
-    return p
 
 
 def main(argv=None) -> dict:

@@ -1,50 +1,41 @@
 r"""Assembly: build a method and its plug-ins from a run configuration or a checkpoint, and their command-line flags.
 
-A plug-in (registered in engine/flags.py `PLUGINS`, with its torch-free flag declaration) is a `model.base.Hooks`
-subclass that also provides, for this module:
-    name, label                       its key in checkpoints ('cdtg') and its name in messages ('CD-TG')
-    enabled(config) -> bool           whether a run configuration asks for it
-    config_keys() -> tuple            the configuration keys it owns (dropped from runs without it)
-    from_config(config, model)        build it for a method
-    test_overrides(config, args, path) -> config    apply and check test.py's overrides
-    record() -> dict                  what a checkpoint records about it
-    check_record(saved, path)         refuse a checkpoint it cannot serve
-Methods never import a plug-in; the composition happens here.
+A plug-in is registered in engine/flags.py `PLUGINS` by its torch-free spec, which provides, for this module and
+engine/config.py:
+    name, label                            its key in checkpoints ('cdtg') and its name in messages ('CD-TG')
+    add_args(parser, stage)                its flags (train.py: all its settings; test.py: the overrides)
+    from_flags(values, seed)               its settings from train.py's flags (None: not asked for)
+    from_saved(config, record)             its settings from a saved run (None: the run has none)
+    test_overrides(settings, args, path, method)    apply and check test.py's overrides
+    build(settings, model)                 the module (a `model.base.Hooks` subclass) for a method
+The module provides `record()` (what a checkpoint records about it, its settings under 'config') and
+`check_record(saved, path)` (refuse a checkpoint it cannot serve). Methods never import a plug-in; the composition
+happens here.
 """
 import argparse
-import dataclasses
-import importlib
+from typing import Mapping
 
 import torch
 
 from common.checkpoint import content_digest, load_checkpoint
 from common.errors import UserError
-from engine.flags import PLUGINS, add_method_args, add_plugin_args, preparse_method  # noqa: F401  (re-exported)
-from model import FewShotSegmenter, build_method, build_options, method_class, stored_options
-
-def plugin_classes() -> list[type]:
-    classes = []
-    for target in PLUGINS.values():
-        module, name = target['class'].split(':')
-        classes.append(getattr(importlib.import_module(module), name))
-    return classes
-
-
-def method_options(method: str, values: dict) -> dict:
-    r"""The full, validated options of `method` (defaults where a value is None) as a plain dict."""
-    given = {k: v for k, v in values.items() if v is not None}
-    return dataclasses.asdict(build_options(method, given))
+from engine.config import ModelConfig, TrainConfig, method_options  # noqa: F401 (re-exported)
+from engine.flags import add_method_args, add_plugin_args, plugin_specs, preparse_method  # noqa: F401 (re-exported)
+from model import FewShotSegmenter, build_method
 
 
 # --- models ---------------------------------------------------------------------------------------------------------
-def build_model(config: dict, backbone_weights: str | None) -> FewShotSegmenter:
-    r"""The model a run configuration describes (method, its options, backbone, plug-ins).
-    `backbone_weights=None` leaves the backbone for a checkpoint."""
-    model = build_method(config['method'], config.get('backbone'), backbone_weights,
-                         **config.get('method_options', {}))
-    for cls in plugin_classes():
-        if cls.enabled(config):
-            model.attach(cls.from_config(config, model))
+def build_model(config: ModelConfig | Mapping, backbone_weights: str | None) -> FewShotSegmenter:
+    r"""The model a configuration describes (method, its options, backbone, plug-ins): a `ModelConfig`, or a run
+    configuration as a dict (train.py's flat keys; options it lacks take their defaults). `backbone_weights=None`
+    leaves the backbone for a checkpoint."""
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig.from_saved(config, saved=False)
+    model = build_method(config.method, config.backbone, backbone_weights, **config.method_options)
+    for spec in plugin_specs():
+        settings = config.plugin(spec.name)
+        if settings is not None:
+            model.attach(spec.build(settings, model))
     return model
 
 
@@ -59,16 +50,6 @@ def adaptation_record(model: FewShotSegmenter) -> dict | None:
     return {'steps': model.adaptation.steps, 'lr': model.adaptation.lr} if model.adapts() else None
 
 
-def strip_plugin_keys(config: dict) -> dict:
-    r"""A run configuration without the settings of plug-ins it does not use."""
-    config = dict(config)
-    for cls in plugin_classes():
-        if not cls.enabled(config):
-            for key in cls.config_keys():
-                config.pop(key, None)
-    return config
-
-
 def frozen_backbone_keys(model: FewShotSegmenter) -> list[str]:
     r"""State-dict keys of the backbone's frozen tensors (parameters without gradient and buffers that training does
     not move)."""
@@ -77,16 +58,16 @@ def frozen_backbone_keys(model: FewShotSegmenter) -> list[str]:
     return [k for k in model.state_dict() if k.startswith('backbone.') and k not in trainable]
 
 
-def checkpoint_model_state(model: FewShotSegmenter, config: dict) -> tuple[dict, dict | None]:
+def checkpoint_model_state(model: FewShotSegmenter, config: TrainConfig) -> tuple[dict, dict | None]:
     r"""(weights to store, backbone identity or None). A frozen backbone that can be rebuilt exactly — torchvision's
     ImageNet weights, BatchNorm statistics not re-estimated — is stored by identity (name + content digest) instead
     of by value (an HSNet checkpoint shrinks from ~125 MB to ~10 MB); anything else (a weights file, BN
     calibration, random weights, fine-tuned layers) is stored."""
     state = model.state_dict()
-    if config.get('backbone_weights') != 'imagenet' or config.get('bn_calibration'):
+    if config.backbone_weights != 'imagenet' or config.bn_calibration:
         return state, None
     frozen = frozen_backbone_keys(model)
-    identity = {'weights': 'imagenet', 'backbone': config['backbone'],
+    identity = {'weights': 'imagenet', 'backbone': config.model.backbone,
                 'digest': content_digest({k: state[k] for k in frozen})}
     return {k: v for k, v in state.items() if k not in set(frozen)}, identity
 
@@ -102,18 +83,19 @@ def load_model(path: str, device: torch.device, args: argparse.Namespace | None 
     `legacy_options`), other missing options with their defaults.
     """
     ckpt = load_checkpoint(path, require_finite=True)
-    config = dict(ckpt['config'])
-    method_class(config['method'])                               # a clear error for an unknown method
-    config['method_options'] = stored_options(config['method'], config.get('method_options'))
+    spec = ModelConfig.from_saved(ckpt['config'], ckpt.get('plugin'))
     if args is not None:
-        for cls in plugin_classes():
-            config = cls.test_overrides(config, args, path)
-    plugins = [cls for cls in plugin_classes() if cls.enabled(config)]
-    if expect_plugin is False and plugins:
-        raise UserError(f'checkpoint {path} holds a plug-in ({plugins[0].name}); it cannot be evaluated as a plain '
-                        'model')
+        for plugin in plugin_specs():
+            settings = plugin.test_overrides(spec.plugin(plugin.name), args, path, spec.method)
+            spec.plugins.pop(plugin.name, None)
+            if settings is not None:
+                spec.plugins[plugin.name] = settings
+    if expect_plugin is False and spec.plugins:
+        raise UserError(f'checkpoint {path} holds a plug-in ({next(iter(spec.plugins))}); it cannot be evaluated as '
+                        'a plain model')
+    config = dict(ckpt['config'], method_options=spec.method_options)
     identity = ckpt.get('backbone_identity')
-    model = build_model(config, 'imagenet' if identity else None)        # stored by identity: rebuild it
+    model = build_model(spec, 'imagenet' if identity else None)          # stored by identity: rebuild it
     if identity:
         frozen = frozen_backbone_keys(model)
         state = model.state_dict()
@@ -130,7 +112,7 @@ def load_model(path: str, device: torch.device, args: argparse.Namespace | None 
     if any(k.startswith('hooks.') for k in state) and record is None:
         raise UserError(f'checkpoint {path} holds plug-in weights but its configuration has no plug-in')
     plugin = f' + {model.hooks.label}' if record else ''
-    what = f'method {config["method"]} with backbone {config["backbone"]}{plugin}'
+    what = f'method {spec.method} with backbone {spec.backbone}{plugin}'
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:                                     # shape mismatches

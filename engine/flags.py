@@ -2,8 +2,8 @@ r"""Command-line flags of the method options and the plug-ins, without torch: tr
 their parsers from this, so `-h` and argument errors answer before anything heavy is imported (engine/factory.py
 builds the models).
 
-A plug-in is registered in `PLUGINS` by two import paths: its class (a `model.base.Hooks` subclass with the protocol
-described in engine/factory.py) and a torch-free `add_args(parser, stage)` that declares its flags.
+A plug-in is registered in `PLUGINS` by the import path of its torch-free spec (the protocol described in
+engine/factory.py): its settings, their flags, and how it is built.
 """
 import argparse
 
@@ -12,9 +12,19 @@ from common.constants import MIN_IMG_SIZE
 from common.names import PRECISIONS
 from model import option_specs
 
-PLUGINS: dict[str, dict[str, str]] = {
-    'cdtg': {'class': 'text.plugin:CDTG', 'flags': 'text.flags:add_args'},
+PLUGINS: dict[str, str] = {
+    'cdtg': 'text.settings:CDTGPlugin',
 }
+
+
+def plugin_specs() -> list:
+    r"""The registered plug-ins' specs (torch-free: settings, flags, building)."""
+    import importlib
+    specs = []
+    for target in PLUGINS.values():
+        module, name = target.split(':')
+        specs.append(getattr(importlib.import_module(module), name))
+    return specs
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +44,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, *, img_size_help: str, bsz
     bounded(parser, '--seed', int, 0, low=0, high=2**63 - 1, help=seed_help)
     parser.add_argument('--device', type=str, default='auto', help='auto | cpu | cuda | cuda:N')
     if precision_help:
-        parser.add_argument('--precision', type=str, default='fp32', choices=PRECISIONS, help=precision_help)
+        parser.add_argument('--precision', type=str, default='fp32', choices=tuple(PRECISIONS), help=precision_help)
         parser.add_argument('--compile', action='store_true', help='torch.compile the matching stage (opt-in; CUDA)')
 
 
@@ -50,10 +60,8 @@ def add_adaptation_args(parser: argparse.ArgumentParser, unit: str) -> None:
 
 def add_plugin_args(parser: argparse.ArgumentParser, stage: str) -> None:
     r"""Every plug-in's flags for `stage` ('train': all of them, saved in the checkpoint; 'test': the overrides)."""
-    import importlib
-    for target in PLUGINS.values():
-        module, name = target['flags'].split(':')
-        getattr(importlib.import_module(module), name)(parser, stage)
+    for spec in plugin_specs():
+        spec.add_args(parser, stage)
 
 
 def preparse_method(argv, default: str = 'hsnet') -> str:

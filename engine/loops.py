@@ -4,6 +4,7 @@ skipped)."""
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +20,8 @@ from common.metrics import SegmentationMeter
 from common.utils import seed_step, to_device
 from data.episodic import normalize_images
 
-PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-assert tuple(PRECISIONS) == names.PRECISIONS
+#: --precision name -> autocast dtype (None: no autocast), from the torch-free list.
+PRECISIONS = {name: getattr(torch, dtype) if dtype else None for name, dtype in names.PRECISIONS.items()}
 
 
 def autocast(device: torch.device, precision: str):
@@ -158,66 +159,65 @@ def training_batch(batch: dict, boundary: str) -> dict:
     return dict(batch, query_mask=mask.masked_fill(mask == IGNORE_INDEX, 0))
 
 
-def train_epoch(model, loader, recipe, device: torch.device, class_names: list[str], desc: str = 'train',
-                on_step=None, seed: int = 0, epoch: int = 0, start_step: int = 0,
-                guard: NonFiniteGuard | None = None, forward=None, dist: Dist = SINGLE, precision: str = 'fp32',
-                scaler=None, boundary: str = 'background', probe_every: int = 0, on_probe=None) -> dict:
-    r"""One pass over the training episodes (from `start_step` on, when resuming mid-epoch) with the method's
+@dataclass
+class Runtime:
+    r"""Where and how the loops run: the device, the process group (`dist`: scores are all-reduced over it), the
+    autocast precision ('bf16'/'fp16' run the forward under autocast) and, for fp16 training, the loss scaler (a
+    `torch.amp.GradScaler`). A bare device is `Runtime(device)`."""
+    device: torch.device
+    dist: Dist = SINGLE
+    precision: str = 'fp32'
+    scaler: object | None = None
+
+    @classmethod
+    def of(cls, where: 'Runtime | torch.device') -> 'Runtime':
+        return where if isinstance(where, Runtime) else cls(torch.device(where))
+
+
+@dataclass
+class EpochPlan:
+    r"""How one training epoch runs: its index and the run's seed (every step seeds its random streams from (seed,
+    epoch, step)), the step it starts at (a resumed run), what the loss does with label-255 pixels
+    (`training_batch`), the health-probe cadence (every `probe_every` steps; 0 = never), the non-finite guard (kept
+    across epochs), the module the batches go through (the DDP-wrapped model in a distributed run; None: the model)
+    and the progress-bar label."""
+    epoch: int = 0
+    seed: int = 0
+    start_step: int = 0
+    boundary: str = 'background'
+    probe_every: int = 0
+    guard: NonFiniteGuard | None = None
+    forward: object | None = None
+    desc: str = 'train'
+
+
+def train_epoch(model, loader, recipe, runtime: 'Runtime | torch.device', class_names: list[str],
+                plan: EpochPlan | None = None, on_step=None, on_probe=None) -> dict:
+    r"""One pass over the training episodes (from `plan.start_step` on, when resuming mid-epoch) with the method's
     recipe (optimizer, per-step LR schedule, gradient clipping).
 
     Every step first seeds the random streams from (seed, epoch, step) (`common.utils.seed_step`), so its random
     draws are the same in a straight and a resumed run, for any number of loader workers. The guard checks the loss
     and the gradient norm before the optimizer step. `on_step(step, loss, terms)` may log or checkpoint (and is the
-    only place that reads the loss on the host besides the guard). Returns the scores of the steps run, with the
-    mean of each loss term.
-
-    Distributed runs pass `forward`, the DDP-wrapped model (gradients averaged over the processes, each holding
-    its share of the global batch), and `dist`; the scores are all-reduced. `precision` 'bf16'/'fp16' runs the
-    forward under autocast; fp16 scales the loss with `scaler` (a `torch.amp.GradScaler`). `boundary`: what the
-    loss does with label-255 pixels (`training_batch`). Every `probe_every` steps (0 = never) the step's forward runs
-    with the plug-in's health probe on and `on_probe(step, readings)` receives `probe_readings` (after the step).
+    only place that reads the loss on the host besides the guard); on a probed step `on_probe(step, readings)`
+    receives `probe_readings` (after the step). Returns the scores of the steps run, with the mean of each loss term,
+    all-reduced over the processes of a distributed run (each holding its share of the global batch).
     """
+    runtime, plan = Runtime.of(runtime), plan or EpochPlan()
+    plan.guard = plan.guard or NonFiniteGuard()
     model.train()
-    forward = forward or model
-    guard = guard or NonFiniteGuard()
-    meter = SegmentationMeter(class_names, device)
+    meter = SegmentationMeter(class_names, runtime.device)
     term_sums: dict[str, torch.Tensor] = {}
     params = model.trainable_parameters()
-    clip = recipe.grad_clip if recipe.grad_clip else float('inf')
-    hooks = model.hooks
-    for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2, dynamic_ncols=True),
-                                 start=start_step):
-        seed_step(seed, epoch, step)
-        batch = episode_batch(batch, device)
-        probing = on_probe is not None and probe_every > 0 and step % probe_every == 0
-        with autocast(device, precision):
-            hooks.probing = probing
-            try:
-                output = forward(*episode_inputs(batch))
-            finally:
-                hooks.probing = False
-            terms = model.loss(output, training_batch(batch, boundary))
-            loss = total_loss(terms)
-        readings = hooks.readings() if probing else None
-        recipe.optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.unscale_(recipe.optimizer)
-        grad_norm, group_norms = clip_gradients(recipe.optimizer, params, clip)  # clipped only where asked
-        if scaler is not None:                     # fp16: inf gradients are overflow; the scaler skips those steps
-            grad_norm = grad_norm.new_zeros(())
-        if not guard.check(loss.detach(), grad_norm, epoch, step, dist):
-            recipe.optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.update()
+    for step, batch in enumerate(tqdm(loader, desc=plan.desc, leave=False, mininterval=2, dynamic_ncols=True),
+                                 start=plan.start_step):
+        seed_step(plan.seed, plan.epoch, step)
+        batch = episode_batch(batch, runtime.device)
+        probing = on_probe is not None and plan.probe_every > 0 and step % plan.probe_every == 0
+        done = _training_step(model, batch, recipe, runtime, plan, step, probing, params)
+        if done is None:                                    # a non-finite step the guard skips
             continue
-        if scaler is not None:
-            scaler.step(recipe.optimizer)
-            scaler.update()
-        else:
-            recipe.optimizer.step()
-        if recipe.scheduler is not None:
-            recipe.scheduler.step()
+        output, terms, loss, readings = done
         with torch.no_grad():
             pred = model.segment(output)
             meter.update(pred, batch['query_mask'], batch['class_id'], loss.detach())
@@ -226,28 +226,71 @@ def train_epoch(model, loader, recipe, device: torch.device, class_names: list[s
         if on_step is not None:
             on_step(step, loss, terms)
         if probing:
-            readings.update({f'grad_norm_{name}': float(norm) for name, norm in group_norms.items()})
             on_probe(step, probe_readings(pred, batch, readings))
-    meter.all_reduce(dist)
+    return _epoch_scores(meter, term_sums, runtime)
+
+
+def _training_step(model, batch: dict, recipe, runtime: Runtime, plan: EpochPlan, step: int, probing: bool,
+                   params: list[torch.Tensor]):
+    r"""Forward, loss, backward, clipping, the guard's check and the optimizer and scheduler step of one batch:
+    (output, loss terms, loss, health readings or None), or None when the guard skips the step."""
+    hooks, optimizer, scaler = model.hooks, recipe.optimizer, runtime.scaler
+    with autocast(runtime.device, runtime.precision):
+        hooks.probing = probing
+        try:
+            output = (plan.forward or model)(*episode_inputs(batch))
+        finally:
+            hooks.probing = False
+        terms = model.loss(output, training_batch(batch, plan.boundary))
+        loss = total_loss(terms)
+    readings = hooks.readings() if probing else None
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    clip = recipe.grad_clip if recipe.grad_clip else float('inf')
+    grad_norm, group_norms = clip_gradients(optimizer, params, clip)          # clipped only where asked
+    if scaler is not None:                     # fp16: inf gradients are overflow; the scaler skips those steps
+        grad_norm = grad_norm.new_zeros(())
+    if not plan.guard.check(loss.detach(), grad_norm, plan.epoch, step, runtime.dist):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return None
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if recipe.scheduler is not None:
+        recipe.scheduler.step()
+    if probing:
+        readings.update({f'grad_norm_{name}': float(norm) for name, norm in group_norms.items()})
+    return output, terms, loss, readings
+
+
+def _epoch_scores(meter: SegmentationMeter, term_sums: dict, runtime: Runtime) -> dict:
+    meter.all_reduce(runtime.dist)
     if not meter.loss_n:
         return {'loss': None, 'miou': float('nan'), 'fbiou': float('nan'), 'dice': float('nan')}
     scores = meter.compute()
     names = sorted(term_sums)
-    sums = dist.all_reduce(torch.stack([torch.as_tensor(term_sums[k], dtype=torch.float64, device=device)
-                                        for k in names])) if names else []
+    stacked = [torch.as_tensor(term_sums[k], dtype=torch.float64, device=runtime.device) for k in names]
+    sums = runtime.dist.all_reduce(torch.stack(stacked)) if names else []
     scores['loss_terms'] = {name: float(v) / meter.loss_n for name, v in zip(names, sums)}
     return scores
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, class_names: list[str], desc: str = 'eval',
-             keep_predictions: int = 0, dist: Dist = SINGLE, precision: str = 'fp32',
-             miou_over: str = 'all') -> tuple[dict, list[dict]]:
+def evaluate(model, loader, runtime: 'Runtime | torch.device', class_names: list[str], desc: str = 'eval',
+             keep_predictions: int = 0, miou_over: str = 'all') -> tuple[dict, list[dict]]:
     r"""Predict every episode of `loader` through the test-time entry point (`infer_episode`: `infer`, which
     adapts per episode when the method is set to, on the encoded episode) and return the scores (mIoU averaged
     `miou_over` the classes, see common/metrics.py; label 255 ignored) and, for the first `keep_predictions` episodes
     of this process, the CPU tensors needed to draw them. In a distributed run each process evaluates its share of
     the episodes and the per-class sums are all-reduced, so every process returns the scores of all episodes."""
+    runtime = Runtime.of(runtime)
+    device, dist = runtime.device, runtime.dist
     model.eval()
     meter = SegmentationMeter(class_names, device, over=miou_over)
     kept: list[dict] = []
@@ -267,7 +310,7 @@ def evaluate(model, loader, device: torch.device, class_names: list[str], desc: 
                     count_example[0] += int(hit.sum())
                     b, k = hit.nonzero()[0].tolist()
                     count_example[1] = count_example[1] or batch['support_names'][b][k]
-        with autocast(device, precision):
+        with autocast(device, runtime.precision):
             output = model.infer_episode(*episode_inputs(batch))
             loss = total_loss(model.loss(output, batch))
         pred = model.segment(output)

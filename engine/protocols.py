@@ -9,13 +9,11 @@ dataset, runs the model (always through its test-time entry point) and adds what
 import argparse
 import warnings
 
-import torch
 
 from common import names
-from common.dist import SINGLE, Dist
 from common.errors import UserError
 from data import FixedEpisodes, build_loader
-from engine.loops import DEGENERATE_SUPPORTS, evaluate
+from engine.loops import DEGENERATE_SUPPORTS, Runtime, evaluate
 from engine.volumetric import evaluate_volumetric
 
 
@@ -32,15 +30,15 @@ class EpisodeProtocol:
             raise UserError('--volumetric-support chooses the support volume of --protocol volumetric (chaos); it '
                             'does not apply to 2D episodes')
 
-    def __init__(self, dataset, args: argparse.Namespace, device: torch.device, dist: Dist = SINGLE,
-                 precision: str = 'fp32'):
-        self.dataset, self.args, self.device, self.dist, self.precision = dataset, args, device, dist, precision
+    def __init__(self, dataset, args: argparse.Namespace, runtime: Runtime):
+        self.dataset, self.args, self.runtime = dataset, args, runtime
+        self.device, self.dist = runtime.device, runtime.dist
         short = dataset.classes_short_of_shots()
         if short and getattr(args, 'strict_shots', False):
             raise UserError(f'--strict-shots: {args.nshot}-shot episodes need {args.nshot + 1} distinct images per '
                             f'class, but ' + ', '.join(f'{name} has {n}' for name, n in short.items())
                             + ' (drop --strict-shots to let supports repeat, or lower --nshot)')
-        for name, n in short.items() if dist.main else ():
+        for name, n in short.items() if self.dist.main else ():
             warnings.warn(f'{dataset.name}: class {name!r} has {n} images, so its {args.nshot}-shot supports repeat '
                           '(recorded in results.json as repeated_supports; --strict-shots refuses this)', stacklevel=2)
         n = args.episodes if args.episodes is not None else dataset.default_episodes
@@ -61,9 +59,8 @@ class EpisodeProtocol:
         dist = self.dist
         loader = build_loader(self.dataset, FixedEpisodes(dist.shard(self.episodes)), self.args.bsz,
                               self.args.workers, self.device.type == 'cuda')
-        scores, kept = evaluate(model, loader, self.device, self.dataset.class_names, desc='test',
-                                keep_predictions=self.args.vis, dist=dist, precision=self.precision,
-                                miou_over=self.args.miou_over)
+        scores, kept = evaluate(model, loader, self.runtime, self.dataset.class_names, desc='test',
+                                keep_predictions=self.args.vis, miou_over=self.args.miou_over)
         if dist.enabled:
             gathered = dist.all_gather_object([(dist.rank + i * dist.world, k) for i, k in enumerate(kept)])
             kept = [k for _, k in sorted((item for part in gathered for item in part), key=lambda x: x[0])]
@@ -92,9 +89,9 @@ class VolumetricProtocol:
         if args.vis:
             raise UserError('--vis draws 2D episodes; it does not apply to --protocol volumetric')
 
-    def __init__(self, dataset, args: argparse.Namespace, device: torch.device, dist: Dist = SINGLE,
-                 precision: str = 'fp32'):
-        self.dataset, self.args, self.device, self.dist, self.precision = dataset, args, device, dist, precision
+    def __init__(self, dataset, args: argparse.Namespace, runtime: Runtime):
+        self.dataset, self.args, self.runtime = dataset, args, runtime
+        self.device, self.dist = runtime.device, runtime.dist
         self.support_rule = args.volumetric_support or 'qnet'
         self.tasks: list[dict] = []
 
@@ -103,9 +100,9 @@ class VolumetricProtocol:
         return f'volumetric protocol (5 folds, {self.support_rule} support volume)'
 
     def run(self, model) -> tuple[dict, list[dict]]:
-        scores, self.tasks = evaluate_volumetric(model, self.dataset, self.device, self.args.nshot, self.args.bsz,
-                                                 desc='test', dist=self.dist, precision=self.precision,
-                                                 support_rule=self.support_rule, miou_over=self.args.miou_over)
+        scores, self.tasks = evaluate_volumetric(model, self.dataset, self.runtime, self.args.nshot, self.args.bsz,
+                                                 desc='test', support_rule=self.support_rule,
+                                                 miou_over=self.args.miou_over)
         return scores, []
 
     def conventions(self) -> dict:
@@ -115,5 +112,5 @@ class VolumetricProtocol:
         return {'episodes': self.tasks, 'tasks': self.tasks, 'per_fold': scores['per_fold']}
 
 
-PROTOCOLS = {'2d': EpisodeProtocol, 'volumetric': VolumetricProtocol}
-assert tuple(PROTOCOLS) == names.PROTOCOLS
+#: --protocol name -> its class, from the torch-free list.
+PROTOCOLS = {name: globals()[cls] for name, cls in names.PROTOCOLS.items()}

@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.dist import SINGLE, Dist
 from common.errors import UserError
 from common.metrics import metric_record
 from common.names import SUPPORT_RULES
-from engine.loops import autocast
+from engine.loops import Runtime, autocast
 
 N_FOLDS = 5
 FOLD_SIZE = 5
@@ -109,9 +108,9 @@ def _stack_supports(dataset, pid: str, chunks: list[list[int]], class_id: int) -
 
 
 @torch.no_grad()
-def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: int = 1, desc: str = 'volumetric',
-                        support_rule: str = 'qnet', miou_over: str = 'all', dist: Dist = SINGLE,
-                        precision: str = 'fp32') -> tuple[dict, list[dict]]:
+def evaluate_volumetric(model, dataset, runtime: Runtime | torch.device, nshot: int, bsz: int = 1,
+                        desc: str = 'volumetric', support_rule: str = 'qnet',
+                        miou_over: str = 'all') -> tuple[dict, list[dict]]:
     r"""Run the protocol on a dataset exposing `volumes`, `organ_slices(pid, c)`, `load_slice(pid, z, c)` and
     `class_names`. Returns (scores, tasks): scores in percent with the keys of `SegmentationMeter.compute` plus
     'per_fold'; one task per (fold, organ, query volume). The 3 chunks' support slices are encoded once per
@@ -119,81 +118,96 @@ def evaluate_volumetric(model, dataset, device: torch.device, nshot: int, bsz: i
     volumes, each with its own chunk's supports, and predicted through the test-time entry point `model.infer`
     (methods with per-episode adaptation adapt there). `support_rule`: which volume of a fold is the support
     (`support_volume`); `miou_over`: whether organs never evaluated count 0 in the means (see `summarise`). In a
-    distributed run the (fold, organ) tasks are dealt out to the processes round robin and their results gathered,
-    so every process returns the same scores."""
+    distributed run (`runtime.dist`) the (fold, organ) tasks are dealt out to the processes round robin and their
+    results gathered, so every process returns the same scores."""
+    runtime = Runtime.of(runtime)
+    dist = runtime.dist
     model.eval()
     volumes = dataset.volumes
     folds = volumetric_folds(len(volumes))
     names = list(dataset.class_names)
     tasks: list[dict] = []
-    fb_inter = torch.zeros(2, dtype=torch.int64)
-    fb_union = torch.zeros(2, dtype=torch.int64)
+    fb = torch.zeros(2, 2, dtype=torch.int64)                       # [intersection, union] x [background, organ]
     start, n_slices = time.perf_counter(), 0
     progress = tqdm(total=len(folds) * len(names), desc=desc, leave=False, mininterval=2, dynamic_ncols=True)
     for f, fold in enumerate(folds):
         s_index = support_volume(fold, len(volumes), support_rule)
-        support = volumes[s_index]
-        queries = [volumes[i] for i in fold if i != s_index]
-        for c, organ in enumerate(names):
+        for c in range(len(names)):
             progress.update(1)
             if (f * len(names) + c) % dist.world != dist.rank:            # another process's task
                 continue
-            s_slices = dataset.organ_slices(support, c)
-            chunks = ([[s_slices[i] for i in idx] for idx in support_slice_indices(len(s_slices), nshot)]
-                      if s_slices else None)
-            supports = None
-            if chunks:
-                imgs, masks = _stack_supports(dataset, support, chunks, c)
-                supports = model.encode_supports(imgs.to(device), masks.to(device),
-                                                 torch.full((len(chunks),), c, dtype=torch.long, device=device))
-            work = []                                        # (task, chunk j, query slice z)
-            for query in queries:
-                q_slices = dataset.organ_slices(query, c)
-                task = {'fold': f, 'fold_volumes': [volumes[i] for i in fold], 'organ': organ, 'class_id': c,
-                        'support_rule': support_rule, 'support': support, 'query': query, 'query_slices': q_slices}
-                tasks.append(task)
-                if not s_slices or not q_slices:
-                    task['skipped'] = (f'the support volume {support} has no {organ}' if not s_slices
-                                       else f'the query volume {query} has no {organ}')
-                    continue
-                bounds = chunk_bounds(len(q_slices))
-                task.update(support_slices=chunks, chunks=[q_slices[bounds[j]:bounds[j + 1]] for j in range(N_PART)],
-                            tp=0, fp=0, fn=0)
-                work.extend((task, j, z) for j in range(N_PART) for z in task['chunks'][j])
-            for b in range(0, len(work), bsz):
-                items = work[b:b + bsz]
-                loaded = [dataset.load_slice(task['query'], z, c) for task, _, z in items]
-                query_img = torch.stack([x[0] for x in loaded]).to(device, non_blocking=True)
-                record = model.encode_query(query_img, supports.select([j for _, j, _ in items]))
-                with autocast(device, precision):
-                    pred = model.segment(model.infer(record)).cpu()            # [n,S,S]
-                for (task, _, _), (_, _, gt), p in zip(items, loaded, pred):
-                    # prediction back to the prepared grid of the volume: [S,S] -> [H,W]
-                    p = F.interpolate(p[None, None].float(), gt.shape, mode='nearest')[0, 0].bool()
-                    g = torch.from_numpy(gt).bool()
-                    tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
-                    tn = g.numel() - tp - fp - fn
-                    task['tp'], task['fp'], task['fn'] = task['tp'] + tp, task['fp'] + fp, task['fn'] + fn
-                    fb_inter += torch.tensor([tn, tp])
-                    fb_union += torch.tensor([tn + fp + fn, tp + fp + fn])
-                n_slices += len(items)
-            for task in tasks:
-                if 'tp' in task and 'dice' not in task:
-                    tp, fp, fn = task['tp'], task['fp'], task['fn']
-                    task['dice'] = 100.0 * 2 * tp / (2 * tp + fp + fn)   # > 0: the query slices hold the organ
-                    task['iou'] = 100.0 * tp / (tp + fp + fn)
+            organ = _OrganTask(dataset, f, [volumes[i] for i in fold], volumes[s_index], c, support_rule)
+            tasks.extend(organ.tasks)
+            n_slices += organ.predict(model, runtime, nshot, bsz, fb)
     progress.close()
     if dist.enabled:
         tasks = [t for part in dist.all_gather_object(tasks) for t in part]
         tasks.sort(key=lambda t: (t['fold'], t['class_id'], volumes.index(t['query'])))
-        sums = dist.all_reduce(torch.cat([fb_inter, fb_union]))
-        fb_inter, fb_union = sums[:2], sums[2:]
+        fb = dist.all_reduce(fb)
         n_slices = int(dist.all_reduce(torch.tensor(n_slices)))
     scores = summarise(tasks, names, len(folds), miou_over)
-    pooled = fb_inter.double() / fb_union.double().clamp(min=1)
+    pooled = fb[0].double() / fb[1].double().clamp(min=1)
     scores['fbiou'] = float(pooled.mean() * 100)
     scores['seconds_per_slice'] = (time.perf_counter() - start) / max(n_slices, 1)
     return scores, tasks
+
+
+class _OrganTask:
+    r"""One (fold, organ) of the protocol: a task per query volume of the fold; `predict` scores them all."""
+
+    def __init__(self, dataset, fold: int, fold_volumes: list[str], support: str, class_id: int, support_rule: str):
+        self.dataset, self.support, self.class_id = dataset, support, class_id
+        organ = dataset.class_names[class_id]
+        self.s_slices = dataset.organ_slices(support, class_id)
+        self.tasks = []
+        for query in (v for v in fold_volumes if v != support):
+            q_slices = dataset.organ_slices(query, class_id)
+            task = {'fold': fold, 'fold_volumes': fold_volumes, 'organ': organ, 'class_id': class_id,
+                    'support_rule': support_rule, 'support': support, 'query': query, 'query_slices': q_slices}
+            if not self.s_slices or not q_slices:
+                task['skipped'] = (f'the support volume {support} has no {organ}' if not self.s_slices
+                                   else f'the query volume {query} has no {organ}')
+            self.tasks.append(task)
+
+    def predict(self, model, runtime: Runtime, nshot: int, bsz: int, fb: torch.Tensor) -> int:
+        r"""Score every task (TP/FP/FN, Dice, IoU; `fb` accumulates the FB-IoU sums); returns the slices run."""
+        if not self.s_slices:
+            return 0
+        device, c = runtime.device, self.class_id
+        chunks = [[self.s_slices[i] for i in idx] for idx in support_slice_indices(len(self.s_slices), nshot)]
+        imgs, masks = _stack_supports(self.dataset, self.support, chunks, c)
+        supports = model.encode_supports(imgs.to(device), masks.to(device),
+                                         torch.full((len(chunks),), c, dtype=torch.long, device=device))
+        work = []                                                    # (task, chunk j, query slice z)
+        for task in (t for t in self.tasks if 'skipped' not in t):
+            bounds = chunk_bounds(len(task['query_slices']))
+            task.update(support_slices=chunks,
+                        chunks=[task['query_slices'][bounds[j]:bounds[j + 1]] for j in range(N_PART)], tp=0, fp=0, fn=0)
+            work.extend((task, j, z) for j in range(N_PART) for z in task['chunks'][j])
+        for b in range(0, len(work), bsz):
+            items = work[b:b + bsz]
+            loaded = [self.dataset.load_slice(task['query'], z, c) for task, _, z in items]
+            query_img = torch.stack([x[0] for x in loaded]).to(device, non_blocking=True)
+            record = model.encode_query(query_img, supports.select([j for _, j, _ in items]))
+            with autocast(device, runtime.precision):
+                pred = model.segment(model.infer(record)).cpu()            # [n,S,S]
+            for (task, _, _), (_, _, gt), p in zip(items, loaded, pred):
+                _count(task, p, gt, fb)
+        for task in (t for t in self.tasks if 'tp' in t):
+            tp, fp, fn = task['tp'], task['fp'], task['fn']
+            task['dice'] = 100.0 * 2 * tp / (2 * tp + fp + fn)               # > 0: the query slices hold the organ
+            task['iou'] = 100.0 * tp / (tp + fp + fn)
+        return len(work)
+
+
+def _count(task: dict, p: torch.Tensor, gt, fb: torch.Tensor) -> None:
+    r"""A slice's prediction back on the prepared grid of its volume ([S,S] -> [H,W]), counted into its task."""
+    p = F.interpolate(p[None, None].float(), gt.shape, mode='nearest')[0, 0].bool()
+    g = torch.from_numpy(gt).bool()
+    tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
+    tn = g.numel() - tp - fp - fn
+    task['tp'], task['fp'], task['fn'] = task['tp'] + tp, task['fp'] + fp, task['fn'] + fn
+    fb += torch.tensor([[tn, tp], [tn + fp + fn, tp + fp + fn]])
 
 
 def summarise(tasks: list[dict], class_names: list[str], n_folds: int, miou_over: str = 'all') -> dict:

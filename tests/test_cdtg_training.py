@@ -17,7 +17,7 @@ from engine.health import HealthLog
 from engine.loops import clip_gradients
 from model.base import EpisodeContext
 from model.layers import resized_masks
-from text.flags import LR_SCALES, MAX_TEXT_RATIO
+from text.settings import LR_SCALES, MAX_TEXT_RATIO, CDTGPlugin
 from text.plugin import ALIKE_COS, ALIKE_STEPS, CDTG, CDTGConfig, TextAlign
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_alpha_override_is_refused_for_a_gated_checkpoint():
     from argparse import Namespace
     args = Namespace(alpha=0.5, clip_weights=None, text_cache=None, descriptions=None, cdtg=False)
     with pytest.raises(UserError, match='gated'):
-        CDTG.test_overrides(config('patnet', fusion='gated'), args, 'x.pt')
+        CDTGPlugin.test_overrides(CDTGPlugin.from_saved(config('patnet', fusion='gated'), None), args, 'x.pt', 'patnet')
 
 
 @pytest.mark.slow

@@ -16,11 +16,12 @@ import test as test_cli
 from common.errors import UserError
 from data import build_dataset
 from engine.factory import build_model
-from engine.loops import train_epoch
+from engine.loops import EpochPlan, train_epoch
 from model.base import FewShotSegmenter, Output, Recipe
 from model.layers import masked_average_pooling, resize_mask
 from tests.golden.make import CDTG_CLASSES, cdtg_config, deterministic_init, episode
 from text.plugin import CDTG, GENERIC_BACKGROUND, CDTGConfig
+from text.settings import CDTGPlugin
 
 
 # --- the training loss on label-255 pixels -------------------------------------------------------------------------
@@ -34,6 +35,7 @@ class _ImageTaps(nn.Module):
 class ConstantLogits(FewShotSegmenter):
     r"""The same two logits at every pixel: its cross-entropy is a hand count of labels."""
     kshot = 'vote'
+    plugin_point = 'features'
 
     def __init__(self):
         super().__init__(_ImageTaps())
@@ -56,7 +58,7 @@ def test_boundary_pixels_are_trained_as_background_by_default(boundary):
     model = ConstantLogits()
     terms = {}
     train_epoch(model, [batch], Recipe(torch.optim.SGD(model.parameters(), lr=0.0)), torch.device('cpu'), ['a'],
-                on_step=lambda step, loss, t: terms.update(t), boundary=boundary)
+                EpochPlan(boundary=boundary), on_step=lambda step, loss, t: terms.update(t))
     log_p = torch.log_softmax(torch.tensor([0.4, -0.3], dtype=torch.float64), 0)
     n_bg = 24 + (6 if boundary == 'background' else 0)
     expected = -(n_bg * log_p[0] + 6 * log_p[1]) / (n_bg + 6)
@@ -139,7 +141,7 @@ def test_cdtg_features_feed_aligned_maps_to_patnet(monkeypatch):
         plain = deterministic_init(build_method('patnet', 'resnet50', 'none')).eval()
     guided = copy.deepcopy(plain)
     config = dict(cdtg_config('patnet', None), alpha=1.0, cdtg_features=True, cdtg_width=64)
-    guided.attach(deterministic_init(CDTG.from_config(config, guided), seed=5).eval())
+    guided.attach(deterministic_init(CDTGPlugin.build(CDTGPlugin.from_saved(config, None), guided), seed=5).eval())
     guided.hooks.bind('synthetic-med', CDTG_CLASSES)
     ep = episode(1, 1)
     ep['class_id'] = torch.tensor([1])

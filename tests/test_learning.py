@@ -15,7 +15,7 @@ def test_short_training_lowers_loss_and_beats_untrained(datapath):
     trn = build_dataset('synthetic', datapath, 'trn', 1, 96)
     val = build_dataset('synthetic', datapath, 'val', 1, 96)
     model = build_model(config, 'none')
-    _calibrate(model, trn, config, torch.device('cpu'))
+    _calibrate(model, trn, config['bn_calibration'], config['seed'], torch.device('cpu'))
     val_loader = build_loader(val, FixedEpisodes(val.sample_episodes(48, seed=0)), bsz=16, workers=0)
     before, _ = evaluate(model, val_loader, torch.device('cpu'), val.class_names)
 

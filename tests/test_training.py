@@ -8,7 +8,7 @@ import torch
 
 from common.errors import UserError
 from data.episodic import TrainingEpisodes
-from engine.loops import autocast, override_recipe, train_epoch
+from engine.loops import Runtime, autocast, override_recipe, train_epoch
 from model import Recipe, build_method
 from tests.golden.make import episode
 
@@ -106,8 +106,8 @@ def test_fp16_training_step_with_gradient_scaler(datapath):
     before = [p.detach().clone() for p in model.trainable_parameters()]
     scaler = torch.amp.GradScaler('cpu')
     try:
-        scores = train_epoch(model, loader, recipe, torch.device('cpu'), ds.class_names, precision='fp16',
-                             scaler=scaler)
+        scores = train_epoch(model, loader, recipe, Runtime(torch.device('cpu'), precision='fp16', scaler=scaler),
+                             ds.class_names)
     except RuntimeError as err:                               # an older CPU build without fp16 autocast kernels
         pytest.skip(f'fp16 autocast unavailable on this CPU build: {err}')
     assert math.isfinite(scores['loss'])

@@ -1,10 +1,10 @@
 r"""CD-TG text side: class descriptions (Text Generation Unit), CLIP text encoding and the semantic-guided plug-in.
 
-`from text import CDTG` imports the plug-in (and torch) on first use; text.flags (its command-line flags) needs
-neither."""
+`from text import CDTG` imports the plug-in (and torch) on first use; text.settings (its settings and command-line
+flags) needs neither."""
 import importlib
 
-_EXPORTS = {'CDTG': 'text.plugin', 'CDTGConfig': 'text.plugin'}
+_EXPORTS = {'CDTG': 'text.plugin', 'CDTGConfig': 'text.settings'}
 
 
 def __getattr__(name: str):

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import UserError
-from text.flags import CLIP_MODELS
+from text.settings import CLIP_MODELS
 
 # LoRA goes on the text transformer's MLP linears. Why not `attn.out_proj` as in the reference: nn.MultiheadAttention
 # hands out_proj.weight to F.multi_head_attention_forward and never calls the (LoRA-wrapped) module, so adapters there

@@ -29,10 +29,8 @@ The alignment modules are sized per level by default (the level's width C: ≈ 2
 C -> W -> C around one `TextAlign(W)`; the reference aligns 512-d features with one 512-d module, ≈ 1.6 M), so that
 gains of "+CD-TG" can be told apart from added capacity.
 """
-import argparse
 import hashlib
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -44,9 +42,8 @@ from common.errors import UserError
 from model.base import EpisodeContext, Hooks
 from model.layers import masked_average_pooling, resized_masks
 from text.descriptions import Descriptions, load_description_file, load_descriptions
-from text.encoder import CLIP_MODELS, ClipTextEncoder, TextBank, identity_mismatch
-from text.flags import (ATTN_MODES, BACKGROUNDS, FUSIONS, GRAD_CLIP, LR_SCALES, MAX_TEXT_RATIO, TEXT_BIASES,
-                        TEXT_RATIO, TEXT_SOURCES, WEIGHT_DECAY, add_args)
+from text.encoder import ClipTextEncoder, TextBank, identity_mismatch
+from text.settings import GENERIC_BACKGROUND, LR_SCALES, MAX_TEXT_RATIO, TEXT_RATIO, CDTGConfig  # noqa: F401
 
 TEXT_DIMS = {'RN50': 1024, 'ViT-B-32': 512, 'ViT-B-16': 512}
 #: MAP(F, m) = Σ F·m / (Σ m + ε): the reference plug-in's `generate_prototype` and PATNet both use 1e-6.
@@ -55,78 +52,6 @@ MAP_EPS = 1e-6
 PROBE_SUPPORTS = 4
 #: `check_health` warns when the text prototypes of two classes stay this alike (cosine) for this many steps.
 ALIKE_COS, ALIKE_STEPS = 0.99, 100
-#: The reference's single background caption for every dataset (Lilacis/CD_TG clip_prompts/background.json), used
-#: with `--cdtg-background generic`.
-GENERIC_BACKGROUND = ('A photo of the background, representing regions without specific anatomical structures or '
-                      'target objects, often appearing uniform or low-textured.')
-
-
-@dataclass
-class CDTGConfig:
-    r"""Everything that defines the plug-in (saved in checkpoints): its form, its text, and its optimiser group."""
-    clip: str = 'ViT-B-32'
-    clip_weights: str = 'openai'
-    attn: str = 'paper'
-    alpha: float = 0.7
-    fusion: str = 'fixed'
-    style_aug: bool = True
-    style_strength: float = 0.3
-    text_lora: int = 0
-    text_cache: str | None = None
-    seed: int = 0
-    maps: bool = False
-    width: int | None = None
-    background: str = 'domain'
-    descriptions: str | None = None
-    text_bias: str = 'bounded'
-    text_ratio: float = TEXT_RATIO
-    text: str = 'descriptions'
-    lr_scale: float | None = None                  # None: by the host's optimizer (LR_SCALES)
-    weight_decay: float = WEIGHT_DECAY
-    grad_clip: float = GRAD_CLIP
-
-    def validate(self) -> 'CDTGConfig':
-        if self.clip not in CLIP_MODELS:
-            raise UserError(f'--clip {self.clip!r}: choose one of {", ".join(CLIP_MODELS)}')
-        if self.attn not in ATTN_MODES:
-            raise UserError(f'--cdtg-attn {self.attn!r}: choose one of {", ".join(ATTN_MODES)}')
-        if self.fusion not in FUSIONS:
-            raise UserError(f'--fusion {self.fusion!r}: choose one of {", ".join(FUSIONS)}')
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f'--alpha must lie in [0, 1] (got {self.alpha})')
-        if self.fusion == 'learned' and not 0.0 < self.alpha < 1.0:
-            raise UserError('--fusion learned initialises a sigmoid gate at --alpha, which must lie in (0, 1)')
-        if self.text_lora < 0:
-            raise UserError('--text-lora must be >= 0')
-        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
-                                       or self.width < 8 or self.width % 8):
-            raise UserError(f'--cdtg-width must be a multiple of 8 (the attention heads), e.g. 512 (got {self.width})')
-        if self.background not in BACKGROUNDS:
-            raise UserError(f'--cdtg-background {self.background!r}: choose one of {", ".join(BACKGROUNDS)}')
-        if self.text_bias not in TEXT_BIASES:
-            raise UserError(f'--cdtg-text-bias {self.text_bias!r}: choose one of {", ".join(TEXT_BIASES)}')
-        if not 0.0 < self.text_ratio < MAX_TEXT_RATIO:
-            raise UserError(f'--cdtg-text-ratio must lie in (0, {MAX_TEXT_RATIO:g}) (got {self.text_ratio})')
-        if self.text_bias == 'template' and self.text_ratio != TEXT_RATIO:
-            raise UserError('--cdtg-text-ratio sets the share of the bounded text bias; the template\'s u is '
-                            'unbounded and has none (drop --cdtg-text-ratio, or use --cdtg-text-bias bounded)')
-        if self.text not in TEXT_SOURCES:
-            raise UserError(f'--cdtg-text {self.text!r}: choose one of {", ".join(TEXT_SOURCES)}')
-        if self.text == 'random' and self.text_lora:
-            raise UserError('--cdtg-text random replaces the text embeddings, so --text-lora would train adapters '
-                            'that nothing reads; use one of them')
-        if self.lr_scale is not None and not (self.lr_scale > 0 and math.isfinite(self.lr_scale)):
-            raise UserError(f'--cdtg-lr-scale must be a finite number > 0 (got {self.lr_scale})')
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise UserError(f'--cdtg-weight-decay must be a finite number >= 0 (got {self.weight_decay})')
-        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
-            raise UserError(f'--cdtg-grad-clip must be a finite number >= 0, 0 = off (got {self.grad_clip})')
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 class TextAlign(nn.Module):
     r"""Aligns a feature map [N,C,h,w] with text, per pixel: LayerNorm_C(F + u), u the text term.
 
@@ -835,78 +760,8 @@ class CDTG(Hooks):
         r"""Trainable parameters of the plug-in (alignment modules, gates; LoRA adapters when on)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    # --- command line and checkpoints (the plug-in protocol of engine/factory.py) -----------------------------
+    # --- checkpoints (the plug-in protocol of engine/factory.py) -----------------------------------------------
     name, label = 'cdtg', 'CD-TG'
-
-    add_args = staticmethod(add_args)                               # text/flags.py (torch-free)
-
-    @staticmethod
-    def enabled(config: dict) -> bool:
-        return bool(config.get('cdtg'))
-
-    @staticmethod
-    def config_keys() -> tuple[str, ...]:
-        r"""The run-configuration keys that belong to the plug-in."""
-        return ('cdtg', 'clip', 'clip_weights', 'cdtg_attn', 'alpha', 'fusion', 'cdtg_features', 'cdtg_width',
-                'cdtg_background', 'descriptions', 'no_style_aug', 'text_lora', 'text_cache', 'cdtg_text_bias',
-                'cdtg_text_ratio', 'cdtg_text', 'cdtg_lr_scale', 'cdtg_weight_decay', 'cdtg_grad_clip')
-
-    @classmethod
-    def from_config(cls, config: dict, model) -> 'CDTG':
-        r"""A plug-in sized for `model` (a FewShotSegmenter) from a run configuration (train.py's flags; keys
-        added since are optional, so older checkpoints rebuild as they were trained: without `cdtg_text_bias` the
-        text bias is the template's, as it was before the bounded form existed)."""
-        point = getattr(model, 'plugin_point', None)
-        if point not in ('features', 'prototypes'):
-            raise UserError(f'method {type(model).__name__} declares no CD-TG plug-in point')
-        cfg = CDTGConfig(clip=config['clip'], clip_weights=config['clip_weights'], attn=config['cdtg_attn'],
-                         alpha=float(config['alpha']), fusion=config['fusion'], style_aug=not config['no_style_aug'],
-                         text_lora=int(config['text_lora']), text_cache=config.get('text_cache'),
-                         seed=int(config.get('seed', 0)), maps=bool(config.get('cdtg_features', False)),
-                         width=config.get('cdtg_width'), background=config.get('cdtg_background') or 'domain',
-                         descriptions=config.get('descriptions'),
-                         text_bias=config.get('cdtg_text_bias', 'template'),
-                         text_ratio=float(config.get('cdtg_text_ratio', TEXT_RATIO)),
-                         text=config.get('cdtg_text', 'descriptions'),
-                         lr_scale=config.get('cdtg_lr_scale'),
-                         weight_decay=float(config.get('cdtg_weight_decay', WEIGHT_DECAY)),
-                         grad_clip=float(config.get('cdtg_grad_clip', GRAD_CLIP)))
-        if cfg.maps:           # the feature hooks align the backbone taps, which a prototype host may reduce later
-            return cls(list(model.backbone.channels), list(model.backbone.stage_ids), point, cfg)
-        return cls(model.feature_channels, model.feature_levels, point, cfg)
-
-    @classmethod
-    def test_overrides(cls, config: dict, args: argparse.Namespace, path: str) -> dict:
-        r"""The checkpoint's run configuration with test.py's plug-in flags applied (and checked). The descriptions
-        are test.py's own: `--descriptions FILE` (for the tested benchmark) or the shipped ones."""
-        has = cls.enabled(config)
-        if getattr(args, 'cdtg', False) and not has:
-            raise UserError(f'checkpoint {path} was trained without the CD-TG plug-in, so --cdtg cannot be used with '
-                            'it (drop --cdtg, or train with train.py --cdtg)')
-        config = dict(config)
-        for key in ('alpha', 'clip_weights', 'text_cache', 'descriptions'):
-            value = getattr(args, key, None)
-            if value is None:
-                continue
-            if not has:
-                raise UserError(f'--{key.replace("_", "-")} applies to CD-TG checkpoints only; {path} has no plug-in')
-            if key == 'alpha' and config.get('fusion') in ('learned', 'gated'):
-                raise UserError(f'--alpha cannot override {path}: its fusion weights were learned (--fusion '
-                                f'{config["fusion"]})')
-            if key == 'alpha' and _plugin_point(config) == 'features':
-                raise UserError(f'--alpha cannot override {path}: on {config["method"]} the plug-in is a learned '
-                                'residual gate F + g(1-alpha)(A(F) - F), so alpha only rescales the learned g and '
-                                'has no image-weight meaning (an override would run the model off its training '
-                                'distribution)')
-            if key == 'descriptions':
-                declared = load_description_file(value).benchmark
-                if declared != args.benchmark:
-                    raise UserError(f'--descriptions {value} describes benchmark {declared!r}, but test.py runs '
-                                    f'{args.benchmark!r}; pass the file written for {args.benchmark!r}')
-            config[key] = value
-        if has:
-            config['descriptions'] = getattr(args, 'descriptions', None)
-        return config
 
     def record(self) -> dict:
         r"""What a checkpoint (and results.json) records about this plug-in."""
@@ -920,13 +775,6 @@ class CDTG(Hooks):
             raise UserError(f'checkpoint {path} was trained with text encoder {saved.get("text_encoder")}, but this '
                             f'installation builds {self.identity}: '
                             f'{identity_mismatch(saved.get("text_encoder"), self.identity)}')
-
-
-def _plugin_point(config: dict) -> str | None:
-    r"""The plug-in point of a run configuration's method (None for a method this code does not know)."""
-    from model import METHODS
-    cls = METHODS.get(config.get('method'))
-    return getattr(cls, 'plugin_point', None)
 
 
 def _lerp(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
