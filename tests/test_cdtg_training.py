@@ -335,7 +335,7 @@ def test_training_keeps_the_text_guidance(method, datapath, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         train_cli.main(['--method', method, '--benchmark', 'synthetic', '--datapath', str(datapath),
-                        '--backbone-weights', 'none', '--bn-calibration', '32', '--img-size', '64', '--bsz', '2',
+                        '--backbone-weights', 'none', '--bn-calibration', '32', '--img-size', '48', '--bsz', '2',
                         '--epochs', '1', '--episodes-per-epoch', '160', '--val-episodes', '4', '--workers', '0',
                         '--seed', '0', '--log-every', '10', '--tb-images', '0', '--logpath', str(run)] + CDTG_FLAGS)
     readings = [json.loads(line) for line in (run / 'health.jsonl').read_text().splitlines()]
@@ -347,7 +347,7 @@ def test_training_keeps_the_text_guidance(method, datapath, tmp_path):
 
     model, _ = load_model(str(run / 'last.pt'), torch.device('cpu'))
     from data import build_dataset
-    ds = build_dataset('synthetic', datapath, 'val', 1, 64)
+    ds = build_dataset('synthetic', datapath, 'val', 1, 48)
     episodes = [ds[e] for e in ds.sample_episodes(4, seed=1)]
     batch = {k: torch.stack([e[k] for e in episodes]) for k in ('query_img', 'support_imgs', 'class_id')}
     batch['support_masks'] = torch.stack([e['support_masks'] for e in episodes]).float()

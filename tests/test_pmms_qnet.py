@@ -496,7 +496,7 @@ CDTG = ['--cdtg', '--clip-weights', 'none', '--cdtg-width', '64']
 def test_train_and_test_with_and_without_cdtg(method, backbone, datapath, medical, tmp_path):
     r"""Each method trains two steps plain (1-shot; Q-Net two epochs) and with CD-TG (2-shot) on `synthetic`, and
     tests on synthetic-med and the WBC fixture, 1- and 5-shot. (Q-Net here on ResNet-50, its selectable backbone;
-    its default ResNet-101 runs the contract tests of tests/test_methods.py.)"""
+    its default ResNet-101 runs the parity tests of tests/test_parity.py.)"""
     plain, guided = tmp_path / 'plain', tmp_path / 'cdtg'
     epochs = 2 if method == 'qnet' else 1
     out = tiny_train(method, datapath, plain, '--backbone', backbone, '--epochs', str(epochs))
