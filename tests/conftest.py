@@ -19,6 +19,16 @@ TINY_TRAIN = ['--method', 'hsnet', '--benchmark', 'synthetic', '--backbone', 're
               '--workers', '0', '--seed', '0', '--tb-images', '0']
 
 
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    r"""A test that changes torch's thread count (or a script's main it calls: bench.py --threads 1) does not leave it
+    changed for the tests after it (it used to: every test after tests/test_bench.py ran on one thread)."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='module')
 def one_thread():
     r"""One torch thread for a module of many small ops: on a shared 2-core machine, with 2 threads every op can stall

@@ -2,6 +2,7 @@ r"""The method contract, for every entry of METHODS (and a toy prototype method 
 K-shot output shapes, gradients, hook shapes, checkpoint round trip, the alpha = 1 plug-in identity, test-time
 adaptation that resets, the one test-time entry point, and HSNet/PATNet outputs bit-identical to the code before
 the staged pipeline (tests/golden)."""
+import copy
 import dataclasses
 import re
 import warnings
@@ -91,17 +92,28 @@ def backbone_of(name: str) -> str:
     return 'resnet50' if name == 'qnet' else METHODS[name].default_backbone
 
 
+_MADE: dict = {}
+
+
 def make(name: str, seed: int = 0) -> FewShotSegmenter:
     r"""Method `name` on `backbone_of(name)` with random weights whose BatchNorm statistics are calibrated on a few
     noise images (as `train.py --bn-calibration`): with the default statistics a random ResNet's layer4 reaches
-    ~5e3, which saturates Q-Net's sigmoid (p = 0 everywhere: no gradient, no effect of the plug-in)."""
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        model = build_method(name, backbone_of(name), 'none').eval()
-    if model.backbone.name != 'vgg16':
-        model.backbone.calibrate_bn([torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))])
-    return model
+    ~5e3, which saturates Q-Net's sigmoid (p = 0 everywhere: no gradient, no effect of the plug-in).
+
+    Built once per (name, seed) and handed out as a deep copy, with the global random state the build left behind,
+    so every test gets the model (and the random stream) a fresh build would give it."""
+    if (name, seed) not in _MADE:
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            model = build_method(name, backbone_of(name), 'none').eval()
+        if model.backbone.name != 'vgg16':
+            model.backbone.calibrate_bn([torch.randn(4, 3, SIZE, SIZE,
+                                                     generator=torch.Generator().manual_seed(seed))])
+        _MADE[(name, seed)] = model, torch.get_rng_state()
+    model, state = _MADE[(name, seed)]
+    torch.set_rng_state(state)
+    return copy.deepcopy(model)
 
 
 def inputs(nshot: int, batch: int = 2, seed: int = 0) -> dict:
