@@ -15,9 +15,9 @@ from common.metrics import format_scores
 from common.paths import check_apart_from_inputs, check_creatable_folder
 from common.utils import configure_backends, resolve_device, seed_everything
 from data import build_dataset, dataset_class, dataset_options
+from engine.config import TrainConfig
 from engine.factory import adaptation_record, load_model, plugin_record
 from engine.figures import save_episode_figure
-from engine.config import TrainConfig
 from engine.loops import Runtime
 from engine.protocols import PROTOCOLS
 
@@ -35,12 +35,12 @@ def run(args: argparse.Namespace) -> dict:
     PROTOCOLS[args.protocol].check(cls, args)
     dist, device_name = init_distributed(args.device)
     try:
-        return _test(args, cls, split, dist, device_name)
+        return _test(args, split, dist, device_name)
     finally:
         shutdown(dist)
 
 
-def _test(args, cls, split: str, dist, device_name: str) -> dict:
+def _test(args, split: str, dist, device_name: str) -> dict:
     device = resolve_device(device_name)
     configure_backends(device, tf32=args.tf32)
     logpath = Path(args.logpath or Path(args.load).parent /
@@ -113,7 +113,7 @@ def _warn_missing(args, scores: dict, log) -> None:
         log.info(f'warning: {message}')
 
 
-def conventions_record(args, trained: TrainConfig, model, plugin: dict | None, tf32: bool) -> dict:
+def conventions_record(trained: TrainConfig, model, plugin: dict | None, tf32: bool) -> dict:
     r"""Every comparability choice behind the numbers (None: does not apply to this run); see docs/reproducing.md,
     "Comparing with published numbers". The dataset and the protocol add theirs."""
     return {
@@ -132,7 +132,7 @@ def results_record(args, trained: TrainConfig, model, ckpt: dict, dataset, proto
     plugin = plugin_record(model)
     if plugin is not None and (ckpt.get('plugin') or {}).get('optimizer'):
         plugin['optimizer'] = ckpt['plugin']['optimizer']         # the group as training built it
-    conventions = conventions_record(args, trained, model, plugin, bool(args.tf32 and runtime.device.type == 'cuda'))
+    conventions = conventions_record(trained, model, plugin, bool(args.tf32 and runtime.device.type == 'cuda'))
     conventions['metric'] = scores['metric']
     conventions.update(dataset.conventions())
     conventions.update(protocol.conventions())

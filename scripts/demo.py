@@ -21,16 +21,17 @@ import train as train_cli  # noqa: E402
 from common.config import bounded, parse_with_config  # noqa: E402
 from common.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from common.errors import run_cli  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
 from engine.factory import build_model  # noqa: E402
 
 
-def reset_learnable(state: dict, config: dict, seed: int) -> dict:
-    r"""The trained checkpoint with every learnable tensor back at a fresh random initialisation."""
+def reset_learnable(ckpt: dict, seed: int) -> dict:
+    r"""The weights of a trained checkpoint with every learnable tensor back at a fresh random initialisation."""
     torch.manual_seed(seed)
-    fresh = build_model(config, None)
+    fresh = build_model(ModelConfig.from_saved(ckpt['config'], ckpt.get('plugin')), None)
     learnable = {name for name, p in fresh.named_parameters() if p.requires_grad}
     init = fresh.state_dict()
-    return {k: (init[k] if k in learnable else v) for k, v in state.items()}
+    return {k: (init[k] if k in learnable else v) for k, v in ckpt['model'].items()}
 
 
 def main(argv=None) -> dict:
@@ -53,7 +54,7 @@ def main(argv=None) -> dict:
                     '--val-episodes', '96', '--logpath', str(run)] + common)
 
     ckpt = load_checkpoint(run / 'best.pt')
-    untrained = dict(ckpt, model=reset_learnable(ckpt['model'], ckpt['config'], seed=1), epoch=-1)
+    untrained = dict(ckpt, model=reset_learnable(ckpt, seed=1), epoch=-1)
     save_checkpoint(untrained, run / 'untrained.pt')
 
     test_args = ['--benchmark', 'synthetic-med', '--nshot', '1', '--episodes', str(args.test_episodes),
