@@ -52,8 +52,7 @@ def staged_folder(final: str | Path, flag: str = '--out', command: str = '', rep
     try:
         final.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f'cannot write {flag} {final} ({err.strerror or type(err).__name__}); choose a writable '
-                        'folder') from err
+        raise _unwritable(flag, final, err) from err
     _previous_outputs(final, flag, command, replace)     # a foreign folder is refused before we add anything
     lock_created = not (final / LOCK_FILE).exists()
     lock = RunLock(final, command, flag)
@@ -66,8 +65,7 @@ def staged_folder(final: str | Path, flag: str = '--out', command: str = '', rep
         try:
             tmp.mkdir()
         except OSError as err:
-            raise UserError(f'cannot write {flag} {final} ({err.strerror or type(err).__name__}); choose a '
-                            'writable folder') from err
+            raise _unwritable(flag, final, err) from err
         try:
             yield tmp
             written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob('*') if p.is_file())
@@ -94,6 +92,10 @@ def staged_folder(final: str | Path, flag: str = '--out', command: str = '', rep
                 final.rmdir()
             except OSError:
                 pass
+
+
+def _unwritable(flag: str, folder: Path, err: OSError) -> UserError:
+    return UserError(f'cannot write {flag} {folder} ({err.strerror or type(err).__name__}); choose a writable folder')
 
 
 def _previous_outputs(final: Path, flag: str, command: str, replace: bool) -> list[str]:

@@ -384,7 +384,7 @@ def open_binary_mask(path: Path, upright: bool = False) -> np.ndarray:
                 if len(used) and (used[:, 0] == used[:, 1]).all() and (used[:, 1] == used[:, 2]).all():
                     return binary_mask(np.asarray(img.convert('L')))
                 return ((arr != 0) & (arr != 255)).astype(np.uint8)
-            if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+            if img.mode in WIDE_MODES:
                 arr = np.asarray(img, dtype=np.float64)
                 top = float(arr.max()) if arr.size else 0.0
                 cut = 1.0 if top <= 1 else (128.0 if top <= 255 else 32768.0)

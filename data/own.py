@@ -156,7 +156,7 @@ def mask_rule(path: Path) -> str:
         mode = img.mode
     if mode == 'P':
         return 'a palette image'
-    if mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+    if mode in WIDE_MODES:
         return 'a 16/32-bit image: foreground = 1, >= 128 or >= 32768 depending on its maximum'
     if mode in ('RGB', 'RGBA', 'LA'):
         return ('a colour image: foreground where any of R, G, B is >= 128 (= 1 for 0/1 masks), or where alpha >= '

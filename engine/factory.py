@@ -1,4 +1,4 @@
-r"""Assembly: build a method and its plug-ins from a run configuration or a checkpoint, and their command-line flags.
+r"""Assembly: build a method and its plug-ins from a run configuration or a checkpoint.
 
 A plug-in is registered in engine/flags.py `PLUGINS` by its torch-free spec, which provides, for this module and
 engine/config.py:
@@ -19,8 +19,8 @@ import torch
 
 from common.checkpoint import content_digest, load_checkpoint
 from common.errors import UserError
-from engine.config import ModelConfig, TrainConfig, method_options  # noqa: F401 (re-exported)
-from engine.flags import add_method_args, add_plugin_args, plugin_specs, preparse_method  # noqa: F401 (re-exported)
+from engine.config import ModelConfig, TrainConfig
+from engine.flags import plugin_specs
 from model import FewShotSegmenter, build_method
 
 
@@ -85,11 +85,8 @@ def load_model(path: str, device: torch.device, args: argparse.Namespace | None 
     ckpt = load_checkpoint(path, require_finite=True)
     spec = ModelConfig.from_saved(ckpt['config'], ckpt.get('plugin'))
     if args is not None:
-        for plugin in plugin_specs():
-            settings = plugin.test_overrides(spec.plugin(plugin.name), args, path, spec.method)
-            spec.plugins.pop(plugin.name, None)
-            if settings is not None:
-                spec.plugins[plugin.name] = settings
+        spec.plugins = {p.name: settings for p in plugin_specs()
+                        if (settings := p.test_overrides(spec.plugin(p.name), args, path, spec.method)) is not None}
     if expect_plugin is False and spec.plugins:
         raise UserError(f'checkpoint {path} holds a plug-in ({next(iter(spec.plugins))}); it cannot be evaluated as '
                         'a plain model')

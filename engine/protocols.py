@@ -9,7 +9,6 @@ dataset, runs the model (always through its test-time entry point) and adds what
 import argparse
 import warnings
 
-
 from common import names
 from common.errors import UserError
 from data import FixedEpisodes, build_loader
