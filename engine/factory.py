@@ -83,7 +83,10 @@ def load_model(path: str, device: torch.device, args: argparse.Namespace | None 
     `legacy_options`), other missing options with their defaults.
     """
     ckpt = load_checkpoint(path, require_finite=True)
-    spec = ModelConfig.from_saved(ckpt['config'], ckpt.get('plugin'))
+    try:
+        spec = ModelConfig.from_saved(ckpt['config'], ckpt.get('plugin'))
+    except UserError as err:
+        raise UserError(f'checkpoint {path}: {err}') from err
     if args is not None:
         spec.plugins = {p.name: settings for p in plugin_specs()
                         if (settings := p.test_overrides(spec.plugin(p.name), args, path, spec.method)) is not None}

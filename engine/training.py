@@ -107,8 +107,11 @@ def _resumed_config(args: argparse.Namespace, parser: argparse.ArgumentParser, t
         raise UserError(f'--resume: {logpath} holds no last.pt, so there is nothing to continue (start the run '
                         'without --resume)')
     ckpt = load_checkpoint(logpath / 'last.pt', require_finite=True)
-    config = TrainConfig.from_saved(ckpt['config'], ckpt.get('plugin'),
-                                    defaults={k: parser.get_default(k) for k in RESUMABLE}, strict=True)
+    try:
+        config = TrainConfig.from_saved(ckpt['config'], ckpt.get('plugin'),
+                                        defaults={k: parser.get_default(k) for k in RESUMABLE}, strict=True)
+    except UserError as err:
+        raise UserError(f'--resume: {logpath / "last.pt"}: {err}') from err
     option_names = {f.name for f in dataclasses.fields(method_class(config.model.method).Options)}
     saved = config.to_dict(checkpoint=True)
     for spec in plugin_specs():
