@@ -43,9 +43,10 @@ from model.base import EpisodeContext, Hooks
 from model.layers import masked_average_pooling, resized_masks
 from text.descriptions import Descriptions, load_description_file, load_descriptions
 from text.encoder import ClipTextEncoder, TextBank, identity_mismatch
-from text.settings import GENERIC_BACKGROUND, LR_SCALES, MAX_TEXT_RATIO, TEXT_RATIO, CDTGConfig  # noqa: F401
+from text.settings import (GENERIC_BACKGROUND, LR_SCALES, MAX_TEXT_RATIO, TEXT_ENCODERS, TEXT_RATIO,  # noqa: F401
+                           CDTGConfig)
 
-TEXT_DIMS = {'RN50': 1024, 'ViT-B-32': 512, 'ViT-B-16': 512}
+TEXT_DIMS = {name: spec.dim for name, spec in TEXT_ENCODERS.items()}
 #: MAP(F, m) = Σ F·m / (Σ m + ε): the reference plug-in's `generate_prototype` and PATNet both use 1e-6.
 MAP_EPS = 1e-6
 #: Health probes read this many supports of a batch.
@@ -335,7 +336,8 @@ class CDTG(Hooks):
             self.text_encoder = None
             self.bank = TextBank(config.clip, config.clip_weights, config.text_cache, config.seed)
             text_dim = TEXT_DIMS[config.clip]
-        self.identity = self.text_encoder.identity if self.text_encoder is not None else self.bank.identity
+        source = self.text_encoder if self.text_encoder is not None else self.bank
+        self.identity, self.encoder_record = source.identity, source.record
         align = dict(mode=config.attn, bias=config.text_bias, ratio=config.text_ratio)
         if config.width is None:
             self.align = nn.ModuleList([TextAlign(text_dim, c, **align) for c in widths])
@@ -417,12 +419,13 @@ class CDTG(Hooks):
         for i, g in enumerate(groups):
             mask[i, :len(g)] = True
         device = next(self.align.parameters()).device
+        labels = [name for name, g in zip(list(class_names) + ['background'], groups) for _ in g]
         if self.bank is not None:
-            flat = self.bank.embed([t for g in groups for t in g])
+            flat = self.bank.embed([t for g in groups for t in g], labels)
             table = torch.zeros(len(groups), t_max, flat.shape[-1])
             table[mask] = flat
         else:
-            tokens = self.text_encoder.tokenize([t for g in groups for t in g])
+            tokens = self.text_encoder.tokenize([t for g in groups for t in g], labels)
             table = torch.zeros(len(groups), t_max, tokens.shape[-1], dtype=tokens.dtype)
             table[mask] = tokens
         if record is None:
@@ -766,6 +769,7 @@ class CDTG(Hooks):
     def record(self) -> dict:
         r"""What a checkpoint (and results.json) records about this plug-in."""
         return {'name': self.name, 'config': self.config.to_dict(), 'text_encoder': self.identity,
+                'text_encoder_details': dict(self.encoder_record),
                 'reading': self.reading(), 'parameters': self.num_parameters, 'descriptions': dict(self.texts_used),
                 'optimizer': self.optimizer_record()}
 

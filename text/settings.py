@@ -12,7 +12,46 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from common.config import bounded
 from common.errors import UserError
 
-CLIP_MODELS = ('RN50', 'ViT-B-32', 'ViT-B-16')
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    r"""A text encoder `--clip` can name: what it is built from and where its published weights come from.
+
+    Args:
+        family: 'openai' (OpenAI's CLIP, open_clip's own config), 'biomedclip' (open_clip's CustomTextCLIP text tower:
+            PubMedBERT + MLP projection, config shipped in text/encoders/biomedclip/) or 'pubmedclip' (OpenAI's
+            ViT-B/32 CLIP text transformer with weights converted from the `transformers` CLIPModel format).
+        architecture: the open_clip model config whose text tower is built.
+        dim: embedding width. context: the tokenizer's context length (longer texts are truncated, with a warning).
+        tokenizer: what turns text into tokens. activation: of the text transformer.
+        published: where `--clip-weights openai` (or `hub`) gets the weights from.
+    """
+    family: str
+    architecture: str
+    dim: int
+    context: int
+    tokenizer: str
+    activation: str
+    published: str
+
+
+TEXT_ENCODERS = {
+    'RN50': TextEncoderSpec('openai', 'RN50', 1024, 77, 'CLIP BPE (open_clip)', 'quickgelu',
+                            'OpenAI CLIP RN50 (open_clip, hub timm/resnet50_clip.openai)'),
+    'ViT-B-32': TextEncoderSpec('openai', 'ViT-B-32', 512, 77, 'CLIP BPE (open_clip)', 'quickgelu',
+                                'OpenAI CLIP ViT-B/32 (open_clip, hub timm/vit_base_patch32_clip_224.openai)'),
+    'ViT-B-16': TextEncoderSpec('openai', 'ViT-B-16', 512, 77, 'CLIP BPE (open_clip)', 'quickgelu',
+                                'OpenAI CLIP ViT-B/16 (open_clip, hub timm/vit_base_patch16_clip_224.openai)'),
+    'biomedclip': TextEncoderSpec('biomedclip', 'BiomedCLIP-PubMedBERT_256-vit_base_patch16_224', 512, 256,
+                                  'PubMedBERT WordPiece, uncased', 'gelu',
+                                  'Hugging Face hub microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224'),
+    'pubmedclip': TextEncoderSpec('pubmedclip', 'ViT-B-32', 512, 77, 'CLIP BPE (open_clip)', 'quickgelu',
+                                  'Hugging Face hub flaviagiammarino/pubmed-clip-vit-base-patch32'),
+}
+CLIP_MODELS = tuple(TEXT_ENCODERS)
+#: `--clip-weights` values that mean "the encoder's published weights, downloaded" ('openai' is the historical name).
+PUBLISHED_WEIGHTS = ('openai', 'hub')
 ATTN_MODES = ('paper', 'attributes')
 FUSIONS = ('fixed', 'learned', 'gated')
 BACKGROUNDS = ('domain', 'generic')
@@ -61,10 +100,14 @@ def setting(default, flag: str | None = None, help: str = '', *, choices: tuple 
 @dataclass
 class CDTGConfig:
     r"""Everything that defines the plug-in (saved in checkpoints): its form, its text, and its optimiser group."""
-    clip: str = setting('ViT-B-32', '--clip', 'CLIP text encoder', choices=CLIP_MODELS)
+    clip: str = setting('ViT-B-32', '--clip', 'text encoder: OpenAI CLIP RN50 / ViT-B-32 / ViT-B-16, BiomedCLIP '
+                        '(PubMedBERT text tower) or PubMedCLIP (CLIP ViT-B/32 fine-tuned on ROCO); see docs/cdtg.md',
+                        choices=CLIP_MODELS)
     clip_weights: str = setting(
-        'openai', '--clip-weights', 'openai (download) | none (random; tests) | PATH to a local copy of the OpenAI '
-        'weights', test_help='where the CLIP weights are on this machine (must be the weights used in training)')
+        'openai', '--clip-weights', "openai or hub (the encoder's published weights, downloaded on first use) | none "
+        '(random; tests) | PATH to a local copy (a weight file, or for biomedclip/pubmedclip the downloaded hub '
+        'folder)', test_help='where the text-encoder weights are on this machine (must be the weights used in '
+        'training)')
     attn: str = setting(
         'paper', '--cdtg-attn', 'paper: the reference attention in its exact closed form (one text vector); '
         'attributes: cross-attention of every pixel over the caption and attribute sentences', choices=ATTN_MODES)
