@@ -116,6 +116,18 @@ def test_biomedclip_builds_offline_and_embeds_as_its_parts(biomedclip):
 
 
 @pytest.mark.slow
+def test_biomedclip_lora_adapts_the_mlp_linears_of_every_layer(biomedclip):
+    r"""`--text-lora` on BiomedCLIP targets BERT's MLP (intermediate.dense, output.dense) of each of the 12 layers,
+    not the attention output (also named output.dense), as on the CLIP towers (mlp.c_fc, mlp.c_proj)."""
+    import re
+
+    from text.encoder import BERT_LORA_TARGETS
+    hit = [n for n, _ in biomedclip.clip.transformer.named_modules() if re.fullmatch(BERT_LORA_TARGETS, n)]
+    assert len(hit) == 24 and not any('attention' in n for n in hit)
+    assert sorted({n.split('.', 3)[3] for n in hit}) == ['intermediate.dense', 'output.dense']
+
+
+@pytest.mark.slow
 def test_biomedclip_loads_a_local_hub_folder_with_its_vocabulary(tmp_path, biomedclip):
     r"""A BiomedCLIP checkpoint (open_clip names: text.* beside visual.*) and vocab.txt in one folder: the tower
     takes exactly the text weights, tokenizes with that vocabulary, and the identity names file and vocabulary."""
