@@ -23,7 +23,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--benchmark', required=True, help='a benchmark with a file in text/descriptions/')
     p.add_argument('--clip', default='ViT-B-32', choices=CLIP_MODELS)
-    p.add_argument('--clip-weights', default='openai', help='openai | none | PATH to a local copy of the weights')
+    p.add_argument('--clip-weights', default='openai', help='openai or hub (the published weights) | none | PATH to a '
+                   'local copy of the weights (docs/cdtg.md, "Text encoders")')
     p.add_argument('--text-cache', default=None, help='cache folder (default ~/.cache/cdtg/text-embeddings)')
     p.add_argument('--datapath', default=None,
                    help='take the class list from the dataset under DATA (needed for fss, whose 1000 classes use '

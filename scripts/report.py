@@ -44,9 +44,11 @@ from common.logger import staged_folder  # noqa: E402
 from common.paths import check_apart_from_inputs  # noqa: E402
 
 METRICS = {'miou': 'mIoU', 'fbiou': 'FB-IoU', 'dice': 'Dice'}
-TARGET_NAMES = {'isic': 'ISIC', 'lung': 'Chest X-ray', 'wbc': 'WBC', 'chaos': 'CHAOS', 'deepglobe': 'Deepglobe',
-                'fss': 'FSS-1000'}
-TARGET_ORDER = ('isic', 'lung', 'wbc', 'chaos', 'deepglobe', 'fss')
+TARGET_NAMES = {'isic': 'ISIC', 'lung': 'Chest X-ray', 'wbc': 'WBC', 'chaos': 'CHAOS', 'abd-ct': 'ABD-CT',
+                'cmr': 'Cardiac MRI', 'kvasir': 'Kvasir-SEG', 'deepglobe': 'Deepglobe', 'fss': 'FSS-1000'}
+TARGET_ORDER = ('isic', 'lung', 'wbc', 'chaos', 'abd-ct', 'cmr', 'kvasir', 'deepglobe', 'fss')
+#: How a table names a text encoder other than the default (`--clip`; scripts/ablations/text_encoders.sh).
+ENCODER_NAMES = {'biomedclip': 'BiomedCLIP', 'pubmedclip': 'PubMedCLIP'}
 PLUGIN_DEFAULTS = {'clip': 'ViT-B-32', 'attn': 'paper', 'fusion': 'fixed', 'style_aug': True, 'text_lora': 0,
                    'maps': False, 'width': None, 'background': 'domain', 'descriptions': None, 'text_bias': 'bounded',
                    'text_ratio': 0.3, 'text': 'descriptions', 'lr_scale': None, 'weight_decay': 0.01,
@@ -132,7 +134,7 @@ def _variant(plugin: dict | None, trained_alpha: float | None) -> tuple[str, tup
         elif key == 'text_lora':
             settings.append(f'LoRA {value}')
         elif key == 'clip':
-            settings.append(f'CLIP {value}')
+            settings.append(ENCODER_NAMES.get(value, f'CLIP {value}'))
         elif key == 'maps':
             settings.append('aligned maps')
         elif key == 'descriptions':

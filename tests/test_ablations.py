@@ -19,7 +19,8 @@ ALPHA_HOSTS = [m for m in METHODS if METHODS[m].plugin_point == 'prototypes']   
 
 def bash(script: str, *flags: str, timeout: int = 120, **env) -> subprocess.CompletedProcess:
     environ = dict(os.environ, PYTHON=sys.executable, **{k: str(v) for k, v in env.items()})
-    for key in ('METHODS', 'TARGETS', 'SHOTS', 'SEEDS', 'ALPHAS', 'OUT', 'TRAIN_ARGS', 'TEST_ARGS', 'COMPONENTS'):
+    for key in ('METHODS', 'TARGETS', 'SHOTS', 'SEEDS', 'ALPHAS', 'OUT', 'TRAIN_ARGS', 'TEST_ARGS', 'COMPONENTS',
+                'ENCODERS', 'ENCODER_WEIGHTS'):
         if key not in env:
             environ.pop(key, None)
     return subprocess.run(['bash', str(SCRIPTS / script), *flags], cwd=ROOT, env=environ, capture_output=True,
@@ -113,6 +114,35 @@ def test_components_dry_run(tmp_path):
     assert all('--no-style-aug' in c for c in by_folder['no-style-aug'])
 
 
+@pytest.mark.slow
+def test_text_encoders_dry_run(tmp_path):
+    r"""One baseline and one CD-TG model per encoder for every method, tested on the paper's targets and the medical
+    few-shot benchmarks (volumetric where a benchmark has it); local weights go to their own encoder only."""
+    proc = bash('text_encoders.sh', '--dry-run', OUT=tmp_path, ENCODER_WEIGHTS='biomedclip=/w/BiomedCLIP')
+    assert proc.returncode == 0, proc.stderr
+    trains, tests = commands(proc.stdout, 'train.py'), commands(proc.stdout, 'test.py')
+    by_folder = {}
+    for c in trains:
+        by_folder.setdefault(Path(flag(c, '--logpath')).parent.name, []).append(c)
+    encoders = ['RN50', 'ViT-B-32', 'ViT-B-16', 'biomedclip', 'pubmedclip']
+    assert sorted(by_folder) == sorted(['baseline'] + encoders)
+    assert len(by_folder['baseline']) == len(METHODS) and not any('--cdtg' in c for c in by_folder['baseline'])
+    for encoder in encoders:
+        assert sorted(flag(c, '--method') for c in by_folder[encoder]) == sorted(METHODS)
+        assert all('--cdtg' in c and flag(c, '--clip') == encoder for c in by_folder[encoder])
+        assert all(flag(c, '--clip-weights') == ('/w/BiomedCLIP' if encoder == 'biomedclip' else None)
+                   for c in by_folder[encoder])
+    targets = {(flag(c, '--benchmark'), flag(c, '--protocol')) for c in tests}
+    assert targets == {('isic', None), ('lung', None), ('wbc', None), ('chaos', None), ('chaos', 'volumetric'),
+                       ('abd-ct', None), ('abd-ct', 'volumetric'), ('cmr', None), ('cmr', 'volumetric'),
+                       ('kvasir', None)}
+    assert len(tests) == len(targets) * len(METHODS) * (1 + len(encoders))
+    for env in ({'ENCODERS': 'RN50 gpt'}, {'ENCODER_WEIGHTS': 'clip=/w'}):
+        proc = bash('text_encoders.sh', '--dry-run', OUT=tmp_path, **env)
+        assert proc.returncode == 2 and 'Traceback' not in proc.stderr and ('gpt' in proc.stderr or 'clip=/w' in
+                                                                            proc.stderr)
+
+
 def test_synthetic_dry_run_and_argument_errors(tmp_path):
     proc = bash('main_table.sh', '--dry-run', '--synthetic', OUT=tmp_path)
     trains, tests = commands(proc.stdout, 'train.py'), commands(proc.stdout, 'test.py')
@@ -157,7 +187,8 @@ def test_synthetic_alpha_sweep_end_to_end_then_report(datapath, tmp_path):
     assert re.search(r'\| [+-]\d+\.\d \|$', rows[3])                           # the delta column
 
 
-@pytest.mark.parametrize('script', ['main_table.sh', 'alpha_sweep.sh', 'components.sh', 'shots.sh'])
+@pytest.mark.parametrize('script', ['main_table.sh', 'alpha_sweep.sh', 'components.sh', 'shots.sh',
+                                    'text_encoders.sh'])
 def test_scripts_are_strict_bash(script):
     text = (SCRIPTS / script).read_text()
     assert text.startswith('#!/usr/bin/env bash') and 'common.sh' in text

@@ -271,3 +271,14 @@ def test_report_names_the_text_bias_of_results_written_before_it_existed():
     assert report._variant({'config': {'alpha': 0.7}}, 0.7)[0] == '+CD-TG (text bias template)'
     assert report._variant({'config': {'text': 'shuffled', 'fusion': 'gated', 'text_bias': 'bounded'}}, 0.7)[0] == \
         '+CD-TG (fusion gated, shuffled text)'
+
+
+def test_report_names_text_encoders_and_the_medical_benchmarks():
+    r"""The rows of scripts/ablations/text_encoders.sh, and the columns of its targets, in the order of the paper's."""
+    def variant(clip):
+        return report._variant({'config': {'clip': clip, 'text_bias': 'bounded'}}, 0.7)[0]
+    assert [variant(c) for c in ('ViT-B-32', 'RN50', 'biomedclip', 'pubmedclip')] == \
+        ['+CD-TG', '+CD-TG (CLIP RN50)', '+CD-TG (BiomedCLIP)', '+CD-TG (PubMedCLIP)']
+    targets = ['kvasir', 'abd-ct:volumetric', 'isic', 'cmr', 'chaos:volumetric', 'abd-ct']
+    assert [report.target_label(t) for t in sorted(targets, key=report.target_key)] == \
+        ['ISIC', 'CHAOS (3D)', 'ABD-CT', 'ABD-CT (3D)', 'Cardiac MRI', 'Kvasir-SEG']
