@@ -1,5 +1,6 @@
 r"""The text encoder (OpenAI CLIP through open_clip; BiomedCLIP and PubMedCLIP through text/towers.py), a
 content-addressed embedding cache, and optional LoRA adapters that train."""
+import functools
 import hashlib
 import os
 import re
@@ -30,6 +31,13 @@ def default_cache_dir() -> Path:
 
 
 def file_digest(path: Path) -> str:
+    r"""The first 16 hex digits of the file's SHA-256 (computed once per file version: weight files are large)."""
+    stat = Path(path).stat()
+    return _digest(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
