@@ -10,7 +10,7 @@ import argparse
 from common.config import bounded, parse_with_config
 from common.errors import run_cli
 from common.names import MATCH_SHOTS, MIOU_OVER, PROTOCOLS, SUPPORT_RULES
-from data import add_dataset_args
+from data import add_dataset_args, benchmarks_with_protocol
 from engine.flags import add_adaptation_args, add_config_arg, add_plugin_args, add_runtime_args
 
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'default such supports repeat, with a warning, and results.json counts them')
     p.add_argument('--protocol', type=str, default='2d', choices=tuple(PROTOCOLS),
                    help='2d: pre-sampled 2D episodes (every benchmark); volumetric: Q-Net\'s 5-fold protocol with '
-                        '3D Dice per organ (chaos; see engine/volumetric.py)')
+                        f'3D Dice per organ ({", ".join(benchmarks_with_protocol("volumetric"))}; see '
+                        'engine/volumetric.py)')
     p.add_argument('--volumetric-support', type=str, default=None, choices=SUPPORT_RULES,
                    help='support volume of each fold in the volumetric protocol: qnet (default; Q-Net\'s supp_idx 2) '
                         'or ssl-alpnet (the fold\'s extra fifth scan, SSL-ALPNet\'s SUPP_ID [4])')

@@ -25,7 +25,10 @@ DATASETS = LazyRegistry({
     'isic': 'data.isic:ISIC',
     'lung': 'data.lung:Lung',
     'wbc': 'data.wbc:WBC',
+    'kvasir': 'data.kvasir:Kvasir',
     'chaos': 'data.chaos:Chaos',
+    'abd-ct': 'data.abdct:AbdCT',
+    'cmr': 'data.cmr:CMR',
     'fss': 'data.fss:FSS1000',
     'deepglobe': 'data.deepglobe:Deepglobe',
 })
@@ -45,6 +48,11 @@ def dataset_class(name: str) -> type[EpisodicDataset]:
     if name not in DATASETS:
         raise UserError(f'unknown benchmark {name!r}; choose one of {", ".join(DATASETS)}')
     return DATASETS[name]
+
+
+def benchmarks_with_protocol(protocol: str) -> list[str]:
+    r"""The benchmarks whose `protocols` include `protocol` (e.g. 'volumetric'), read from their source (no import)."""
+    return [name for name in DATASETS if protocol in DATASETS.declared(name, 'protocols', ('2d',))]
 
 
 def add_dataset_args(parser) -> None:
@@ -102,4 +110,5 @@ def build_loader(dataset: EpisodicDataset, sampler: Sampler, bsz: int, workers: 
 
 
 __all__ = ['DATASETS', 'Episode', 'EpisodicDataset', 'FixedEpisodes', 'TrainingEpisodes', 'add_dataset_args',
-           'build_dataset', 'build_loader', 'collate_episodes', 'dataset_class', 'dataset_options']
+           'benchmarks_with_protocol', 'build_dataset', 'build_loader', 'collate_episodes', 'dataset_class',
+           'dataset_options']

@@ -19,12 +19,8 @@ The loader reads only that cache. Networks see a slice as round(255 x value) rep
 normalisation, like every other target. Two protocols: the default 2D episodes (4 organ classes, query and
 support are organ-containing slices of *different* patients, 600 class-balanced episodes) and the volumetric
 SSL-ALPNet / Q-Net protocol in `engine/volumetric.py` (`test.py --protocol volumetric`), the primary CHAOS metric.
+The cache writer and the loader are shared with the other volumetric benchmarks (`PreparedVolumes`, data/volumes.py).
 """
-import json
-import shutil
-import tempfile
-import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +28,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import UserError
-from data.checks import CheckedDataset, DataReport, layout_error, list_files
-from data.episodic import write_json_atomic
+from data.checks import DataReport, list_files
+from data.volumes import MANIFEST, PreparedVolumes, percentile_normalise, pid_order, prepare_cache
+
+__all__ = ['CACHE_NAME', 'LABEL_LUT', 'MANIFEST', 'ORGANS', 'Chaos', 'labels_from_png', 'order_slices', 'pid_order',
+           'prepare']
 
 ORGANS = ['liver', 'right kidney', 'left kidney', 'spleen']
 GRAY_RANGES = [(55, 70), (110, 135), (175, 200), (240, 255)]
@@ -46,22 +45,12 @@ PREP_FORMAT = 'cdtg-chaos-t2spir'
 PREP_VERSION = 1
 CLIP_PERCENTILE = 99.5
 CACHE_NAME = 'prepared_T2SPIR'
-MANIFEST = 'manifest.json'
 RAW_ROOTS = ('CHAOS/Train_Sets/MR', 'Train_Sets/MR', 'CHAOS_Train_Sets/Train_Sets/MR', 'CHAOS/MR', 'MR')
 RAW_LAYOUT = ('  CHAOS/Train_Sets/MR/   (as CHAOS_Train_Sets.zip unpacks; Train_Sets/MR/ directly under --datapath '
               'also works)\n'
               '    1/T2SPIR/DICOM_anon/IMG-0002-00001.dcm ...\n'
               '    1/T2SPIR/Ground/IMG-0002-00001.png ...   (same stems; liver ~63, kidneys ~126/~189, spleen ~252)\n'
               '    2/ 3/ 5/ ... 39/   (20 patients)')
-
-
-def default_cache_dir(datapath: Path | str) -> Path:
-    return Path(datapath) / 'CHAOS' / CACHE_NAME
-
-
-def prepare_command(datapath: Path | str, out: Path | None = None) -> str:
-    cmd = f'python scripts/prepare_chaos.py --datapath {datapath}'
-    return cmd + (f' --out {out}' if out is not None and Path(out) != default_cache_dir(datapath) else '')
 
 
 def find_raw_root(datapath: Path) -> Path | None:
@@ -80,10 +69,6 @@ def patient_dirs(raw_root: Path) -> list[Path]:
     dirs = [p for p in raw_root.iterdir() if p.is_dir() and not p.name.startswith(('.', '__'))
             and (p.name.isdigit() or (p / 'T2SPIR').is_dir())]
     return sorted(dirs, key=lambda p: pid_order(p.name))
-
-
-def pid_order(pid: str):
-    return (0, int(pid), '') if pid.isdigit() else (1, 0, pid)
 
 
 # --- DICOM series ------------------------------------------------------------------------------------------------
@@ -261,95 +246,20 @@ def load_patient(pdir: Path, report: DataReport) -> PatientVolume | None:
                          [stems[i] for i in order], method, spacing)
 
 
-def scan_raw(raw_root: Path, report: DataReport, on_volume=None) -> None:
-    r"""Read every patient under `raw_root` into `report` (class items: organ slices 'pid/zzz'); each usable volume
-    is handed to `on_volume` and then released, so only one volume is in memory at a time."""
-    for pdir in patient_dirs(raw_root):
-        vol = load_patient(pdir, report)
-        if vol is None:
-            continue
-        for c in range(1, len(ORGANS) + 1):
-            report.class_items[c - 1].extend(f'{vol.pid}/{z:03d}' for z in np.flatnonzero((vol.label == c).any((1, 2))))
-        if on_volume is not None:
-            on_volume(vol)
-
-
 def normalise_volume(image: np.ndarray) -> tuple[np.ndarray, float, float]:
     r"""Clip above the 99.5th percentile, then (x - min) / (clip - min) -> float32 in [0, 1]. Returns (volume, min,
     clip value)."""
-    clip = float(np.percentile(image, CLIP_PERCENTILE))
-    image = np.minimum(image.astype(np.float64), clip)
-    lo = float(image.min())
-    out = (image - lo) / (clip - lo) if clip > lo else np.zeros_like(image)
-    return out.astype(np.float32), lo, clip
+    return percentile_normalise(image, CLIP_PERCENTILE)
 
 
 def prepare(datapath: Path | str, out: Path | str | None = None, skip_bad: bool = False,
             overwrite: bool = False) -> Path:
     r"""Build the prepared cache from the raw DICOM layout; returns the cache folder."""
-    datapath = Path(datapath)
-    raw_root = find_raw_root(datapath)
-    if raw_root is None:
-        raise UserError(f'chaos: no raw CHAOS MR folder under {datapath} (looked for '
-                        f'{", ".join(str(datapath / r) for r in RAW_ROOTS)}).\nExpected layout under --datapath:\n'
-                        f'{RAW_LAYOUT}')
-    out = Path(out) if out else default_cache_dir(datapath)
-    if (out / MANIFEST).is_file() and not overwrite:
-        raise UserError(f'{out} already holds a prepared CHAOS cache; pass --overwrite to rebuild it')
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix='.chaos-prepare-', dir=out.parent))
-    except OSError as err:
-        raise UserError(f'cannot write the CHAOS cache to {out} ({err}); pass a writable --out') from err
-    entries = []
-
-    def write(vol: PatientVolume) -> None:
-        image, lo, clip = normalise_volume(vol.image)
-        np.save(tmp / f'image_{vol.pid}.npy', image)
-        np.save(tmp / f'label_{vol.pid}.npy', vol.label)
-        entries.append({
-            'pid': vol.pid, 'image': f'image_{vol.pid}.npy', 'label': f'label_{vol.pid}.npy',
-            'shape': list(vol.label.shape), 'order': vol.order, 'slices': vol.stems,
-            'spacing_zyx_mm': vol.spacing, 'intensity_min': lo, 'clip_value': clip,
-            'organ_slices': {name: np.flatnonzero((vol.label == c).any((1, 2))).tolist()
-                             for c, name in enumerate(ORGANS, 1)},
-        })
-
-    try:
-        report = DataReport('chaos', raw_root, True)
-        report.class_names, report.class_items = list(ORGANS), [[] for _ in ORGANS]
-        scan_raw(raw_root, report, on_volume=write)
-        for message in report.warnings:
-            warnings.warn(f'chaos: {message}', stacklevel=2)
-        if report.hard:
-            if not skip_bad:
-                raise UserError(report.error_message(RAW_LAYOUT, f'python scripts/check_data.py --benchmark chaos '
-                                                                 f'--datapath {datapath}'))
-            warnings.warn(f'chaos: --skip-bad left out patients '
-                          f'{", ".join(sorted(report.bad_keys(), key=pid_order))} ({report.summary(hard=True)})',
-                          stacklevel=2)
-        if not entries:
-            raise UserError(f'chaos: no usable patient under {raw_root}.\nExpected layout:\n{RAW_LAYOUT}')
-        write_json_atomic(tmp / MANIFEST, {
-            'format': PREP_FORMAT, 'version': PREP_VERSION, 'created': time.strftime('%Y-%m-%d %H:%M:%S'),
-            'raw_root': str(raw_root.resolve()), 'classes': ORGANS,
-            'label_ranges': {name: list(r) for name, r in zip(ORGANS, GRAY_RANGES)},
-            'preprocessing': f'slices sorted by position; intensities clipped above the {CLIP_PERCENTILE}th '
-                             'percentile per volume and rescaled to [0, 1]; no resampling, no cropping',
-            'skipped': sorted(report.bad_keys(), key=pid_order), 'volumes': entries})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    except OSError as err:
-        raise UserError(f'cannot write the CHAOS cache to {out} ({err}); pass a writable --out') from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return prepare_cache(Chaos, datapath, out, skip_bad=skip_bad, overwrite=overwrite)
 
 
 # --- the benchmark ------------------------------------------------------------------------------------------------
-class Chaos(CheckedDataset):
+class Chaos(PreparedVolumes):
     r"""CHAOS T2-SPIR organs from the prepared cache; 2D episodes, and the volumetric protocol's accessors."""
     name = 'chaos'
     domain = 'target'
@@ -359,147 +269,34 @@ class Chaos(CheckedDataset):
     protocols = ('2d', 'volumetric')
     layout = (f'{RAW_LAYOUT}\n  CHAOS/{CACHE_NAME}/manifest.json, image_<pid>.npy, label_<pid>.npy   (written by '
               '`python scripts/prepare_chaos.py --datapath DIR`)')
+    volume_classes = tuple(ORGANS)
+    title, raw_title, raw_format = 'CHAOS', 'CHAOS MR', 'DICOM'
+    raw_roots, raw_also, raw_layout = RAW_ROOTS, 'Train_Sets/MR/', RAW_LAYOUT
+    cache_subdir, cache_option, prepare_script = f'CHAOS/{CACHE_NAME}', 'chaos_cache', 'scripts/prepare_chaos.py'
+    prep_format, prep_version = PREP_FORMAT, PREP_VERSION
+    preprocessing = (f'slices sorted by position; intensities clipped above the {CLIP_PERCENTILE}th percentile per '
+                     'volume and rescaled to [0, 1]; no resampling, no cropping')
 
     def configure(self, chaos_cache: str | None = None) -> None:
-        self.cache_dir = Path(chaos_cache).expanduser() if chaos_cache else default_cache_dir(self.datapath)
+        super().configure(chaos_cache=chaos_cache)
 
-    def rebuild_command(self) -> str:
-        return prepare_command(self.datapath, self.cache_dir) + ' --overwrite'
+    @classmethod
+    def find_raw_root(cls, datapath: Path) -> Path | None:
+        return find_raw_root(datapath)
 
-    def repair_hint(self) -> str:
-        return f'rebuild the cache with `{self.rebuild_command()}`'
+    @classmethod
+    def iter_raw(cls, raw_root: Path, report: DataReport):
+        for pdir in patient_dirs(raw_root):
+            vol = load_patient(pdir, report)
+            if vol is not None:
+                yield vol
 
-    def read_manifest(self) -> dict:
-        path = self.cache_dir / MANIFEST
-        if not path.is_file():
-            raw = find_raw_root(self.datapath)
-            if raw is None:
-                raise layout_error(self, self.datapath / RAW_ROOTS[0], also='Train_Sets/MR/ and a prepared cache')
-            raise UserError(f'chaos: the prepared cache {path} does not exist. Prepare it once from the DICOM files '
-                            f'in {raw} with:\n  {prepare_command(self.datapath, self.cache_dir)}')
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f'chaos: {path} is unreadable ({err}); rebuild it with '
-                            f'`{self.rebuild_command()}`') from err
-        if manifest.get('format') != PREP_FORMAT or manifest.get('version') != PREP_VERSION:
-            raise UserError(f'chaos: {path} was written by another version of the preparation (format '
-                            f'{manifest.get("format")!r} v{manifest.get("version")}, expected {PREP_FORMAT!r} '
-                            f'v{PREP_VERSION}); rebuild it with `{self.rebuild_command()}`')
-        return manifest
+    @classmethod
+    def prepare_volume(cls, vol: PatientVolume) -> tuple[np.ndarray, np.ndarray, dict]:
+        image, lo, clip = normalise_volume(vol.image)
+        return image, vol.label, {'order': vol.order, 'slices': vol.stems, 'spacing_zyx_mm': vol.spacing,
+                                  'intensity_min': lo, 'clip_value': clip}
 
-    def scan(self, full: bool) -> DataReport:
-        raw = find_raw_root(self.datapath)
-        if full and raw is not None and not (self.cache_dir / MANIFEST).is_file():
-            # The checker on raw data that is not prepared yet: report on the raw files, and the missing cache.
-            report = DataReport(self.name, raw, True)
-            report.class_names, report.class_items = list(ORGANS), [[] for _ in ORGANS]
-            scan_raw(raw, report)
-            report.add('missing', self.cache_dir / MANIFEST, 'the prepared cache does not exist yet; build it with '
-                       f'`{prepare_command(self.datapath, self.cache_dir)}`')
-            return report
-        manifest = self.read_manifest()
-        report = DataReport(self.name, self.cache_dir, full)
-        report.class_names, report.class_items = list(ORGANS), [[] for _ in ORGANS]
-        self._volumes: dict[str, dict] = {}
-        for entry in manifest['volumes']:
-            pid, ok = entry['pid'], True
-            for role in ('image', 'label'):
-                path = self.cache_dir / entry[role]
-                report.files_checked += 1
-                try:
-                    arr = np.load(path, mmap_mode='r')
-                    if list(arr.shape) != entry['shape']:
-                        raise ValueError(f'shape {list(arr.shape)} but the manifest says {entry["shape"]}')
-                    if full:
-                        values = np.asarray(arr)
-                        if role == 'label' and values.max(initial=0) > len(ORGANS):
-                            raise ValueError(f'organ ids up to {values.max()} (expected 0-{len(ORGANS)})')
-                        if role == 'image' and not (np.isfinite(values).all() and values.min() >= 0
-                                                    and values.max() <= 1):
-                            raise ValueError('intensities outside [0, 1] or not finite')
-                except FileNotFoundError:
-                    report.add('missing', path, 'listed in the manifest', pid)
-                    ok = False
-                except (OSError, ValueError) as err:
-                    report.add('unreadable', path, str(err), pid)
-                    ok = False
-            if not ok:
-                continue
-            self._volumes[pid] = entry
-            for c, name in enumerate(ORGANS):
-                report.class_items[c].extend(f'{pid}/{z:03d}' for z in entry['organ_slices'][name])
-        report.notes.append(f'{len(manifest["volumes"])} prepared volumes from {manifest.get("raw_root")} '
-                            f'({manifest.get("created")}); {manifest.get("preprocessing")}')
-        if manifest.get('skipped'):
-            report.warnings.append(f'patients left out at preparation (--skip-bad): {", ".join(manifest["skipped"])}')
-        if full:
-            if raw is not None:
-                raw_report = DataReport(self.name, raw, True)
-                raw_report.class_names, raw_report.class_items = list(ORGANS), [[] for _ in ORGANS]
-                scan_raw(raw, raw_report)
-                report.files_checked += raw_report.files_checked
-                report.notes.append(f'raw DICOM layout {raw} re-read: {len(raw_report.problems)} problems')
-                for p in raw_report.problems:
-                    report.add(p.kind, p.path, p.detail, None, p.hard)
-                report.warnings.extend(raw_report.warnings)
-        bad = report.bad_keys()
-        for c, name in enumerate(ORGANS):
-            patients = {k.split('/')[0] for k in report.class_items[c] if k.split('/')[0] not in bad}
-            report.notes.append(f'{name}: {len(report.class_items[c])} slices in {len(patients)} volumes')
-            if 0 < len(patients) < 2:
-                report.warnings.append(f'{name} appears in a single patient: 2D episodes need a support from another '
-                                       'patient, so the class is left out')
-                report.class_items[c] = []
-        return report
-
-    # --- slices ---------------------------------------------------------------------------------------------------
-    @staticmethod
-    def split_key(key: str) -> tuple[str, int]:
-        pid, z = key.rsplit('/', 1)
-        return pid, int(z)
-
-    def _array(self, pid: str, role: str) -> np.ndarray:
-        path = self.cache_dir / self._volumes[pid][role]
-        try:
-            return np.load(path, mmap_mode='r')
-        except (OSError, ValueError) as err:
-            raise UserError(f'chaos: cannot read {path} ({err}); rebuild the cache with '
-                            f'`{self.rebuild_command()}`') from err
-
-    def slice_image(self, pid: str, z: int) -> Image.Image:
-        r"""Slice z as an 8-bit RGB image: round(255 x normalised intensity), replicated to 3 channels."""
-        values = np.asarray(self._array(pid, 'image')[z], dtype=np.float32)
-        gray = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return Image.fromarray(gray).convert('RGB')         # uint8 2D -> mode L
-
-    def slice_label(self, pid: str, z: int) -> np.ndarray:
-        return np.asarray(self._array(pid, 'label')[z], dtype=np.uint8)
-
-    def read_image(self, key):
-        return self.slice_image(*self.split_key(key))
-
-    def read_mask(self, key, class_id):
-        return (self.slice_label(*self.split_key(key)) == class_id + 1).astype(np.uint8)
-
-    def sample_supports(self, rng, class_id, query):
-        r"""K supports of the class from patients other than the query's (distinct when enough exist)."""
-        patient = self.split_key(query)[0]
-        others = [k for k in self.class_items[class_id] if self.split_key(k)[0] != patient]
-        picks = rng.choice(len(others), size=self.nshot, replace=len(others) < self.nshot)
-        return tuple(others[i] for i in picks)
-
-    # --- volumetric protocol ------------------------------------------------------------------------------------
-    @property
-    def volumes(self) -> list[str]:
-        r"""Patient ids of the usable prepared volumes, sorted numerically (the order the folds index)."""
-        return sorted(self._volumes, key=pid_order)
-
-    def organ_slices(self, pid: str, class_id: int) -> list[int]:
-        r"""Slice indices (position order) of volume `pid` that contain organ `class_id` (0-based)."""
-        return list(self._volumes[pid]['organ_slices'][ORGANS[class_id]])
-
-    def load_slice(self, pid: str, z: int, class_id: int):
-        r"""(image [3,S,S] normalised, binary mask [S,S] uint8, binary mask at the prepared grid [H,W] uint8)."""
-        native = (self.slice_label(pid, z) == class_id + 1).astype(np.uint8)
-        return self.transform_image(self.slice_image(pid, z)), self.transform_mask(native), native
+    @classmethod
+    def manifest_fields(cls) -> dict:
+        return {'label_ranges': {name: list(r) for name, r in zip(ORGANS, GRAY_RANGES)}}

@@ -1,7 +1,8 @@
 r"""Evaluation protocols of test.py: what episodes a benchmark is scored on, and how.
 
     '2d'          pre-sampled 2D episodes (every benchmark): class-wise accumulated IoU, FB-IoU, Dice.
-    'volumetric'  CHAOS's 5-fold volumetric protocol with 3D Dice per organ (Q-Net's; engine/volumetric.py).
+    'volumetric'  the 5-fold volumetric protocol of the volumetric benchmarks (chaos, abd-ct, cmr: those whose
+                  `protocols` include it) with 3D Dice per organ (Q-Net's; engine/volumetric.py).
 
 A protocol checks test.py's flags against the benchmark before any data is read (`check`), is then built from the
 dataset, runs the model (always through its test-time entry point) and adds what it did to results.json.
@@ -11,7 +12,7 @@ import warnings
 
 from common import names
 from common.errors import UserError
-from data import FixedEpisodes, build_loader
+from data import FixedEpisodes, benchmarks_with_protocol, build_loader
 from engine.loops import DEGENERATE_SUPPORTS, Runtime, evaluate
 from engine.volumetric import evaluate_volumetric
 
@@ -26,8 +27,8 @@ class EpisodeProtocol:
     def check(dataset_cls, args: argparse.Namespace) -> None:
         r"""Every benchmark has 2D episodes."""
         if getattr(args, 'volumetric_support', None) is not None:
-            raise UserError('--volumetric-support chooses the support volume of --protocol volumetric (chaos); it '
-                            'does not apply to 2D episodes')
+            raise UserError('--volumetric-support chooses the support volume of --protocol volumetric ('
+                            f'{", ".join(benchmarks_with_protocol("volumetric"))}); it does not apply to 2D episodes')
 
     def __init__(self, dataset, args: argparse.Namespace, runtime: Runtime):
         self.dataset, self.args, self.runtime = dataset, args, runtime
@@ -77,14 +78,15 @@ class EpisodeProtocol:
 
 
 class VolumetricProtocol:
-    r"""CHAOS's volumetric protocol (see engine/volumetric.py): 3D Dice per organ and query volume."""
+    r"""The volumetric protocol (see engine/volumetric.py): 3D Dice per organ and query volume."""
     name = 'volumetric'
     tag = '-volumetric'
 
     @staticmethod
     def check(dataset_cls, args: argparse.Namespace) -> None:
         if 'volumetric' not in getattr(dataset_cls, 'protocols', ('2d',)):
-            raise UserError(f'--protocol volumetric applies to volumetric benchmarks (chaos), not {args.benchmark!r}')
+            raise UserError('--protocol volumetric applies to volumetric benchmarks '
+                            f'({", ".join(benchmarks_with_protocol("volumetric"))}), not {args.benchmark!r}')
         if args.vis:
             raise UserError('--vis draws 2D episodes; it does not apply to --protocol volumetric')
 

@@ -1,5 +1,5 @@
 r"""The evaluation behind test.py (which parses the flags without importing torch): the checkpoint's model with
-its plug-in and test-time settings, the benchmark's fixed episode list or CHAOS's volumetric protocol, distributed
+its plug-in and test-time settings, the benchmark's fixed episode list or the volumetric protocol, distributed
 when started under torchrun, and results.json with every convention behind the numbers."""
 import argparse
 import time

@@ -1,19 +1,26 @@
-r"""The volumetric few-shot protocol for CHAOS-MRI (`test.py --protocol volumetric`): Q-Net's evaluation
-(ZJLAB-AMMI/Q-Net test.py with scripts/val.sh, `supp_idx = 2`), and SSL-ALPNet's support choice as an option.
+r"""The volumetric few-shot protocol of the volumetric benchmarks (`test.py --protocol volumetric`; chaos, abd-ct,
+cmr: the registry classes whose `protocols` include 'volumetric'): Q-Net's evaluation (ZJLAB-AMMI/Q-Net test.py
+with scripts/val.sh, `supp_idx = 2`), and SSL-ALPNet's support choice as an option.
 
-For volumes sorted by patient id:
-  * 5 folds {0-4}, {4-8}, {8-12}, {12-16}, {16-19, 0} (consecutive folds share a volume). With N != 20 volumes
-    fold f takes the 5 volumes from floor(f N / 5) on (wrapping), which is the same rule; identical folds are
-    evaluated once; N < 2 is an error;
+For the N volumes sorted by patient id:
+  * 5 folds; fold f takes max(5, N // 5 + 1) volumes (at most N) from floor(f N / 5) on, wrapping around
+    (consecutive folds share a volume). This is Q-Net's dataloaders/dataset_specifics.py `get_folds` for its three
+    sets: CHAOS-T2 (20) {0-4}, {4-8}, {8-12}, {12-16}, {16-19, 0}; SABS / ABD-CT (30) {0-6}, {6-12}, {12-18},
+    {18-24}, {24-29, 0}; CMR (35) {0-7}, {7-14}, {14-21}, {21-28}, {28-34, 0}; for N <= 24 folds of 5. Identical
+    folds are evaluated once; N < 2 is an error;
   * the support volume (`--volumetric-support`, `SUPPORT_RULES`):
-      - 'qnet' (default): Q-Net lists a fold's volumes in index order (fold 4 is [0, 16, 17, 18, 19]) and takes
-        the one at position 2 (`SUPPORT_POSITION`): volumes 2, 6, 10, 14, 17;
-      - 'ssl-alpnet': SSL-ALPNet (cheng-01037/Self-supervised-Fewshot-Medical-Image-Segmentation,
-        `SUPP_ID='[4]'` in examples/test_ssl_abdominal_mri.sh) takes the fold's fifth scan in its circular order,
-        the one the fold shares with the next: volumes 4, 8, 12, 16, 0;
-    the other four volumes of the fold are the queries (SSL-ALPNet's folds have the same members, `_SEP` 0, 4, ...
-    20 plus one scan; its validation also counts slices within a `z_margin` of the organ's range and z-scores each
-    volume; only its support choice is offered here);
+      - 'qnet' (default): Q-Net lists a fold's volumes in index order (CHAOS fold 4 is [0, 16, 17, 18, 19]) and
+        takes the one at position 2 (`SUPPORT_POSITION`, its scripts' `supp_idx`, used here for every set): CHAOS 2, 6,
+        10, 14, 17; ABD-CT 2, 8, 14, 20, 25; CMR 2, 9, 16, 23, 29;
+      - 'ssl-alpnet': SSL-ALPNet (cheng-01037/Self-supervised-Fewshot-Medical-Image-Segmentation) validates fold f
+        on the scans `_SEP[f]` .. `_SEP[f+1]` plus the next one and takes that extra scan as the support
+        (`SUPP_ID='[4]'` in examples/test_ssl_abdominal_mri.sh with `_SEP` 0, 4, ... 20; `SUPP_ID='[6]'` in
+        test_ssl_abdominal_ct.sh with `_SEP` 0, 6, ... 30): the fold's last volume in circular order, the one it
+        shares with the next fold: CHAOS volumes 4, 8, 12, 16, 0; ABD-CT 6, 12, 18, 24, 0 (both exactly
+        SSL-ALPNet's); CMR 7, 14, 21, 28, 0 (the same rule; SSL-ALPNet has no cardiac set);
+    the other volumes of the fold are the queries (SSL-ALPNet's folds have the same members; its validation also
+    counts slices within a `z_margin` of the organ's range and z-scores each volume; only its support choice is
+    offered here);
   * each organ is a separate binary task. Only the query slices that contain the organ are evaluated (the ground
     truth selects them; this is part of the protocol). They are split into 3 chunks at
     `linspace(0, C_q, 4).astype(int)`;
@@ -25,8 +32,8 @@ For volumes sorted by patient id:
     chunk, so K = 1 is exactly the 1-shot rule. With few support organ slices positions can repeat;
   * score: 3D Dice 2TP / (2TP + FP + FN) over the evaluated slices of one query volume, at the prepared grid of
     the volume (the binary prediction is resized back from --img-size with nearest neighbour); averaged over the
-    query volumes of a fold, then over the folds, per organ; the reported Dice is the mean over organs (all four,
-    an organ never evaluated counting 0, or only the evaluated ones: `miou_over`). mIoU is the same average of the
+    query volumes of a fold, then over the folds, per organ; the reported Dice is the mean over organs (all of
+    them, an organ never evaluated counting 0, or only the evaluated ones: `miou_over`). mIoU is the same average of the
     per-volume 3D IoU; FB-IoU pools background and foreground I/U over all evaluated slices.
 """
 import time
@@ -47,15 +54,22 @@ SUPPORT_POSITION = 2
 N_PART = 3
 
 
+def fold_size(n_volumes: int) -> int:
+    r"""Volumes per fold: max(5, N // 5 + 1), at most N (5 for CHAOS's 20, 7 for ABD-CT's 30, 8 for CMR's 35)."""
+    return min(n_volumes, max(FOLD_SIZE, n_volumes // N_FOLDS + 1))
+
+
 def volumetric_folds(n_volumes: int) -> list[list[int]]:
-    r"""Fold members (indices into the sorted volumes), each in index order; the standard folds for 20 volumes."""
+    r"""Fold members (indices into the sorted volumes), each in index order: fold f holds `fold_size` volumes from
+    floor(f N / 5) on, wrapping (Q-Net's folds for 20, 30 and 35 volumes)."""
     if n_volumes < 2:
         raise UserError(f'the volumetric protocol needs at least 2 prepared volumes (got {n_volumes}); CHAOS T2-SPIR '
-                        'has 20')
+                        'has 20, ABD-CT 30, CMR 35')
     folds = []
+    size = fold_size(n_volumes)
     for f in range(N_FOLDS):
         start = f * n_volumes // N_FOLDS
-        members = sorted({(start + j) % n_volumes for j in range(min(FOLD_SIZE, n_volumes))})
+        members = sorted({(start + j) % n_volumes for j in range(size)})
         if members not in folds:
             folds.append(members)
     return folds
@@ -70,7 +84,8 @@ def support_volume(fold: list[int], n_volumes: int, rule: str = 'qnet') -> int:
     r"""The support volume (an index into the sorted volumes) of a fold of `volumetric_folds(n_volumes)`.
 
     'qnet': the fold's volume at `support_position` in index order. 'ssl-alpnet': its last volume in circular
-    order from the fold's start, floor(f N / 5) + 4 (mod N) for fold f: the volume shared with the next fold.
+    order from the fold's start, floor(f N / 5) + fold_size - 1 (mod N) for fold f: the volume shared with the next
+    fold (+4 for CHAOS, +6 for ABD-CT, +7 for CMR).
     """
     if rule not in SUPPORT_RULES:
         raise UserError(f'--volumetric-support must be one of {", ".join(SUPPORT_RULES)} (got {rule!r})')

@@ -20,7 +20,7 @@ from common.errors import UserError, run_cli  # noqa: E402
 from data import DATASETS  # noqa: E402
 from data.checks import CheckedDataset  # noqa: E402
 
-OPTION_FLAGS = ('split_file', 'isic_classes', 'wbc_subset', 'chaos_cache')
+OPTION_FLAGS = ('split_file', 'isic_classes', 'wbc_subset', 'chaos_cache', 'abd_ct_cache', 'cmr_cache')
 
 
 def checkable() -> list[str]:
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--isic-classes', default=None, help='isic: class CSV or folder names (as for test.py)')
     p.add_argument('--wbc-subset', default=None, help='wbc: 1, 2 or all')
     p.add_argument('--chaos-cache', default=None, help='chaos: prepared cache folder')
+    p.add_argument('--abd-ct-cache', default=None, help='abd-ct: prepared cache folder')
+    p.add_argument('--cmr-cache', default=None, help='cmr: prepared cache folder')
     return p
 
 

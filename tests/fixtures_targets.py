@@ -2,7 +2,8 @@ r"""Tiny synthetic copies of the target benchmarks, written in their exact real 
 
 Every image is dark (40) with a bright (210) region exactly where its mask is foreground, and each file's region
 is placed from its own index, so a test can check image/mask pairing by thresholding the loaded image. CHAOS is
-written as real DICOM files with pydicom, stored out of order, with labels in the organ gray ranges.
+written as real DICOM files with pydicom, stored out of order, with labels in the organ gray ranges; ABD-CT and CMR
+as NIfTI volumes with nibabel, in several stored orientations, with label codes the benchmarks must map or refuse.
 """
 from pathlib import Path
 
@@ -134,6 +135,42 @@ def write_wbc(datapath: Path, root: str = 'WBC') -> dict:
     return {'masks': masks, 'nucleus': nucleus, 'cytoplasm': cytoplasm}
 
 
+# --- Kvasir-SEG ---------------------------------------------------------------------------------------------------
+KVASIR_SIZES = [(36, 52), (44, 40), (36, 52), (30, 46), (44, 40), (52, 60)]     # (h, w): four different sizes
+
+
+def kvasir_id(index: int) -> str:
+    return f'cju{index:02d}kq{index * 7:04d}l0dewei2'             # the style of the real ids
+
+
+def kvasir_polyp(h: int, w: int, index: int) -> np.ndarray:
+    r"""An elliptic polyp whose centre and radii depend on `index` (bool [h, w])."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = h / 2 + (index % 3 - 1) * 3, w / 2 + (index % 2) * 4 - 2
+    ry, rx = h / 4 + index % 3, w / 4 + index % 2
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+
+def write_kvasir(datapath: Path, root: str = 'Kvasir-SEG', n: int = len(KVASIR_SIZES)) -> dict[str, np.ndarray]:
+    r"""The kvasir-seg.zip layout: `images/<id>.jpg` (RGB JPEGs, dark with the polyp bright) and `masks/<id>.jpg` of
+    the same names and sizes: 0/255 drawings saved as JPEG at quality 75, so their decoded values carry compression
+    noise (e.g. 1-10 and 245-254, a few mid values on the edge), alternately as RGB and L; plus kavsir_bboxes.json.
+    Returns id -> the drawn polyp (bool [h, w]), the truth a binarised mask must equal."""
+    base = datapath / root
+    (base / 'images').mkdir(parents=True)
+    (base / 'masks').mkdir(parents=True)
+    (base / 'kavsir_bboxes.json').write_text('{}')
+    truth = {}
+    for i in range(n):
+        h, w = KVASIR_SIZES[i % len(KVASIR_SIZES)]
+        ident, m = kvasir_id(i), kvasir_polyp(h, w, i)
+        Image.fromarray(image_for(m)).save(base / 'images' / f'{ident}.jpg', quality=95)
+        mask = Image.fromarray((m * 255).astype(np.uint8))
+        (mask.convert('RGB') if i % 2 == 0 else mask).save(base / 'masks' / f'{ident}.jpg', quality=75)
+        truth[ident] = m
+    return truth
+
+
 # --- FSS-1000 and Deepglobe ---------------------------------------------------------------------------------------
 def write_fss(datapath: Path, n_classes: int = 10, per_class: int = 3) -> list[str]:
     names = [f'class_{i:02d}' for i in range(n_classes)]
@@ -262,6 +299,142 @@ def write_chaos(datapath: Path, pids=(1, 2, 3, 5), n_slices: int = 5, size: int 
                 gray[lab[z] == organ] = values[(k + organ) % len(values)]
             Image.fromarray(gray).save(gnd_dir / f'{stem}.png')
         truth[str(pid)] = {'label': lab, 'perm': perm}
+    return truth
+
+
+# --- ABD-CT (Synapse NIfTI) -----------------------------------------------------------------------------------------
+#: Challenge codes drawn by `abdct_codes`: the four few-shot organs and three others that must become background.
+ABDCT_ORGAN_CODES = {'liver': 6, 'spleen': 1, 'right kidney': 2, 'left kidney': 3}
+ABDCT_HU = {0: -60, 1: 120, 2: 230, 3: 210, 6: 70, 7: 10, 8: 180, 11: 40}      # code -> HU level
+#: How each fixture volume is stored: NIfTI axis codes of (i, j, k); RAS flips columns and rows, LPI the slices.
+ABDCT_AFFINES = {'LPS': (-0.7, -0.7, 3.0), 'RAS': (0.7, 0.7, 3.0), 'LPI': (-0.7, -0.7, -3.0)}
+
+
+def abdct_codes(n_slices: int, size: int, variant: int) -> np.ndarray:
+    r"""Challenge label codes [D,H,W] in display orientation (slices inferior -> superior, rows anterior ->
+    posterior, columns patient right -> left): liver on the image's left (the patient's right) in the upper slices,
+    spleen on the image's right in the middle, the kidneys posterior and low, plus stomach (7), aorta (8) and
+    pancreas (11), which the benchmark maps to background."""
+    lab = np.zeros((n_slices, size, size), np.uint8)
+    q = size // 4
+    for z in range(n_slices):
+        if z >= 1:
+            lab[z, 2:2 + q + 1, 1:1 + q + 1] = 6                                  # liver
+        if 1 <= z <= n_slices - 2 or (variant % 2 == 0 and z == n_slices - 1):
+            lab[z, 2:2 + q, size - q - 2:size - 2] = 1                            # spleen
+        if z <= n_slices - 2:
+            lab[z, size - q - 2:size - 1, 2:2 + q] = 2                            # right kidney
+        if z <= n_slices - 3 + variant % 2:
+            lab[z, size - q - 2:size - 1, size - q - 2:size - 1] = 3              # left kidney
+        lab[z, size // 2, size // 2 - 1:size // 2 + 1] = 8                        # aorta
+        lab[z, 1, size // 2 - 2:size // 2 + 2] = 7                                # stomach
+        if z == n_slices // 2:
+            lab[z, size // 2 + 1, 1:4] = 11                                       # pancreas
+    return lab
+
+
+def abdct_hu(codes: np.ndarray, bone: bool = True) -> np.ndarray:
+    r"""HU [D,H,W]: organ levels `ABDCT_HU`, background -60 + 15 z (so slice order is visible), air (-1000) in the
+    first row and column, and, with `bone`, one voxel of 1200 HU per slice (the window clips both): the window's
+    min-max is then exactly (x + 125) / 400. Without bone the volume's maximum (230) sets the scale."""
+    hu = np.zeros(codes.shape, np.float64)
+    for code, level in ABDCT_HU.items():
+        hu[codes == code] = level
+    hu += (15 * np.arange(codes.shape[0]))[:, None, None] * (codes == 0)
+    hu[:, 0, :] = -1000
+    hu[:, :, 0] = -1000
+    if bone:
+        hu[:, codes.shape[1] // 2 + 2, codes.shape[2] // 2] = 1200
+    return hu
+
+
+def to_stored(display: np.ndarray, codes: str) -> np.ndarray:
+    r"""Display [D,H,W] (slices S, rows P, columns L) -> the NIfTI (i, j, k) array of a volume stored as `codes`."""
+    flips = tuple(a for a, (code, want) in enumerate(zip(codes[::-1], 'SPL')) if code != want)
+    return np.flip(display, flips).transpose(2, 1, 0)
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+
+def write_abdct(datapath: Path, pids=('0001', '0002', '0005', '0010'), n_slices: int = 5, size: int = 16,
+                storage: dict | None = None, root: str = 'Synapse/RawData/Training') -> dict:
+    r"""RawData.zip's `Training/img/img<id>.nii.gz` + `Training/label/label<id>.nii.gz` (ids with gaps). Volumes are
+    stored as LPS, RAS, LPI, LPS by default (`storage[pid]` overrides); the third volume is written uncompressed
+    (.nii), the last has no bone (its window min-max is not (x + 125) / 400), labels alternate uint8 / float32.
+    Returns per id the display-orientation codes and HU, the storage and the stored arrays."""
+    storage = storage or {}
+    truth = {}
+    for index, pid in enumerate(pids):
+        codes = abdct_codes(n_slices, size, index)
+        hu = abdct_hu(codes, bone=index != 3)
+        kind = storage.get(pid, ('LPS', 'RAS', 'LPI', 'LPS')[index % 4])
+        affine = np.diag([*ABDCT_AFFINES[kind], 1.0])
+        suffix = '.nii' if index == 2 else '.nii.gz'
+        stored_hu, stored_codes = to_stored(hu, kind).astype(np.int16), to_stored(codes, kind)
+        write_nifti(datapath / root / 'img' / f'img{pid}{suffix}', stored_hu, affine)
+        write_nifti(datapath / root / 'label' / f'label{pid}.nii.gz',
+                    stored_codes.astype(np.float32 if index % 2 else np.uint8), affine)
+        truth[pid] = {'codes': codes, 'hu': hu, 'storage': kind, 'stored_hu': stored_hu, 'stored_codes': stored_codes}
+    return truth
+
+
+# --- CMR (MS-CMRSeg 2019 C0 NIfTI) ----------------------------------------------------------------------------------
+CMR_CODES = {'left ventricular myocardium': 200, 'left ventricular blood pool': 500, 'right ventricle': 600}
+
+
+def cmr_codes(n_slices: int, size: int, variant: int) -> np.ndarray:
+    r"""Label codes in stored [D,H,W] order: a blood pool (500) inside a myocardium ring (200), the RV (600) beside
+    it; the last slice (apex) has no RV, the first (base) of every other patient no blood pool."""
+    lab = np.zeros((n_slices, size, size), np.int16)
+    yy, xx = np.mgrid[0:size, 0:size]
+    cy, cx = size // 2 + variant % 2, size // 2 + 2
+    d = np.maximum(abs(yy - cy), abs(xx - cx))
+    for z in range(n_slices):
+        lab[z][d <= 3] = 200
+        if not (z == 0 and variant % 2):
+            lab[z][d <= 1] = 500
+        if z < n_slices - 1:
+            lab[z][(abs(yy - cy) <= 2) & (xx >= cx - 7) & (xx <= cx - 5)] = 600
+    return lab
+
+
+def cmr_intensity(lab: np.ndarray, index: int) -> np.ndarray:
+    r"""bSSFP-like levels: bright blood pool (900) and RV (800), dark myocardium (150), background 300 + (20 + index)
+    z, and one hot voxel (6000) the 99.5th-percentile clip removes."""
+    img = np.where(lab == 500, 900, np.where(lab == 600, 800, np.where(lab == 200, 150, 0))).astype(np.float64)
+    img += (300 + (20 + index) * np.arange(lab.shape[0]))[:, None, None] * (lab == 0)
+    img[0, 0, 0] = 6000
+    return img
+
+
+def write_cmr(datapath: Path, pids=(1, 2, 10, 12), n_slices: int = 5, size: int = 16, flat: bool = False,
+              unlabelled=(40,)) -> dict:
+    r"""The MS-CMRSeg release: `C0LET2_nii45_for_challenge19/c0t2lge/patient<N>_C0.nii.gz` (plus _T2 / _LGE
+    volumes and C0 images of unlabelled patients, none of them used) and `c0gt/patient<N>_C0_manual.nii.gz`; with
+    `flat`, images and labels in one folder. Stored oblique (a rotated affine): the benchmark keeps the stored
+    order. Labels alternate uint16 / float32. Returns per patient the stored [D,H,W] codes and intensities."""
+    base = datapath / 'C0LET2_nii45_for_challenge19'
+    img_dir, lab_dir = (base, base) if flat else (base / 'c0t2lge', base / 'c0gt')
+    theta = np.deg2rad(35)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([1.25, 1.25, 8.0])
+    truth = {}
+    for index, pid in enumerate(pids):
+        lab = cmr_codes(n_slices, size, index)
+        img = cmr_intensity(lab, index)
+        write_nifti(img_dir / f'patient{pid}_C0.nii.gz', img.transpose(2, 1, 0).astype(np.int16), affine)
+        write_nifti(img_dir / f'patient{pid}_T2.nii.gz', np.zeros((size, size, 3), np.int16), affine)
+        write_nifti(img_dir / f'patient{pid}_LGE.nii.gz', np.zeros((size, size, 3), np.int16), affine)
+        write_nifti(lab_dir / f'patient{pid}_C0_manual.nii.gz',
+                    lab.transpose(2, 1, 0).astype(np.float32 if index % 2 else np.uint16), affine)
+        truth[str(pid)] = {'codes': lab, 'image': img}
+    for pid in unlabelled:
+        write_nifti(img_dir / f'patient{pid}_C0.nii.gz', np.zeros((size, size, n_slices), np.int16), affine)
     return truth
 
 

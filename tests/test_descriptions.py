@@ -35,7 +35,10 @@ EXPECTED = {
     'isic': ['melanoma', 'nevus', 'seborrheic keratosis', 'lesion'],
     'lung': ['lung'],
     'wbc': ['nucleus', 'cytoplasm'],
+    'kvasir': ['polyp'],
     'chaos': ['liver', 'right kidney', 'left kidney', 'spleen'],
+    'abd-ct': ['spleen', 'right kidney', 'left kidney', 'liver'],                  # SSL-ALPNet's label order
+    'cmr': ['left ventricular myocardium', 'left ventricular blood pool', 'right ventricle'],   # Q-Net 1-3
     'deepglobe': ['agriculture land', 'urban land', 'rangeland', 'forest land', 'water', 'barren land'],   # PATNet 1-6
     'fss': [],
 }
@@ -82,6 +85,8 @@ def test_shipped_file_covers_its_classes(benchmark):
 @pytest.mark.parametrize('benchmark,module,attrs', [
     ('isic', 'data.isic', ('CLASSES', 'SINGLE_CLASS')), ('lung', 'data.lung', ('CLASSES',)),
     ('wbc', 'data.wbc', ('CLASSES',)), ('chaos', 'data.chaos', ('ORGANS',)),
+    ('abd-ct', 'data.abdct', ('ORGANS',)), ('cmr', 'data.cmr', ('CLASSES',)),
+    ('kvasir', 'data.kvasir', ('CLASSES',)),
     ('deepglobe', 'data.deepglobe', ('CLASSES',)),
 ])
 def test_target_loader_class_names_resolve(benchmark, module, attrs):
@@ -120,6 +125,9 @@ def test_lookup_accepts_loader_spellings_and_aliases():
     assert load_descriptions('deepglobe').get('Forest_Land').name == 'forest land'
     assert load_descriptions('pascal').get('dining table').name == 'diningtable'
     assert load_descriptions('chaos').get('RK').name == 'right kidney'
+    assert load_descriptions('abd-ct').get('KID_l').name == 'left kidney'          # SSL-ALPNet's label name
+    assert load_descriptions('cmr').get('LV-MYO').name == 'left ventricular myocardium'   # Q-Net's
+    assert load_descriptions('cmr').get('RV').name == 'right ventricle'
     # dataset order is kept, whatever the file order
     wbc = load_descriptions('wbc')
     assert [t.name for t in wbc.for_classes(['Cytoplasm', 'Nucleus'])] == ['cytoplasm', 'nucleus']
