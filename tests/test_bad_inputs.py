@@ -345,10 +345,10 @@ def test_pascal_colour_masks_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_repeated_supports_are_warned_and_recorded(env, capsys):
-    code, out = run(test_cli.main, eval_argv(env, '--nshot', '60', '--episodes', '4'), capsys)
+    code, out = run(test_cli.main, eval_argv(env, '--nshot', '60', '--episodes', '2'), capsys)
     assert code == 0 and 'supports repeat' in out
     results = json.loads((env['root'] / 'test-out' / 'results.json').read_text())
-    assert sum(results['repeated_supports'].values()) == 4 and results['nshot'] == 60
+    assert sum(results['repeated_supports'].values()) == 2 and results['nshot'] == 60
 
 
 # --- predict.py and run folders: nothing a user gives is lost or silently misread ----------------------------------

@@ -131,7 +131,8 @@ def test_biomedclip_lora_adapts_the_mlp_linears_of_every_layer(biomedclip):
 def test_biomedclip_loads_a_local_hub_folder_with_its_vocabulary(tmp_path, biomedclip):
     r"""A BiomedCLIP checkpoint (open_clip names: text.* beside visual.*) and vocab.txt in one folder: the tower
     takes exactly the text weights, tokenizes with that vocabulary, and the identity names file and vocabulary."""
-    state = {f'text.{k}': v.clone() + 0.01 for k, v in biomedclip.clip.state_dict().items()}
+    # stored in half precision (half the bytes to write and read; loading casts to the tower's float32)
+    state = {f'text.{k}': (v + 0.01).half() for k, v in biomedclip.clip.state_dict().items()}
     state['visual.trunk.cls_token'] = torch.zeros(1, 1, 768)
     state['logit_scale'] = torch.tensor(4.6)
     torch.save(state, tmp_path / 'open_clip_pytorch_model.bin')
@@ -139,7 +140,7 @@ def test_biomedclip_loads_a_local_hub_folder_with_its_vocabulary(tmp_path, biome
              'of', 'polyp', '##s']
     (tmp_path / 'vocab.txt').write_text('\n'.join(vocab) + '\n')
     loaded = ClipTextEncoder('biomedclip', str(tmp_path))
-    assert torch.equal(loaded.clip.proj[0].weight, state['text.proj.0.weight'])
+    assert torch.equal(loaded.clip.proj[0].weight, state['text.proj.0.weight'].float())
     assert loaded.tokenize(['A photo of the liver in abdominal CT.'])[0, :12].tolist() == \
         [2, 11, 12, 13, 5, 6, 7, 8, 9, 10, 3, 0]                            # lower-cased words, [CLS] .. [SEP] [PAD]
     assert loaded.tokenize(['polyps'])[0, :4].tolist() == [2, 14, 15, 3]
