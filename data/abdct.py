@@ -40,14 +40,12 @@ slices, supports from other volumes) and the volumetric protocol (engine/volumet
 SABS folds of 7 volumes).
 """
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
 from data.checks import DataReport
-from data.nifti import map_label_codes, nibabel, nifti_stem, read_nifti
+from data.nifti import RawVolume, nibabel, nifti_stem, read_pair
 from data.volumes import PreparedVolumes, pid_order, prepare_cache
 
 ORGANS = ['spleen', 'right kidney', 'left kidney', 'liver']
@@ -162,52 +160,22 @@ def orientation_problem(codes: tuple[str, str, str]) -> str | None:
             'anterior-posterior and slices inferior-superior (e.g. LPS or RAS)')
 
 
-@dataclass
-class CTVolume:
-    r"""One raw volume: HU intensities and organ ids 0-4, [D,H,W] in stored order."""
-    pid: str
-    image: np.ndarray
-    label: np.ndarray
-    axis_codes: tuple[str, str, str]
-    spacing: list[float]
-    sources: list[str] = field(default_factory=list)
-
-
-def load_volume(pid: str, img_path: Path, lab_path: Path, report: DataReport) -> CTVolume | None:
+def load_volume(pid: str, img_path: Path, lab_path: Path, report: DataReport) -> RawVolume | None:
     r"""Read one image/label pair; problems go to `report` (key = id). None if unusable."""
-    report.files_checked += 2
-    volumes = []
-    for path in (img_path, lab_path):
-        try:
-            volumes.append(read_nifti(path))
-        except UserError as err:
-            report.add('unreadable', path, str(err).replace(f'{path} ', '', 1).replace(f'{path}: ', '', 1), pid)
-            return None
-    image, label = volumes
-    if label.data.shape != image.data.shape:
-        report.add('size_mismatch', lab_path, f'label is {list(label.data.shape)} (D, H, W) but image '
-                                              f'{img_path.name} is {list(image.data.shape)}', pid)
+    vol = read_pair(pid, img_path, lab_path, report, (CODE_LUT, 255, 'label values outside the challenge codes 0-13'))
+    if vol is None:
         return None
     try:
-        for n in image.data.shape[1:]:
+        for n in vol.image.shape[1:]:
             roi_grid(n)
     except ValueError as err:
         report.add('other', img_path, str(err), pid)
         return None
-    problem = orientation_problem(image.axis_codes)
+    problem = orientation_problem(vol.axis_codes)
     if problem:
         report.add('other', img_path, problem, pid)
         return None
-    if label.axis_codes != image.axis_codes:
-        report.add('other', lab_path, f'stored axes {"".join(label.axis_codes)} but image {img_path.name} has '
-                                      f'{"".join(image.axis_codes)}: the label would be mirrored', pid)
-        return None
-    try:
-        ids = map_label_codes(label, CODE_LUT)
-    except ValueError as err:
-        report.add('unexpected_values', lab_path, f'label values outside the challenge codes 0-13: {err}', pid)
-        return None
-    return CTVolume(pid, image.data, ids, image.axis_codes, image.spacing_zyx, [img_path.name, lab_path.name])
+    return vol
 
 
 def prepare(datapath: Path | str, out: Path | str | None = None, skip_bad: bool = False,
@@ -268,7 +236,7 @@ class AbdCT(PreparedVolumes):
                 yield vol
 
     @classmethod
-    def prepare_volume(cls, vol: CTVolume) -> tuple[np.ndarray, np.ndarray, dict]:
+    def prepare_volume(cls, vol: RawVolume) -> tuple[np.ndarray, np.ndarray, dict]:
         image, lo, hi = window(vol.image)
         image, label, grid = roi_resample(image, vol.label)
         flips = orientation_flips(vol.axis_codes)

@@ -277,6 +277,10 @@ class Chaos(PreparedVolumes):
     preprocessing = (f'slices sorted by position; intensities clipped above the {CLIP_PERCENTILE}th percentile per '
                      'volume and rescaled to [0, 1]; no resampling, no cropping')
 
+    @classmethod
+    def summary_lines(cls, manifest: dict) -> list[str]:
+        return [f'slice order from: {", ".join(sorted({v["order"] for v in manifest["volumes"]}))}']
+
     def configure(self, chaos_cache: str | None = None) -> None:
         super().configure(chaos_cache=chaos_cache)
 

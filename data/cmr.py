@@ -27,14 +27,12 @@ holds image_<N>.npy, label_<N>.npy and manifest.json. Protocols: 2D episodes (cl
 patients) and the volumetric protocol (engine/volumetric.py; 35 volumes -> Q-Net's CMR folds of 8).
 """
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
 from data.checks import DataReport
-from data.nifti import map_label_codes, nibabel, nifti_stem, read_nifti
+from data.nifti import RawVolume, nibabel, nifti_stem, read_pair
 from data.volumes import PreparedVolumes, percentile_normalise, pid_order, prepare_cache
 
 CLASSES = ['left ventricular myocardium', 'left ventricular blood pool', 'right ventricle']
@@ -91,43 +89,10 @@ def numbered(folder: Path, pattern: re.Pattern) -> dict[str, Path]:
     return found
 
 
-@dataclass
-class CMRVolume:
-    r"""One raw volume: intensities and class ids 0-3, [D,H,W] in stored order."""
-    pid: str
-    image: np.ndarray
-    label: np.ndarray
-    axis_codes: tuple[str, str, str]
-    spacing: list[float]
-    sources: list[str] = field(default_factory=list)
-
-
-def load_volume(pid: str, img_path: Path, lab_path: Path, report: DataReport) -> CMRVolume | None:
+def load_volume(pid: str, img_path: Path, lab_path: Path, report: DataReport) -> RawVolume | None:
     r"""Read one image/label pair; problems go to `report` (key = patient). None if unusable."""
-    report.files_checked += 2
-    volumes = []
-    for path in (img_path, lab_path):
-        try:
-            volumes.append(read_nifti(path))
-        except UserError as err:
-            report.add('unreadable', path, str(err).replace(f'{path} ', '', 1).replace(f'{path}: ', '', 1), pid)
-            return None
-    image, label = volumes
-    if label.data.shape != image.data.shape:
-        report.add('size_mismatch', lab_path, f'label is {list(label.data.shape)} (D, H, W) but image '
-                                              f'{img_path.name} is {list(image.data.shape)}', pid)
-        return None
-    if label.axis_codes != image.axis_codes:
-        report.add('other', lab_path, f'stored axes {"".join(label.axis_codes)} but image {img_path.name} has '
-                                      f'{"".join(image.axis_codes)}: the label would be mirrored', pid)
-        return None
-    try:
-        ids = map_label_codes(label, CODE_LUT, INVALID)
-    except ValueError as err:
-        report.add('unexpected_values', lab_path, 'label values other than 0, 200 (LV myocardium), 500 (LV blood '
-                                                  f'pool), 600 (RV): {err}', pid)
-        return None
-    return CMRVolume(pid, image.data, ids, image.axis_codes, image.spacing_zyx, [img_path.name, lab_path.name])
+    refused = 'label values other than 0, 200 (LV myocardium), 500 (LV blood pool), 600 (RV)'
+    return read_pair(pid, img_path, lab_path, report, (CODE_LUT, INVALID, refused))
 
 
 def prepare(datapath: Path | str, out: Path | str | None = None, skip_bad: bool = False,
@@ -192,7 +157,7 @@ class CMR(PreparedVolumes):
                 yield vol
 
     @classmethod
-    def prepare_volume(cls, vol: CMRVolume) -> tuple[np.ndarray, np.ndarray, dict]:
+    def prepare_volume(cls, vol: RawVolume) -> tuple[np.ndarray, np.ndarray, dict]:
         image, lo, clip = percentile_normalise(vol.image, CLIP_PERCENTILE)
         return image, vol.label, {'sources': vol.sources, 'stored_axes': ''.join(vol.axis_codes),
                                   'spacing_zyx_mm': vol.spacing, 'intensity_min': lo, 'clip_value': clip}

@@ -6,12 +6,13 @@ gives (the reading of SSL-ALPNet's and Q-Net's preprocessing), with the world di
 (`axis_codes`, nibabel's closest-axis codes in RAS+ terms: 'L' means the index grows towards the patient's left).
 """
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import UserError
+from data.checks import DataReport
 
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
 
@@ -89,3 +90,46 @@ def map_label_codes(volume: NiftiVolume, lut: np.ndarray, invalid: int = 255) ->
         shown = ', '.join(f'{v:g} ({n} voxel{"s" if n > 1 else ""})' for v, n in zip(values[:8], counts[:8]))
         raise ValueError(shown + (' ...' if len(values) > 8 else ''))
     return ids
+
+
+@dataclass
+class RawVolume:
+    r"""One raw volume read for preparation: intensities and class ids, [D,H,W] in stored order."""
+    pid: str
+    image: np.ndarray
+    label: np.ndarray
+    axis_codes: tuple[str, str, str]
+    spacing: list[float]
+    sources: list[str] = field(default_factory=list)
+
+
+def read_pair(pid: str, img_path: Path, lab_path: Path, report: DataReport,
+              label_codes: tuple[np.ndarray, int, str]) -> RawVolume | None:
+    r"""Read an image and its label, and map the label's codes with `label_codes` = (lut, invalid, what a refused
+    code is called in the report). A file that cannot be read, a label of another size or stored in another
+    orientation than its image, or a code the table refuses goes to `report` (key = pid), naming the file; None
+    then."""
+    report.files_checked += 2
+    volumes = []
+    for path in (img_path, lab_path):
+        try:
+            volumes.append(read_nifti(path))
+        except UserError as err:
+            report.add('unreadable', path, str(err).replace(f'{path} ', '', 1).replace(f'{path}: ', '', 1), pid)
+            return None
+    image, label = volumes
+    if label.data.shape != image.data.shape:
+        report.add('size_mismatch', lab_path, f'label is {list(label.data.shape)} (D, H, W) but image '
+                                              f'{img_path.name} is {list(image.data.shape)}', pid)
+        return None
+    if label.axis_codes != image.axis_codes:
+        report.add('other', lab_path, f'stored axes {"".join(label.axis_codes)} but image {img_path.name} has '
+                                      f'{"".join(image.axis_codes)}: the label would be mirrored', pid)
+        return None
+    lut, invalid, what = label_codes
+    try:
+        ids = map_label_codes(label, lut, invalid)
+    except ValueError as err:
+        report.add('unexpected_values', lab_path, f'{what}: {err}', pid)
+        return None
+    return RawVolume(pid, image.data, ids, image.axis_codes, image.spacing_zyx, [img_path.name, lab_path.name])

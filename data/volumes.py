@@ -106,6 +106,11 @@ class PreparedVolumes(CheckedDataset):
         return {}
 
     @classmethod
+    def summary_lines(cls, manifest: dict) -> list[str]:
+        r"""Benchmark-specific lines of the preparation's summary (scripts/prepare_<benchmark>.py)."""
+        return []
+
+    @classmethod
     def new_report(cls, root: Path, full: bool = True) -> DataReport:
         report = DataReport(cls.name, root, full)
         report.class_names, report.class_items = list(cls.volume_classes), [[] for _ in cls.volume_classes]
@@ -353,6 +358,8 @@ def prepare_main(cls: type[PreparedVolumes], args: argparse.Namespace) -> dict:
     for name in cls.volume_classes:
         n = sum(len(v['organ_slices'][name]) for v in vols)
         print(f'  {name}: {n} slices in {sum(bool(v["organ_slices"][name]) for v in vols)} volumes')
+    for line in cls.summary_lines(manifest):
+        print(line)
     print(f'preprocessing: {manifest["preprocessing"]}')
     if manifest['skipped']:
         print(f'left out (--skip-bad): patients {", ".join(manifest["skipped"])}')

@@ -61,6 +61,19 @@ def tiny_checkpoint(datapath, tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def untrained_checkpoint(tmp_path_factory):
+    r"""An HSNet checkpoint with random weights at 64x64 (no training, no download) that test.py can load, built once
+    on one thread (tests/fixtures_targets.py `tiny_checkpoint`): for the target benchmarks' command-line tests."""
+    from fixtures_targets import tiny_checkpoint
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return tiny_checkpoint(tmp_path_factory.mktemp('untrained') / 'best.pt')
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session')
 def tiny_cdtg_checkpoint(tiny_checkpoint, tmp_path_factory):
     r"""The tiny HSNet with a CD-TG plug-in attached (random CLIP weights, fresh alignment modules, feature gates set
     to 1 so the text changes the outputs), saved as train.py would: no training, for CLI plumbing tests."""

@@ -330,23 +330,15 @@ def tiny(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield ft.tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'best.pt')
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize('protocol', ['2d', 'volumetric'])
 @pytest.mark.parametrize('nshot', [1, 5])
 @pytest.mark.slow
-def test_test_py_chaos_both_protocols(tiny, checkpoint, tmp_path, capsys, protocol, nshot):
+def test_test_py_chaos_both_protocols(tiny, untrained_checkpoint, tmp_path, capsys, protocol, nshot):
     import test as test_cli
     root = tiny
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        test_cli.main(['--load', str(checkpoint), '--benchmark', 'chaos', '--datapath', str(root), '--nshot',
+        test_cli.main(['--load', str(untrained_checkpoint), '--benchmark', 'chaos', '--datapath', str(root), '--nshot',
                        str(nshot), '--protocol', protocol, '--episodes', '4', '--bsz', '8', '--workers', '0',
                        '--device', 'cpu', '--logpath', str(tmp_path / 'run')])
     assert METRIC_LINE.search(capsys.readouterr().out.strip().splitlines()[-1])
@@ -362,11 +354,11 @@ def test_test_py_chaos_both_protocols(tiny, checkpoint, tmp_path, capsys, protoc
         assert len(saved['episodes']) == 4
 
 
-def test_volumetric_protocol_is_refused_for_2d_benchmarks(checkpoint, tmp_path):
+def test_volumetric_protocol_is_refused_for_2d_benchmarks(untrained_checkpoint, tmp_path):
     import test as test_cli
     with pytest.raises(UserError, match='--protocol volumetric applies to volumetric benchmarks'):
-        test_cli.main(['--load', str(checkpoint), '--benchmark', 'lung', '--datapath', str(tmp_path), '--protocol',
-                       'volumetric', '--device', 'cpu'])
+        test_cli.main(['--load', str(untrained_checkpoint), '--benchmark', 'lung', '--datapath', str(tmp_path),
+                       '--protocol', 'volumetric', '--device', 'cpu'])
 
 
 # --- remaining error paths ----------------------------------------------------------------------------------------
@@ -418,7 +410,7 @@ def test_damaged_cache_errors(tmp_path):
         build_dataset('chaos', str(tmp_path), 'test', 1, 8)
 
 
-def test_volumetric_with_no_common_organ_and_vis_are_errors(tmp_path, checkpoint):
+def test_volumetric_with_no_common_organ_and_vis_are_errors(tmp_path, untrained_checkpoint):
     import test as test_cli
     ft.write_chaos(tmp_path, pids=(1, 2, 3), n_slices=3, size=8)
     for png in (tmp_path / 'CHAOS' / 'Train_Sets' / 'MR' / '3' / 'T2SPIR' / 'Ground').glob('*.png'):
@@ -430,5 +422,5 @@ def test_volumetric_with_no_common_organ_and_vis_are_errors(tmp_path, checkpoint
         with pytest.raises(UserError, match='evaluated nothing'):
             evaluate_volumetric(AllForeground(), ds, torch.device('cpu'), 1)
     with pytest.raises(UserError, match='--vis draws 2D episodes'):
-        test_cli.main(['--load', str(checkpoint), '--benchmark', 'chaos', '--datapath', str(tmp_path), '--protocol',
-                       'volumetric', '--vis', '2', '--device', 'cpu'])
+        test_cli.main(['--load', str(untrained_checkpoint), '--benchmark', 'chaos', '--datapath', str(tmp_path),
+                       '--protocol', 'volumetric', '--vis', '2', '--device', 'cpu'])

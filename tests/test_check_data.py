@@ -134,15 +134,10 @@ def test_missing_layouts_give_a_message_not_a_traceback(tmp_path, capsys):
     assert err.startswith('error: chaos: no raw CHAOS MR folder')
 
 
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    return ft.tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'best.pt')
-
-
 @pytest.mark.slow
-def test_test_py_missing_or_corrupt_dataset_in_a_worker(tmp_path, checkpoint, capsys):
+def test_test_py_missing_or_corrupt_dataset_in_a_worker(tmp_path, untrained_checkpoint, capsys):
     import test as test_cli
-    args = ['--load', str(checkpoint), '--benchmark', 'lung', '--datapath', str(tmp_path), '--episodes', '2',
+    args = ['--load', str(untrained_checkpoint), '--benchmark', 'lung', '--datapath', str(tmp_path), '--episodes', '2',
             '--device', 'cpu', '--img-size', '32', '--logpath', str(tmp_path.with_name(tmp_path.name + '-run'))]
     err = cli_error(capsys, test_cli.main, args)
     assert err.startswith('error: lung: folder') and 'Expected layout' in err

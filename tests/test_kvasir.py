@@ -219,14 +219,13 @@ def test_check_data_full_report(kvasir, tmp_path, capsys):
         check_data.main(['--benchmark', 'kvasir', '--datapath', str(root), '--wbc-subset', '1'])
 
 
-def test_test_py_runs_on_kvasir(kvasir, tmp_path, capsys):
+def test_test_py_runs_on_kvasir(kvasir, untrained_checkpoint, tmp_path, capsys):
     import test as test_cli
     root, truth = kvasir
     torch.set_num_threads(1)            # two shared cores: one thread is faster here (conftest restores it)
-    checkpoint = ft.tiny_checkpoint(tmp_path / 'best.pt')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        results = test_cli.main(['--load', str(checkpoint), '--benchmark', 'kvasir', '--datapath', str(root),
+        results = test_cli.main(['--load', str(untrained_checkpoint), '--benchmark', 'kvasir', '--datapath', str(root),
                                  '--nshot', '1', '--episodes', '2', '--bsz', '2', '--workers', '0', '--img-size', '32',
                                  '--device', 'cpu', '--logpath', str(tmp_path / 'run')])
     out = capsys.readouterr().out

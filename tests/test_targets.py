@@ -410,24 +410,16 @@ def test_foreign_flags_are_rejected(targets):
 
 
 # --- end to end: test.py on a tiny checkpoint ---------------------------------------------------------------------
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # two cores shared by several processes: one thread is faster here
-    yield ft.tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'best.pt')
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize('benchmark', ['isic', 'lung', 'wbc'])
 @pytest.mark.parametrize('nshot', [1, 5])
 @pytest.mark.slow
-def test_test_py_end_to_end(targets, checkpoint, tmp_path, capsys, benchmark, nshot):
+def test_test_py_end_to_end(targets, untrained_checkpoint, tmp_path, capsys, benchmark, nshot):
     import test as test_cli
     root, _ = targets
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         extra = ['--wbc-subset', '1'] if benchmark == 'wbc' else []
-        results = test_cli.main(['--load', str(checkpoint), '--benchmark', benchmark, '--datapath', str(root),
+        results = test_cli.main(['--load', str(untrained_checkpoint), '--benchmark', benchmark, '--datapath', str(root),
                                  '--nshot', str(nshot), '--episodes', '4', '--bsz', '2', '--workers', '0',
                                  '--device', 'cpu', '--logpath', str(tmp_path / 'run'), *extra])
     out = capsys.readouterr().out

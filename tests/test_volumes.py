@@ -331,20 +331,12 @@ def test_volumetric_on_abdct_scores_3d_dice_on_the_256_grid(abd):
 
 
 # --- test.py end to end ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield ft.tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'best.pt')
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('benchmark,protocol', [('abd-ct', 'volumetric'), ('cmr', 'volumetric'), ('cmr', '2d')])
-def test_test_py_on_the_prepared_fixtures(abd, cmr, checkpoint, tmp_path, capsys, benchmark, protocol):
+def test_test_py_on_the_prepared_fixtures(abd, cmr, untrained_checkpoint, tmp_path, capsys, benchmark, protocol):
     import test as test_cli
     root, classes = (abd[0], ABD_CLASSES) if benchmark == 'abd-ct' else (cmr[0], CMR_CLASSES)
-    quiet(test_cli.main, ['--load', str(checkpoint), '--benchmark', benchmark, '--datapath', str(root),
+    quiet(test_cli.main, ['--load', str(untrained_checkpoint), '--benchmark', benchmark, '--datapath', str(root),
                           '--protocol', protocol, '--episodes', '3', '--bsz', '8', '--workers', '0',
                           '--device', 'cpu', '--logpath', str(tmp_path / 'run')])
     assert METRIC_LINE.search(capsys.readouterr().out.strip().splitlines()[-1])
