@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from data.checks import DataReport
-from data.nifti import RawVolume, nibabel, nifti_stem, read_pair
+from data.nifti import RawVolume, nibabel, numbered, read_pair
 from data.volumes import PreparedVolumes, pid_order, prepare_cache
 
 ORGANS = ['spleen', 'right kidney', 'left kidney', 'liver']
@@ -81,17 +81,6 @@ def find_raw_root(datapath: Path) -> Path | None:
     if (datapath / 'img').is_dir() and (datapath / 'label').is_dir():
         return datapath                     # --datapath points at RawData/Training itself
     return None
-
-
-def numbered(folder: Path, pattern: re.Pattern) -> dict[str, Path]:
-    r"""{id: path} of the NIfTI files in `folder` whose name (without .nii/.nii.gz) matches `pattern`."""
-    found = {}
-    for path in sorted(folder.iterdir()):
-        stem = nifti_stem(path) if path.is_file() and not path.name.startswith('.') else None
-        match = pattern.match(stem) if stem else None
-        if match:
-            found[match.group(1)] = path
-    return found
 
 
 # --- preparation steps ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from data.checks import DataReport
-from data.nifti import RawVolume, nibabel, nifti_stem, read_pair
+from data.nifti import RawVolume, nibabel, nifti_stem, numbered, read_pair
 from data.volumes import PreparedVolumes, percentile_normalise, pid_order, prepare_cache
 
 CLASSES = ['left ventricular myocardium', 'left ventricular blood pool', 'right ventricle']
@@ -76,17 +76,6 @@ def raw_folders(raw_root: Path) -> tuple[Path, Path]:
     if (raw_root / LABEL_DIR).is_dir():
         return raw_root / IMAGE_DIR, raw_root / LABEL_DIR
     return raw_root, raw_root
-
-
-def numbered(folder: Path, pattern: re.Pattern) -> dict[str, Path]:
-    r"""{patient number as a plain integer string: path} of the NIfTI files in `folder` matching `pattern`."""
-    found = {}
-    for path in sorted(folder.iterdir()):
-        stem = nifti_stem(path) if path.is_file() and not path.name.startswith('.') else None
-        match = pattern.match(stem) if stem else None
-        if match:
-            found[str(int(match.group(1)))] = path
-    return found
 
 
 def load_volume(pid: str, img_path: Path, lab_path: Path, report: DataReport) -> RawVolume | None:
@@ -140,7 +129,7 @@ class CMR(PreparedVolumes):
         if not img_dir.is_dir():
             report.add('missing', img_dir, f'folder does not exist (the C0 images beside {lab_dir.name}/)')
             return
-        images, labels = numbered(img_dir, _IMAGE), numbered(lab_dir, _LABEL)
+        images, labels = numbered(img_dir, _IMAGE, plain=True), numbered(lab_dir, _LABEL, plain=True)
         if not labels:
             report.add('missing', lab_dir / 'patient1_C0_manual.nii.gz', 'no patient<N>_C0_manual.nii.gz label')
             return

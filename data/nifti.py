@@ -5,6 +5,7 @@ the *stored* voxel order: [k, j, i] for NIfTI axes (i, j, k), which is the array
 gives (the reading of SSL-ALPNet's and Q-Net's preprocessing), with the world direction of each stored axis
 (`axis_codes`, nibabel's closest-axis codes in RAS+ terms: 'L' means the index grows towards the patient's left).
 """
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,18 @@ def nifti_stem(path: Path) -> str | None:
         if name.lower().endswith(suffix):
             return name[:-len(suffix)]
     return None
+
+
+def numbered(folder: Path, pattern: re.Pattern, plain: bool = False) -> dict[str, Path]:
+    r"""{id: path} of the NIfTI files in `folder` whose name (without .nii/.nii.gz) matches `pattern`, the id being
+    its first group ('0001'), or with `plain` that number as a plain integer string ('1')."""
+    found = {}
+    for path in sorted(folder.iterdir()):
+        stem = nifti_stem(path) if path.is_file() and not path.name.startswith('.') else None
+        match = pattern.match(stem) if stem else None
+        if match:
+            found[str(int(match.group(1))) if plain else match.group(1)] = path
+    return found
 
 
 @dataclass
