@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchvision import models
 
 from common.checkpoint import strip_prefixes
 from common.errors import UserError
 from model import BACKBONE_SPECS, BACKBONES  # noqa: F401  (BACKBONES re-exported)
+from model.layers.conv import conv2d
 
 # name -> (torchvision constructor, ImageNet weights (None: no torchvision download), bottlenecks per layer1..4 for
 # ResNets), from the torch-free declaration in model/__init__.py.
@@ -264,10 +264,9 @@ class Backbone(nn.Module):
         spec, net = self.spec, self.net
 
         def conv_bn(conv, bn, inp):
-            if conv not in folded:
-                return bn(conv(inp))
-            weight, bias = folded[conv]
-            return F.conv2d(inp, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            weight, bias = folded[conv] if conv in folded else (conv.weight, conv.bias)
+            out = conv2d(inp, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            return out if conv in folded else bn(out)
 
         grad = torch.is_grad_enabled()
         tracking = grad and 'stem' in spec.trainable          # gradients flow from the first trainable part on

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from model.backbone import Backbone, BackboneSpec
 from model.base import EpisodeRecord, FewShotSegmenter, Output, Recipe, option
-from model.layers import resize_mask
+from model.layers import Conv2d, resize_mask
 
 WIDTH = 256           # width of the fused feature map and of the prototypes
 EM_ITERS = 10         # EM iterations (stage_num)
@@ -124,7 +124,7 @@ def poly_schedule(total_steps: int, power: float = POLY_POWER):
 
 # --- the head -----------------------------------------------------------------------------------------------------
 def _conv(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=True)
+    return Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=True)
 
 
 class PSPHead(nn.Module):

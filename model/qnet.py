@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from common.constants import IGNORE_INDEX
 from model.backbone import Backbone, BackboneSpec
 from model.base import Adaptation, EpisodeRecord, FewShotSegmenter, Output, Recipe, option
+from model.layers import Conv2d
 
 WIDTH = 512           # width of both paths (reduce1, reduce2)
 SCALE = 20.0          # cosine scale (`scaler`)
@@ -182,7 +183,7 @@ class QNet(FewShotSegmenter):
 
     def __init__(self, backbone: Backbone, options: QNetOptions | None = None):
         super().__init__(backbone, options)
-        self.reduce = nn.ModuleList([nn.Conv2d(c, WIDTH, 1, bias=False) for c in backbone.channels])
+        self.reduce = nn.ModuleList([Conv2d(c, WIDTH, 1, bias=False) for c in backbone.channels])
         for conv in self.reduce:      # the reference's `_init_weights`
             nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')
         # reduce1d: T = Linear(1000, 1)(fc(pool(layer4))); no nonlinearity in between, as the reference

@@ -233,6 +233,47 @@ def train_step(model, ep, precision, device):
     return run
 
 
+def profile_episode(model, ep, args, device) -> dict:
+    r"""One test episode under torch.profiler (after a warm-up one): its `args.profile` costliest operators by self
+    time, the calls of PyTorch's slow reference convolution, and the share of the episode spent in the backbone."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    run = episode_runner(model, ep, args.precision, device)
+    run()
+    backbone = model.backbone
+
+    def forward(*a, **k):
+        with record_function('backbone'):
+            return type(backbone).forward(backbone, *a, **k)
+    backbone.forward = forward
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    try:
+        with warnings.catch_warnings(), profile(activities=activities) as prof:
+            warnings.simplefilter('ignore')
+            run()
+            sync(device)
+    finally:
+        del backbone.forward
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    by_key = {e.key: e for e in events}
+    top = sorted((e for e in events if e.key != 'backbone'), key=lambda e: -e.self_cpu_time_total)[:args.profile]
+    return {'profile_ms': total / 1000,
+            'backbone_share': by_key['backbone'].cpu_time_total / total if 'backbone' in by_key and total else None,
+            'slow_conv2d_calls': by_key['aten::_slow_conv2d_forward'].count
+            if 'aten::_slow_conv2d_forward' in by_key else 0,
+            'profile_top': [(e.key, e.count, e.self_cpu_time_total / 1000) for e in top]}
+
+
+def _profile_lines(row: dict) -> str:
+    share = f'{100 * row["backbone_share"]:.1f}%' if row['backbone_share'] is not None else '-'
+    lines = [f'  profile of one {row["method"]} episode ({row["cdtg"]}, {row["shots"]}-shot): '
+             f'{row["profile_ms"]:.0f} ms of operators, backbone {share}, _slow_conv2d_forward calls: '
+             f'{row["slow_conv2d_calls"]}']
+    lines += [f'    {ms:9.1f} ms {100 * ms / row["profile_ms"]:5.1f}%  {calls:5d}x {name}'
+              for name, calls, ms in row['profile_top']]
+    return '\n'.join(lines)
+
+
 def interleaved(runners: dict, device, reps: int, warmup: int) -> dict[str, list[float]]:
     r"""Time several configurations of one episode alternately (ABAB..., then BABA..., rep by rep), so that a change
     in the machine's load during the run hits them alike; returns each one's times."""
@@ -275,6 +316,8 @@ def bench_models(args, device) -> list[dict]:
                                         args.train_reps, min(args.warmup, 1))
                 row['train_s'] = statistics.median(t_train) if t_train else None
                 row['train_peak_mb'] = mem_train.mb if t_train else None
+                if t_train and args.compare_reference and hasattr(model, 'dense_correlation'):
+                    row.update(compare_dense_training(model, train_ep, args, device))
                 if args.compare_reference and model.kshot == 'vote' and shots > 1:
                     row.update(compare_kshot(model, ep, args, device))
                 if args.compare_reference and method == 'patnet':
@@ -285,10 +328,29 @@ def bench_models(args, device) -> list[dict]:
                     del pinv
                 if args.reference_code and method == 'hsnet' and cdtg == 'off':
                     row.update(compare_public_hsnet(model, ep, args, device))
+                if args.profile:
+                    row.update(profile_episode(model, ep, args, device))
                 rows.append(row)
                 print(_line(row, rows), flush=True)
+                if args.profile:
+                    print(_profile_lines(row), flush=True)
         del models
     return rows
+
+
+def compare_dense_training(model, ep, args, device) -> dict:
+    r"""The training step with the reference's correlation over every support pixel (`dense_correlation`), timed
+    alternately with ours (the same weights; each step updates them, alike for both)."""
+    step = train_step(model, ep, args.precision, device)
+
+    def dense():
+        model.dense_correlation = True
+        try:
+            step()
+        finally:
+            model.dense_correlation = False
+    times = interleaved({'ours': step, 'dense': dense}, device, args.train_reps, 1)
+    return {'train_pair_s': statistics.median(times['ours']), 'train_dense_s': statistics.median(times['dense'])}
 
 
 def test_memory(args, method: str, cdtg: str, model, ep, device) -> dict:
@@ -443,6 +505,9 @@ def _line(row: dict, rows: list[dict]) -> str:
                   if 'reference_layers_kshot_s' in row else '')
         extra.append(f'vs reference K-shot (query re-encoded per shot) {ratio:.2f}x{layers}, '
                      f'shots batched {row["batched_shots_s"] / row["reference_kshot_s"]:.2f}x')
+    if 'train_dense_s' in row:
+        extra.append(f'train step vs dense correlation (the reference\'s) '
+                     f'{row["train_pair_s"] / row["train_dense_s"]:.2f}x')
     if 'pinv_s' in row:
         extra.append(f'pinv/rank2 {row["pinv_s"] / row["test_s"]:.2f}')
     if 'public_s' in row:
@@ -495,6 +560,9 @@ def main(argv=None) -> dict:
                         'peak memory with the same weights and episodes as hsnet (--compare-reference not needed)')
     p.add_argument('--peak-of', nargs=3, default=None, metavar=('METHOD', 'CDTG', 'SHOTS'), help=argparse.SUPPRESS)
     p.add_argument('--quick', action='store_true', help='64x64, one repetition, no warm-up (a smoke run)')
+    bounded(p, '--profile', int, 0, low=0,
+            help='also profile one test episode per row (torch.profiler): its N costliest operators, the calls of '
+                 "PyTorch's slow reference convolution and the backbone's share of the episode")
     p.add_argument('--loader', default=None, help='also time data loading alone for this benchmark')
     p.add_argument('--datapath', default='datasets')
     bounded(p, '--loader-episodes', int, 50, low=1)

@@ -110,3 +110,34 @@ def test_backbone_names_of_the_registry_match_the_builders():
     import model
     from model.backbone import BACKBONES
     assert model.BACKBONES == BACKBONES
+
+
+def test_cpu_1x1_convolutions_stay_on_onednn_with_the_same_taps():
+    r"""Single-threaded with a batch below 16, PyTorch would run the ResNet's 33 float32 1x1 convolutions with its slow
+    reference kernel; the backbone keeps them on oneDNN (a 1x1 kernel marked dilated) and its taps equal the plain
+    F.conv2d forward's to float32 precision (and torchvision's, float64, in the test above)."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    import model.backbone as backbone
+    bb = build().eval()
+    x = torch.randn(2, 3, 64, 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            ours = bb(x)
+        ops = {e.key: e.count for e in prof.key_averages()}
+        plain = backbone.conv2d
+        backbone.conv2d = F.conv2d
+        try:
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                reference = bb(x)
+        finally:
+            backbone.conv2d = plain
+    finally:
+        torch.set_num_threads(threads)
+    assert 'aten::_slow_conv2d_forward' not in ops and ops['aten::mkldnn_convolution'] == 53
+    assert {e.key: e.count for e in prof.key_averages()}['aten::_slow_conv2d_forward'] == 33   # what it avoids
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())

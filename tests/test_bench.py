@@ -120,7 +120,16 @@ def test_compare_reference_times_the_reference_kshot_with_a_dense_correlation(mo
     assert (reference == ours).float().mean() > 0.999                   # the same vote, up to float rounding
     assert (bench.reference_kshot(model, ep, 'fp32', device, dense=False)() == ours).float().mean() > 0.999
     assert len(sparse_calls) == 9
+    sparse_calls.clear()
     row = bench.main(['--quick', '--methods', 'hsnet', '--cdtg', 'off', '--shots', '3', '--compare-reference',
-                      '--threads', '1'])['rows'][0]
-    assert all(row[k] > 0 for k in ('reference_kshot_s', 'reference_layers_kshot_s', 'batched_shots_s'))
-    assert 'vs reference K-shot' in capsys.readouterr().out
+                      '--threads', '1', '--profile', '4'])['rows'][0]
+    assert all(row[k] > 0 for k in ('reference_kshot_s', 'reference_layers_kshot_s', 'batched_shots_s',
+                                    'train_pair_s', 'train_dense_s'))
+    out = capsys.readouterr().out
+    assert 'vs reference K-shot' in out and 'train step vs dense correlation' in out
+    # the profile: 4 operators, one episode's worth of time, the backbone a part of it (at 64x64 ATen keeps the small
+    # maps' convolutions on its reference kernel: tests/test_backbone.py checks the 1x1 routing itself)
+    assert len(row['profile_top']) == 4 and 0 < row['backbone_share'] < 1
+    assert row['profile_ms'] >= sum(ms for _, _, ms in row['profile_top'])
+    assert 'aten::slow_conv_dilated2d' not in [name for name, _, _ in row['profile_top']]
+    assert 'profile of one hsnet episode' in out and 'aten::mkldnn_convolution' in out
