@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='allow TF32 matmuls/convolutions on CUDA (faster; ~1e-3 relative error in the correlations). '
                         'Off by default, so evaluation matches float32 reference code')
     bounded(p, '--cache-images', int, 0, low=0,
-            help='keep this many decoded and resized (image, mask) pairs in memory per loader process (0 = off); a '
-                 'target test set of a few hundred images is then decoded once, not once per episode')
+            help='keep up to this many decoded and resized (image, mask) pairs of the episode list in memory shared '
+                 'by the loader processes (0 = off; 640 KB each at 400x400): a target test set of a few hundred '
+                 'images is then decoded once in total, not once per episode and worker')
     p.add_argument('--match-shots', type=str, default='auto', choices=MATCH_SHOTS,
                    help="K-shot 'vote' methods: match the shots one at a time after the single backbone pass (one: "
                         'same predictions, about half the peak memory), all at once (all), or auto (one on CPU, all '

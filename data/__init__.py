@@ -104,7 +104,9 @@ def build_loader(dataset: EpisodicDataset, sampler: Sampler, bsz: int, workers: 
     r"""DataLoader over episodes chosen by `sampler` (FixedEpisodes / TrainingEpisodes) in the main process."""
     from torch.utils.data import DataLoader
 
-    from data.episodic import collate_episodes
+    from data.episodic import FixedEpisodes, collate_episodes
+    if isinstance(sampler, FixedEpisodes):
+        dataset.reserve_cache(sampler.episodes)          # the shared image cache's pairs, before the workers start
     return DataLoader(dataset, batch_size=bsz, sampler=sampler, num_workers=workers, collate_fn=collate_episodes,
                       pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers > 0)
 

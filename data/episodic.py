@@ -6,8 +6,8 @@ each epoch from (seed, epoch), so a resumed run sees exactly the episodes it wou
 """
 import json
 import os
-from collections import OrderedDict
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,24 +161,37 @@ class EpisodicDataset(Dataset):
 
     #: Data-path settings (set by test.py / train.py; copied into loader workers): `as_uint8` returns images as
     #: resized uint8 [3,S,S] for normalisation on the device (`normalize_images`; a quarter of the bytes to copy
-    #: to a GPU), `cache_size` keeps that many decoded and resized (image, mask) pairs per process (a small target
-    #: set is then decoded once, not once per episode; decoding a full-size ISIC JPEG costs ~0.1-0.4 s).
-    #: `augmentation` (train.py sets it on the training set only): a transform of data/augment.py.
+    #: to a GPU), `cache_size` keeps up to that many decoded and resized (image, mask) pairs in memory shared by the
+    #: loader's worker processes (`PairCache`: a target set is decoded once in total, not once per episode or per
+    #: worker; decoding a full-size ISIC JPEG costs ~0.1-0.4 s). `augmentation` (train.py sets it on the training
+    #: set only): a transform of data/augment.py.
     as_uint8 = False
     cache_size = 0
     augmentation = None
+
+    @property
+    def pair_cache(self) -> 'PairCache | None':
+        r"""The shared cache of decoded pairs (created on first use when `cache_size` > 0; `reserve_cache` gives it
+        its pairs before the loader's workers start)."""
+        cache = self.__dict__.get('_pair_cache')
+        if self.cache_size and (cache is None or cache.capacity != self.cache_size):
+            cache = self.__dict__['_pair_cache'] = PairCache(self.cache_size, self.img_size)
+        return cache if self.cache_size else None
+
+    def reserve_cache(self, episodes: list[Episode]) -> None:
+        r"""Give the shared cache its slots (the first `cache_size` distinct pairs of `episodes`, in order of first
+        use) before the loader's workers start, so that every worker finds them (build_loader calls this)."""
+        cache = self.pair_cache
+        if cache is not None:
+            for ep in episodes:
+                for key in (ep.query, *ep.supports):
+                    cache.slot((key, ep.class_id), assign=True)
 
     def load_pair(self, key: str, class_id: int, rng: np.random.Generator | None = None, part=None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""(image, mask) of `key` at S x S; with `rng`, augmented by `augmentation` (with `part`, its plan's entry
         for this image) from the original image (an augmented pair is never cached)."""
-        cache = self.__dict__.setdefault('_pair_cache', OrderedDict())
-        cached = self.cache_size and rng is None
-        hit = cache.get((key, class_id)) if cached else None
-        if hit is not None:
-            cache.move_to_end((key, class_id))
-            img, mask = hit
-        else:
+        def decode():
             image = self.read_image(key)
             raw = self.read_mask(key, class_id)
             if raw.shape[:2] != (image.height, image.width):
@@ -186,12 +199,11 @@ class EpisodicDataset(Dataset):
                                 f'{image.width}x{image.height}')
             if rng is not None:
                 image, raw = self.augmentation(image, raw, rng, self.img_size, part)
-            img, mask = self.resize_image(image), self.transform_mask(raw)
-            if cached:
-                cache[(key, class_id)] = (img, mask)
-                while len(cache) > self.cache_size:
-                    cache.popitem(last=False)
-        return (img if self.as_uint8 else normalize_images(img)), mask.clone()
+            return self.resize_image(image), self.transform_mask(raw)
+
+        cache = self.pair_cache if rng is None else None
+        img, mask = cache.get((key, class_id), decode) if cache is not None else decode()
+        return (img if self.as_uint8 else normalize_images(img)), mask
 
     def resize_image(self, image: Image.Image) -> torch.Tensor:
         r"""Resize to SxS (bilinear, aspect ignored, as torchvision's Resize on PIL) -> uint8 [3,S,S]."""
@@ -211,6 +223,68 @@ class EpisodicDataset(Dataset):
     def describe(self) -> str:
         counts = ', '.join(f'{self.class_names[c]}: {len(self.class_items[c])}' for c in self.usable_classes)
         return f'{self.name}/{self.split}: {len(self.usable_classes)} classes ({counts})'
+
+
+class PairCache:
+    r"""Decoded, resized (image, mask) pairs in shared memory: `capacity` slots of uint8 [3,S,S] images and [S,S]
+    masks (4 S^2 bytes each: 640 KB at 400x400), filled by whichever process needs a pair first and read by all.
+
+    The pair -> slot table is fixed in the main process (`slot(..., assign=True)`, by `EpisodicDataset.reserve_cache`
+    before the loader's workers start, or on first use without workers); a worker never adds a pair (its table is a
+    copy), so a pair without a slot is decoded each time. Each slot is decoded once in total: a process claims an
+    empty slot under the lock, decodes it outside the lock, and publishes it; another process that needs the slot
+    meanwhile waits for it. `decoded` counts the decodes into slots (all processes).
+    """
+
+    EMPTY, BUSY, READY = 0, 1, 2
+
+    def __init__(self, capacity: int, size: int):
+        import multiprocessing
+        self.capacity, self.slots = capacity, {}
+        self.images = torch.zeros(capacity, 3, size, size, dtype=torch.uint8).share_memory_()
+        self.masks = torch.zeros(capacity, size, size, dtype=torch.uint8).share_memory_()
+        self.state = torch.zeros(capacity, dtype=torch.int8).share_memory_()
+        self.counter = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.lock = multiprocessing.get_context().Lock()
+        self.owner = os.getpid()
+
+    @property
+    def decoded(self) -> int:
+        return int(self.counter[0])
+
+    def slot(self, pair: tuple[str, int], assign: bool = False) -> int | None:
+        r"""The pair's slot; with `assign`, a new one while slots are left (only in the process that made the cache)."""
+        slot = self.slots.get(pair)
+        if slot is None and assign and os.getpid() == self.owner and len(self.slots) < self.capacity:
+            slot = self.slots[pair] = len(self.slots)
+        return slot
+
+    def get(self, pair: tuple[str, int], decode) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""(image, mask) of `pair`: from its slot, or `decode()`d (into the slot when it has one)."""
+        slot = self.slot(pair, assign=True)
+        if slot is None:
+            return decode()
+        while True:
+            with self.lock:
+                state = int(self.state[slot])
+                if state == self.EMPTY:
+                    self.state[slot] = self.BUSY
+                    break
+            if state == self.READY:
+                return self.images[slot].clone(), self.masks[slot].clone()
+            time.sleep(0.001)                       # another process is decoding this pair
+        try:
+            img, mask = decode()
+            self.images[slot].copy_(img)
+            self.masks[slot].copy_(mask)
+        except BaseException:
+            with self.lock:
+                self.state[slot] = self.EMPTY
+            raise
+        with self.lock:
+            self.state[slot] = self.READY
+            self.counter += 1
+        return img, mask
 
 
 def normalize_images(x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ r"""Speed and memory of every method (and CD-TG) on fixed synthetic episodes: ra
     python scripts/bench.py --methods hsnet patnet --compare-reference
     python scripts/bench.py --methods hsnet --cdtg off --shots 5 --reference-code hsnet   # a juhongm999/hsnet clone
     python scripts/bench.py --loader isic --datapath DATA     # data loading alone (episodes/s)
+    python scripts/bench.py --loader isic --datapath DATA --workers 2 --loader-episodes 600 --cache-images 2000
     python scripts/bench.py --quick                           # tiny sizes, one repetition: a smoke run
 
 For each method x CD-TG x K it reports test episodes/s (the test-time entry point, batch 1, as test.py), training
@@ -525,14 +526,22 @@ HEADER = ('method  cdtg  K |  test ep/s  ms/episode  peak MB  CD-TG  hooks | tra
 def bench_loader(args) -> dict:
     from data import FixedEpisodes, build_dataset, build_loader
     dataset = build_dataset(args.loader, args.datapath, 'test', args.shots[0], args.img_size)
+    dataset.cache_size = args.cache_images
     episodes = dataset.sample_episodes(args.loader_episodes, args.seed)
+    pairs = len({(k, e.class_id) for e in episodes for k in (e.query, *e.supports)})
     loader = build_loader(dataset, FixedEpisodes(episodes), 1, args.workers)
     start = time.perf_counter()
     n = sum(1 for _ in loader)
     seconds = time.perf_counter() - start
+    cache = dataset.pair_cache
+    decoded = cache.decoded if cache is not None else None
+    where = (f'; shared image cache of {args.cache_images} pairs: {decoded} decodes into it for the {pairs} distinct '
+             f'(image, class) pairs of the episodes' if cache is not None else f'; no image cache ({pairs} distinct '
+             'pairs, each decoded by every episode that uses it)')
     print(f'loader {args.loader}: {n} episodes ({args.shots[0]}-shot, {args.img_size}px, {args.workers} workers) in '
-          f'{seconds:.1f}s = {n / seconds:.1f} episodes/s')
-    return {'benchmark': args.loader, 'episodes': n, 'seconds': seconds, 'workers': args.workers}
+          f'{seconds:.1f}s = {n / seconds:.1f} episodes/s{where}')
+    return {'benchmark': args.loader, 'episodes': n, 'seconds': seconds, 'workers': args.workers,
+            'cache_images': args.cache_images, 'distinct_pairs': pairs, 'cache_decodes': decoded}
 
 
 def main(argv=None) -> dict:
@@ -566,11 +575,14 @@ def main(argv=None) -> dict:
     p.add_argument('--loader', default=None, help='also time data loading alone for this benchmark')
     p.add_argument('--datapath', default='datasets')
     bounded(p, '--loader-episodes', int, 50, low=1)
+    bounded(p, '--cache-images', int, 0, low=0,
+            help="--loader: test.py's shared image cache of this many pairs (0 = off)")
     bounded(p, '--workers', int, 4, low=0)
     bounded(p, '--seed', int, 0, low=0)
     p.add_argument('--json', default=None, help='write the results here')
     args = parse_with_config(p, argv)
-    args.methods = args.methods or sorted(METHODS)
+    loader_only = args.loader is not None and args.methods is None          # `--loader B`: data loading alone
+    args.methods = [] if loader_only else (args.methods or sorted(METHODS))
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise UserError(f'--methods {", ".join(unknown)}: unknown; choose from {", ".join(sorted(METHODS))}')
@@ -590,13 +602,15 @@ def main(argv=None) -> dict:
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
-    print(f'{args.img_size}x{args.img_size}, {args.precision}, {where}, random weights; test: median of {args.reps} '
-          f'episodes (batch 1) after {args.warmup} warm-up, with and without CD-TG timed alternately; peak memory '
-          f'of a test episode ({args.memory}); train: 1-shot, {args.train_bsz} episodes per step')
+    if args.methods:
+        print(f'{args.img_size}x{args.img_size}, {args.precision}, {where}, random weights; test: median of '
+              f'{args.reps} episodes (batch 1) after {args.warmup} warm-up, with and without CD-TG timed alternately; '
+              f'peak memory of a test episode ({args.memory}); train: 1-shot, {args.train_bsz} episodes per step')
     if args.quick:
         print('--quick: a smoke run at 64x64, one episode each; its times and shares are not figures (per-call '
               'overheads dominate at this size): measure at 400x400 without --quick')
-    print(HEADER)
+    if args.methods:
+        print(HEADER)
     out = {'img_size': args.img_size, 'device': where, 'precision': args.precision, 'torch': torch.__version__,
            'rows': bench_models(args, device)}
     if args.loader:

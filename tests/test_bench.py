@@ -133,3 +133,17 @@ def test_compare_reference_times_the_reference_kshot_with_a_dense_correlation(mo
     assert row['profile_ms'] >= sum(ms for _, _, ms in row['profile_top'])
     assert 'aten::slow_conv_dilated2d' not in [name for name, _, _ in row['profile_top']]
     assert 'profile of one hsnet episode' in out and 'aten::mkldnn_convolution' in out
+
+
+def test_loader_alone_with_the_shared_image_cache(datapath, capsys):
+    r"""`--loader B` times data loading alone (no model rows); with --cache-images each distinct pair of the episode
+    list is decoded once into the shared cache, and the report says so."""
+    argv = ['--loader', 'synthetic-med', '--datapath', str(datapath), '--workers', '0', '--loader-episodes', '8',
+            '--shots', '1', '--img-size', '32']
+    cached = load_bench().main(argv + ['--cache-images', '100'])
+    assert cached['rows'] == [] and cached['loader']['episodes'] == 8
+    assert cached['loader']['cache_decodes'] == cached['loader']['distinct_pairs'] <= 16
+    plain = load_bench().main(argv)['loader']
+    assert plain['cache_decodes'] is None and plain['distinct_pairs'] == cached['loader']['distinct_pairs']
+    out = capsys.readouterr().out
+    assert 'shared image cache of 100 pairs' in out and 'no image cache' in out and 'method  cdtg' not in out

@@ -232,3 +232,41 @@ def test_yaml_config_defaults(tmp_path):
         parse_with_config(p, ['--config', str(cfg)])
     with pytest.raises(UserError, match='does not exist'):
         parse_with_config(p, ['--config', str(tmp_path / 'none.yaml')])
+
+
+def test_the_image_cache_is_shared_by_the_loader_workers_and_decodes_each_pair_once(datapath, monkeypatch):
+    r"""`cache_size` > 0 (test.py --cache-images): two worker processes, two passes over the same episodes, and every
+    distinct (image, class) pair of the episode list is decoded exactly once in total; the batches equal the uncached
+    loader's. Without a cache every episode decodes its images again."""
+    import multiprocessing
+
+    from data import FixedEpisodes, build_dataset, build_loader
+    ds = build_dataset('synthetic-med', datapath, 'test', 2, 32)
+    episodes = ds.sample_episodes(12, 0)
+    pairs = {(k, e.class_id) for e in episodes for k in (e.query, *e.supports)}
+    reads = multiprocessing.get_context().Value('i', 0)
+    real = type(ds).read_image
+
+    def counted(self, key):
+        with reads.get_lock():
+            reads.value += 1
+        return real(self, key)
+    monkeypatch.setattr(type(ds), 'read_image', counted)            # inherited by the forked workers
+    plain = [b for b in build_loader(ds, FixedEpisodes(episodes), 3, 0)]
+    assert reads.value == 3 * len(episodes)                          # query + 2 supports, every episode
+    reads.value = 0
+    ds.cache_size = len(pairs) + 5
+    loader = build_loader(ds, FixedEpisodes(episodes), 3, 2)
+    for _ in range(2):
+        for batch, ref in zip(loader, plain):
+            assert torch.equal(batch['query_img'], ref['query_img'])
+            assert torch.equal(batch['support_masks'], ref['support_masks'])
+    assert reads.value == len(pairs) < 3 * len(episodes) and ds.pair_cache.decoded == len(pairs)
+    assert sorted(ds.pair_cache.slots) == sorted(pairs)
+    ds.cache_size = 2                                                # a small cache: the first 2 pairs only
+    reads.value = 0
+    small = build_loader(ds, FixedEpisodes(episodes), 3, 0)
+    for _ in range(2):
+        list(small)
+    assert ds.pair_cache.decoded == 2 and reads.value == 2 + 2 * (3 * len(episodes) - sum(
+        (k, e.class_id) in ds.pair_cache.slots for e in episodes for k in (e.query, *e.supports)))
