@@ -171,21 +171,26 @@ class EpisodicDataset(Dataset):
 
     @property
     def pair_cache(self) -> 'PairCache | None':
-        r"""The shared cache of decoded pairs (created on first use when `cache_size` > 0; `reserve_cache` gives it
-        its pairs before the loader's workers start)."""
+        r"""The shared cache of decoded pairs when `cache_size` > 0: the one `reserve_cache` made for an episode list,
+        else one of `cache_size` slots made on first use (without loader workers)."""
+        if not self.cache_size:
+            return None
         cache = self.__dict__.get('_pair_cache')
-        if self.cache_size and (cache is None or cache.capacity != self.cache_size):
+        if cache is None or cache.limit != self.cache_size:
             cache = self.__dict__['_pair_cache'] = PairCache(self.cache_size, self.img_size)
-        return cache if self.cache_size else None
+        return cache
 
     def reserve_cache(self, episodes: list[Episode]) -> None:
-        r"""Give the shared cache its slots (the first `cache_size` distinct pairs of `episodes`, in order of first
-        use) before the loader's workers start, so that every worker finds them (build_loader calls this)."""
-        cache = self.pair_cache
-        if cache is not None:
-            for ep in episodes:
-                for key in (ep.query, *ep.supports):
-                    cache.slot((key, ep.class_id), assign=True)
+        r"""A shared cache for the first `cache_size` distinct pairs of `episodes` (in order of first use), made
+        before the loader's workers start so that every worker finds them, and no larger than they need
+        (build_loader calls this)."""
+        if not self.cache_size:
+            return
+        pairs = list(dict.fromkeys((key, ep.class_id) for ep in episodes for key in (ep.query, *ep.supports)))
+        cache = PairCache(min(self.cache_size, len(pairs)), self.img_size, limit=self.cache_size)
+        for pair in pairs[:cache.capacity]:
+            cache.slot(pair, assign=True)
+        self.__dict__['_pair_cache'] = cache
 
     def load_pair(self, key: str, class_id: int, rng: np.random.Generator | None = None, part=None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,9 +243,10 @@ class PairCache:
 
     EMPTY, BUSY, READY = 0, 1, 2
 
-    def __init__(self, capacity: int, size: int):
+    def __init__(self, capacity: int, size: int, limit: int | None = None):
         import multiprocessing
         self.capacity, self.slots = capacity, {}
+        self.limit = capacity if limit is None else limit          # the cache_size it was made for
         self.images = torch.zeros(capacity, 3, size, size, dtype=torch.uint8).share_memory_()
         self.masks = torch.zeros(capacity, size, size, dtype=torch.uint8).share_memory_()
         self.state = torch.zeros(capacity, dtype=torch.int8).share_memory_()
