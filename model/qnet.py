@@ -121,17 +121,20 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-12)
 
 
-def refinement_loss(feat: torch.Tensor, proto: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+def refinement_loss(feat: torch.Tensor, proto: torch.Tensor, fg: torch.Tensor,
+                    squashed: torch.Tensor | None = None) -> torch.Tensor:
     r"""The released refinement objective (models/fewshot.py `updatePrototype`) of one path.
 
     feat [1,C,h,w] query features, proto [1,C] the prototype being refined, fg [1,h,w] the current hard prediction.
-    The predicted-foreground feature vectors are replaced by the prototype, f̃ = f (1 - M) + FP M, and
-    loss = BCE(input = σ(minmax f), target = σ(minmax f̃)) with global min/max; the gradient reaches the prototype
-    through the *target* (argument order as the reference; swapping them changes the objective).
+    The predicted-foreground feature vectors are replaced by the prototype, f̃ = f (1 - M) + FP M (with M binary:
+    exactly `where(M, FP, f)`), and loss = BCE(input = σ(minmax f), target = σ(minmax f̃)) with global min/max; the
+    gradient reaches the prototype through the *target* (argument order as the reference; swapping them changes the
+    objective). `squashed`: σ(minmax f), which depends on the features only (a refinement computes it once).
     """
-    m = fg.unsqueeze(1).to(feat.dtype)
-    new = feat * (1 - m) + proto[:, :, None, None] * m
-    return F.binary_cross_entropy(torch.sigmoid(_minmax(feat)), torch.sigmoid(_minmax(new)))
+    new = torch.where(fg.unsqueeze(1), proto[:, :, None, None], feat)
+    if squashed is None:
+        squashed = torch.sigmoid(_minmax(feat))
+    return F.binary_cross_entropy(squashed, torch.sigmoid(_minmax(new)))
 
 
 # --- the method -----------------------------------------------------------------------------------------------------
@@ -294,7 +297,9 @@ class QNet(FewShotSegmenter):
         paths and T are fixed during refinement and kept there too."""
         with torch.no_grad():
             protos = self.prototypes(self.paths(record.support_feats), record)
-            record.state['query_paths'] = self.paths(record.query_feats)
+            # contiguous once: the steps' elementwise work then makes no layout copies of the channels-last maps
+            paths = record.state['query_paths'] = [p.contiguous() for p in self.paths(record.query_feats)]
+            record.state['squashed'] = [torch.sigmoid(_minmax(f)) for f in paths]     # the BCE input: fixed
             record.state['threshold'] = self.threshold(record.query_feats)
         record.state['prototypes'] = [p.detach().clone().requires_grad_(True) for p in protos]
         return record.state['prototypes']
@@ -306,5 +311,5 @@ class QNet(FewShotSegmenter):
         state = record.state
         with torch.no_grad():
             logits = self.path_logits(state['query_paths'], state['prototypes'], state['threshold'])
-        return sum(refinement_loss(f, p, x > 0)                                 # p_fg = σ(x) > 0.5
-                   for f, p, x in zip(state['query_paths'], state['prototypes'], logits))
+        return sum(refinement_loss(f, p, x > 0, s)                              # p_fg = σ(x) > 0.5
+                   for f, p, x, s in zip(state['query_paths'], state['prototypes'], logits, state['squashed']))
