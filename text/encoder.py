@@ -22,8 +22,6 @@ from text.settings import CLIP_MODELS, PUBLISHED_WEIGHTS, TEXT_ENCODERS
 LORA_TARGETS = ('mlp.c_fc', 'mlp.c_proj')
 #: BiomedCLIP's BERT: the MLP linears of every layer (not the attention output, also named `output.dense`).
 BERT_LORA_TARGETS = r'.*layer\.\d+\.(intermediate|output)\.dense'
-HF_REPOS = {'RN50': 'timm/resnet50_clip.openai', 'ViT-B-32': 'timm/vit_base_patch32_clip_224.openai',
-            'ViT-B-16': 'timm/vit_base_patch16_clip_224.openai'}      # OpenAI's weights, as open_clip fetches them
 
 
 def default_cache_dir() -> Path:
@@ -77,14 +75,14 @@ def weights_identity(model: str, weights: str, seed: int = 0, activation: str = 
     path = Path(weights)
     if not path.is_file():
         raise UserError(f'--clip-weights {weights}: no such file (expected openai, none, or a local copy of the '
-                        f'OpenAI {model} weights, e.g. open_clip_pytorch_model.bin from {HF_REPOS[model]})')
+                        f'OpenAI {model} weights, e.g. open_clip_pytorch_model.bin from {TEXT_ENCODERS[model].hub})')
     return f'{model}-file{file_digest(path)}-{build}'
 
 
 def _medical_identity(model: str, weights: str, seed: int) -> str:
     spec = TEXT_ENCODERS[model]
     if weights in PUBLISHED_WEIGHTS:
-        source = f'hub-{towers.HUB_REPOS[model].replace("/", "_")}'
+        source = f'hub-{spec.hub.replace("/", "_")}'
     elif weights == 'none':
         source = f'random-seed{seed}'
     else:
@@ -110,7 +108,8 @@ def encoder_record(model: str, weights: str, identity: str) -> dict:
     tokenizer = spec.tokenizer
     if spec.family == 'biomedclip' and weights == 'none':
         tokenizer = f'offline stand-in ({towers.OFFLINE_VOCAB}: BERT special tokens and ASCII characters)'
-    return {'name': model, 'weights': 'published: ' + spec.published if weights in PUBLISHED_WEIGHTS else weights,
+    source = f'published: {spec.hub} (Hugging Face hub)' if weights in PUBLISHED_WEIGHTS else weights
+    return {'name': model, 'weights': source,
             'weights_sha256_16': digest, 'tokenizer': tokenizer, 'activation': spec.activation,
             'context_length': spec.context, 'dim': spec.dim, 'identity': identity}
 
@@ -161,8 +160,8 @@ class ClipTextEncoder(nn.Module):
                  activation: str = ACTIVATION):
         super().__init__()
         import open_clip
-        spec = TEXT_ENCODERS[model] if model in TEXT_ENCODERS else None
-        self.identity = weights_identity(model, weights, seed, activation)
+        self.identity = weights_identity(model, weights, seed, activation)      # refuses an unknown model
+        spec = TEXT_ENCODERS[model]
         self.record = encoder_record(model, weights, self.identity)
         self.model_name, self.lora_rank, self.context = model, lora_rank, spec.context
         path = towers.weights_path(model, weights) if spec.family != 'openai' else None   # found before building
@@ -299,7 +298,8 @@ def _build_clip(model: str, weights: str, seed: int, activation: str = ACTIVATIO
                 f'  This machine is probably offline. On a connected machine run\n'
                 f'    python -c "import open_clip; open_clip.create_model(\'{model}\', pretrained=\'openai\')"\n'
                 f'  (it fills the Hugging Face cache, $HF_HOME), or download open_clip_pytorch_model.bin from the\n'
-                f'  hub repository {HF_REPOS[model]} and pass --clip-weights /path/to/open_clip_pytorch_model.bin.'
+                f'  hub repository {TEXT_ENCODERS[model].hub} and pass --clip-weights '
+                f'/path/to/open_clip_pytorch_model.bin.'
             ) from err
     else:
         try:

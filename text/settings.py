@@ -25,7 +25,8 @@ class TextEncoderSpec:
         architecture: the open_clip model config whose text tower is built.
         dim: embedding width. context: the tokenizer's context length (longer texts are truncated, with a warning).
         tokenizer: what turns text into tokens. activation: of the text transformer.
-        published: where `--clip-weights openai` (or `hub`) gets the weights from.
+        hub: the Hugging Face hub repository of the published weights (`--clip-weights openai` or `hub`; OpenAI's
+            CLIP weights as open_clip fetches them).
     """
     family: str
     architecture: str
@@ -33,21 +34,21 @@ class TextEncoderSpec:
     context: int
     tokenizer: str
     activation: str
-    published: str
+    hub: str
 
 
 TEXT_ENCODERS = {
     'RN50': TextEncoderSpec('openai', 'RN50', 1024, 77, 'CLIP BPE (open_clip)', 'quickgelu',
-                            'OpenAI CLIP RN50 (open_clip, hub timm/resnet50_clip.openai)'),
+                            'timm/resnet50_clip.openai'),
     'ViT-B-32': TextEncoderSpec('openai', 'ViT-B-32', 512, 77, 'CLIP BPE (open_clip)', 'quickgelu',
-                                'OpenAI CLIP ViT-B/32 (open_clip, hub timm/vit_base_patch32_clip_224.openai)'),
+                                'timm/vit_base_patch32_clip_224.openai'),
     'ViT-B-16': TextEncoderSpec('openai', 'ViT-B-16', 512, 77, 'CLIP BPE (open_clip)', 'quickgelu',
-                                'OpenAI CLIP ViT-B/16 (open_clip, hub timm/vit_base_patch16_clip_224.openai)'),
+                                'timm/vit_base_patch16_clip_224.openai'),
     'biomedclip': TextEncoderSpec('biomedclip', 'BiomedCLIP-PubMedBERT_256-vit_base_patch16_224', 512, 256,
                                   'PubMedBERT WordPiece, uncased', 'gelu',
-                                  'Hugging Face hub microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224'),
+                                  'microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224'),
     'pubmedclip': TextEncoderSpec('pubmedclip', 'ViT-B-32', 512, 77, 'CLIP BPE (open_clip)', 'quickgelu',
-                                  'Hugging Face hub flaviagiammarino/pubmed-clip-vit-base-patch32'),
+                                  'flaviagiammarino/pubmed-clip-vit-base-patch32'),
 }
 CLIP_MODELS = tuple(TEXT_ENCODERS)
 #: `--clip-weights` values that mean "the encoder's published weights, downloaded" ('openai' is the historical name).

@@ -30,14 +30,14 @@ import torch
 import torch.nn as nn
 
 from common.errors import UserError
+from text.settings import PUBLISHED_WEIGHTS, TEXT_ENCODERS
 CONFIG_DIR = Path(__file__).parent / 'encoder_configs'
-BIOMEDCLIP_REPO = 'microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224'
-BIOMEDBERT_REPO = 'microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract'
-PUBMEDCLIP_REPO = 'flaviagiammarino/pubmed-clip-vit-base-patch32'
+BIOMEDBERT_REPO = 'microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract'      # BiomedCLIP's text model and vocabulary
 #: The files a hub folder holds the weights in, preferred first.
 WEIGHT_FILES = {'biomedclip': ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin'),
                 'pubmedclip': ('model.safetensors', 'pytorch_model.bin')}
-HUB_REPOS = {'biomedclip': BIOMEDCLIP_REPO, 'pubmedclip': PUBMEDCLIP_REPO}
+HUB_REPOS = {name: spec.hub for name, spec in TEXT_ENCODERS.items() if spec.family != 'openai'}
+BIOMEDCLIP_REPO = HUB_REPOS['biomedclip']
 VOCAB_FILE = 'vocab.txt'
 #: BERT's special tokens, at the ids PubMedBERT's vocabulary gives them ([PAD] must be 0: open_clip's HFTextEncoder
 #: masks every token equal to the config's pad_token_id).
@@ -175,7 +175,7 @@ def weights_path(name: str, weights: str) -> Path | None:
     for a path, None for random weights ('none')."""
     if weights == 'none':
         return None
-    if weights in ('openai', 'hub'):
+    if weights in PUBLISHED_WEIGHTS:
         return hub_file(HUB_REPOS[name], WEIGHT_FILES[name], f'the {name} weights')
     return weight_file(name, weights)
 
@@ -220,7 +220,7 @@ def biomedclip_vocab(weights: str) -> Path | None:
     then PubMedBERT's); None for random weights (the offline stand-in)."""
     if weights == 'none':
         return None
-    if weights not in ('openai', 'hub'):
+    if weights not in PUBLISHED_WEIGHTS:
         found = vocab_file(weight_file('biomedclip', weights))
         if found is None:
             raise UserError(f'--clip-weights {weights}: BiomedCLIP needs PubMedBERT\'s {VOCAB_FILE} in the same '
