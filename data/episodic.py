@@ -31,6 +31,10 @@ class Episode:
     #: Training episodes: the seed of their images' augmentation (data/augment.py); None: not augmented.
     seed: int | None = None
 
+    def pairs(self) -> list[tuple[str, int]]:
+        r"""The (image, class) pairs the episode loads: the query's, then the supports'."""
+        return [(key, self.class_id) for key in (self.query, *self.supports)]
+
     def to_json(self, class_names: list[str]) -> dict:
         return {'class': class_names[self.class_id], 'class_id': self.class_id, 'query': self.query,
                 'supports': list(self.supports)}
@@ -186,7 +190,7 @@ class EpisodicDataset(Dataset):
         (build_loader calls this)."""
         if not self.cache_size:
             return
-        pairs = list(dict.fromkeys((key, ep.class_id) for ep in episodes for key in (ep.query, *ep.supports)))
+        pairs = list(dict.fromkeys(pair for ep in episodes for pair in ep.pairs()))
         cache = PairCache(min(self.cache_size, len(pairs)), self.img_size, limit=self.cache_size)
         for pair in pairs[:cache.capacity]:
             cache.slot(pair, assign=True)

@@ -528,7 +528,7 @@ def bench_loader(args) -> dict:
     dataset = build_dataset(args.loader, args.datapath, 'test', args.shots[0], args.img_size)
     dataset.cache_size = args.cache_images
     episodes = dataset.sample_episodes(args.loader_episodes, args.seed)
-    pairs = len({(k, e.class_id) for e in episodes for k in (e.query, *e.supports)})
+    pairs = len({pair for ep in episodes for pair in ep.pairs()})
     loader = build_loader(dataset, FixedEpisodes(episodes), 1, args.workers)
     start = time.perf_counter()
     n = sum(1 for _ in loader)
