@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.errors import UserError
 from data.checks import DataReport, list_files
-from data.volumes import MANIFEST, PreparedVolumes, percentile_normalise, pid_order, prepare_cache
+from data.volumes import MR_CLIP_PERCENTILE, MANIFEST, PreparedVolumes, percentile_normalise, pid_order, prepare_cache
 
 __all__ = ['CACHE_NAME', 'LABEL_LUT', 'MANIFEST', 'ORGANS', 'Chaos', 'labels_from_png', 'order_slices', 'pid_order',
            'prepare']
@@ -43,7 +43,7 @@ for _organ_id, (_lo, _hi) in enumerate(GRAY_RANGES, 1):
     LABEL_LUT[_lo:_hi + 1] = _organ_id
 PREP_FORMAT = 'cdtg-chaos-t2spir'
 PREP_VERSION = 1
-CLIP_PERCENTILE = 99.5
+CLIP_PERCENTILE = MR_CLIP_PERCENTILE
 CACHE_NAME = 'prepared_T2SPIR'
 RAW_ROOTS = ('CHAOS/Train_Sets/MR', 'Train_Sets/MR', 'CHAOS_Train_Sets/Train_Sets/MR', 'CHAOS/MR', 'MR')
 RAW_LAYOUT = ('  CHAOS/Train_Sets/MR/   (as CHAOS_Train_Sets.zip unpacks; Train_Sets/MR/ directly under --datapath '

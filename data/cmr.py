@@ -33,7 +33,7 @@ import numpy as np
 
 from data.checks import DataReport
 from data.nifti import RawVolume, nibabel, nifti_stem, numbered, read_pair
-from data.volumes import PreparedVolumes, percentile_normalise, pid_order, prepare_cache
+from data.volumes import MR_CLIP_PERCENTILE, PreparedVolumes, percentile_normalise, pid_order, prepare_cache
 
 CLASSES = ['left ventricular myocardium', 'left ventricular blood pool', 'right ventricle']
 LABEL_CODES = (200, 500, 600)           # the challenge's code of CLASSES[c] (class id c + 1)
@@ -41,7 +41,7 @@ INVALID = 255
 CODE_LUT = np.full(max(LABEL_CODES) + 1, INVALID, np.uint8)
 CODE_LUT[0] = 0
 CODE_LUT[list(LABEL_CODES)] = np.arange(1, len(CLASSES) + 1)
-CLIP_PERCENTILE = 99.5
+CLIP_PERCENTILE = MR_CLIP_PERCENTILE
 PREP_FORMAT = 'cdtg-cmr-mscmrseg-c0'
 PREP_VERSION = 1
 RELEASE = 'C0LET2_nii45_for_challenge19'

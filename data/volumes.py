@@ -41,6 +41,10 @@ def class_slices(label: np.ndarray, class_id: int) -> list[int]:
     return np.flatnonzero((label == class_id).any((1, 2))).tolist()
 
 
+#: SSL-ALPNet's MR intensity clip (CHAOS, cardiac MRI): above this percentile of the volume.
+MR_CLIP_PERCENTILE = 99.5
+
+
 def percentile_normalise(image: np.ndarray, percentile: float) -> tuple[np.ndarray, float, float]:
     r"""MR intensities: clip above the volume's `percentile`-th percentile, then (x - min) / (clip - min) -> float32
     in [0, 1]. Returns (volume, min, clip value)."""
