@@ -284,6 +284,21 @@ def test_cmr_bad_codes_and_folders_name_the_file(tmp_path, monkeypatch):
 
 # --- scripts/check_data.py ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize('benchmark', ['abd-ct', 'cmr'])
+def test_a_cache_prepared_elsewhere_is_read_through_its_flag(tmp_path, abd, cmr, benchmark):
+    r"""`prepare(..., out=DIR)` (scripts/prepare_*.py --out) then `--abd-ct-cache DIR` / `--cmr-cache DIR`: the loader
+    reads that cache, with the same volumes as the default one; a folder without a cache names the prepare command."""
+    root, prepare, option = (abd[0], prepare_abdct, 'abd_ct_cache') if benchmark == 'abd-ct' else \
+        (cmr[0], prepare_cmr, 'cmr_cache')
+    elsewhere = quiet(prepare, root, tmp_path / 'moved')
+    default = build_dataset(benchmark, str(root), 'test', 1, 32)
+    moved = build_dataset(benchmark, str(root), 'test', 1, 32, **{option: str(elsewhere)})
+    assert moved.cache_dir == elsewhere != default.cache_dir and moved.volumes == default.volumes
+    assert moved.class_items == default.class_items
+    with pytest.raises(UserError, match=re.escape(f'scripts/prepare_{benchmark.replace("-", "")}.py')):
+        build_dataset(benchmark, str(root), 'test', 1, 32, **{option: str(tmp_path / 'empty')})
+
+
+@pytest.mark.parametrize('benchmark', ['abd-ct', 'cmr'])
 def test_check_data_before_and_after_preparation(tmp_path, capsys, benchmark):
     check = load_script('check_data')
     if benchmark == 'abd-ct':
