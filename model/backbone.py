@@ -224,17 +224,23 @@ class Backbone(nn.Module):
     def _layers(self) -> list[tuple[int, nn.Module]]:
         return [(i, getattr(self.net, n)) for i, n in enumerate(RESNET_LAYERS, start=1) if hasattr(self.net, n)]
 
-    def _conv_bn_pairs(self):
-        r"""The (conv, BN) pairs of the frozen parts (trainable parts keep conv -> BN: their weights move)."""
-        trainable = self.spec.trainable
-        pairs = [] if 'stem' in trainable else self._stem_pairs()
+    def _conv_bn_pairs(self, inference: bool = False):
+        r"""The (conv, BN) pairs whose BN is folded into the conv: those of the frozen parts (their weights never
+        move) and, in an inference forward (`inference`: no gradient recorded), those of the trainable parts whose BN
+        normalises with its running statistics (a moving BN in training mode keeps conv -> BN)."""
+        def foldable(part: str, pairs: list) -> list:
+            if part not in self.spec.trainable:
+                return pairs
+            return [(conv, bn) for conv, bn in pairs if inference and not bn.training]
+
+        pairs = foldable('stem', self._stem_pairs())
         for stage, layer in self._layers():
-            if RESNET_LAYERS[stage - 1] in trainable:
-                continue
+            layer_pairs = []
             for block in layer:
-                pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
+                layer_pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
                 if block.downsample is not None:
-                    pairs.append((block.downsample[0], block.downsample[1]))
+                    layer_pairs.append((block.downsample[0], block.downsample[1]))
+            pairs += foldable(RESNET_LAYERS[stage - 1], layer_pairs)
         return pairs
 
     def _stem_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -244,13 +250,14 @@ class Backbone(nn.Module):
             return [(net.conv1[0], net.conv1[1]), (net.conv1[3], net.conv1[4]), (net.conv1[6], net.bn1)]
         return [(net.conv1, net.bn1)]
 
-    def _fold_batchnorm(self) -> dict:
-        r"""Conv weights with the frozen BatchNorm folded in (w·γ/σ, β - μγ/σ): one pass per conv instead of two,
-        about 10% of the forward. Computed afresh for every forward (a few ms) rather than cached, so the backbone
-        holds one copy of its weights (a cached folded copy cost ~94 MB for ResNet-50) and can never go stale."""
+    def _fold_batchnorm(self, inference: bool = False) -> dict:
+        r"""Conv weights with their BatchNorm folded in (w·γ/σ, β - μγ/σ; the pairs of `_conv_bn_pairs`): one pass
+        per conv instead of two, about 10% of the forward. Computed afresh for every forward (a few ms) rather than
+        cached, so the backbone holds one copy of its weights (a cached folded copy cost ~94 MB for ResNet-50) and can
+        never go stale."""
         folded = {}
         with torch.no_grad():
-            for conv, bn in self._conv_bn_pairs():
+            for conv, bn in self._conv_bn_pairs(inference):
                 scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
                 weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
                 bias = bn.bias - bn.running_mean * scale
@@ -260,7 +267,7 @@ class Backbone(nn.Module):
         return folded
 
     def _forward_resnet(self, x: torch.Tensor, fold: bool = True) -> list[torch.Tensor]:
-        folded = self._fold_batchnorm() if fold else {}
+        folded = self._fold_batchnorm(inference=not torch.is_grad_enabled()) if fold else {}
         spec, net = self.spec, self.net
 
         def conv_bn(conv, bn, inp):
@@ -268,11 +275,19 @@ class Backbone(nn.Module):
             out = conv2d(inp, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
             return out if conv in folded else bn(out)
 
+        def relu(x: torch.Tensor, fresh: bool = True) -> torch.Tensor:
+            r"""ReLU in place on a map nothing else holds (`fresh`) while no gradient is recorded: a new map of a
+            dilated ResNet at 400x400 is 10-60 MB, whose first touch (page faults) costs 10x the ReLU itself."""
+            return x.relu_() if fresh and not torch.is_grad_enabled() else torch.relu(x)
+
+        def residual(out: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+            return out.add_(identity) if not torch.is_grad_enabled() else out + identity
+
         grad = torch.is_grad_enabled()
         tracking = grad and 'stem' in spec.trainable          # gradients flow from the first trainable part on
         with torch.set_grad_enabled(tracking):
             for conv, bn in self._stem_pairs():
-                x = torch.relu(conv_bn(conv, bn, x))
+                x = relu(conv_bn(conv, bn, x))
             x = net.maxpool(x)
         feats, by_layer = [], {}
         for stage, layer in self._layers():
@@ -282,19 +297,19 @@ class Backbone(nn.Module):
                 if spec.taps == 'bottlenecks':
                     for block in layer:
                         identity = x if block.downsample is None else conv_bn(*block.downsample, x)
-                        out = torch.relu(conv_bn(block.conv1, block.bn1, x))
-                        out = torch.relu(conv_bn(block.conv2, block.bn2, out))
-                        out = conv_bn(block.conv3, block.bn3, out) + identity
+                        out = relu(conv_bn(block.conv1, block.bn1, x))
+                        out = relu(conv_bn(block.conv2, block.bn2, out))
+                        out = residual(conv_bn(block.conv3, block.bn3, out), identity)
                         if stage > 1:
                             feats.append(out)    # taps: bottleneck outputs of layer2-4 before the final ReLU
-                        x = torch.relu(out)      # not in place: `out` is kept as a tap
+                        x = relu(out, fresh=stage == 1)          # a tap stays as it is
                     continue
-                for block in layer:
+                for i, block in enumerate(layer):
                     identity = x if block.downsample is None else conv_bn(*block.downsample, x)
-                    out = torch.relu(conv_bn(block.conv1, block.bn1, x))
-                    out = torch.relu(conv_bn(block.conv2, block.bn2, out))
-                    out = conv_bn(block.conv3, block.bn3, out) + identity
-                    x = torch.relu(out)
+                    out = relu(conv_bn(block.conv1, block.bn1, x))
+                    out = relu(conv_bn(block.conv2, block.bn2, out))
+                    out = residual(conv_bn(block.conv3, block.bn3, out), identity)
+                    x = relu(out, fresh=spec.tap_relu or i < len(layer) - 1)    # a tap before its ReLU stays
                 by_layer[name] = x if spec.tap_relu else out
         return feats if spec.taps == 'bottlenecks' else [by_layer[t] for t in spec.taps]
 
