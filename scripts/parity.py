@@ -39,6 +39,7 @@ import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
+import statistics
 import sys
 from pathlib import Path
 
@@ -53,6 +54,8 @@ from common.errors import UserError, run_cli  # noqa: E402
 
 GOLDEN = ROOT / 'tests' / 'golden'
 SHOTS = (1, 5)
+#: The image side `--time` uses by default (the performance issue's and scripts/bench.py's).
+TIME_SIZE = 400
 
 
 # --- importing the reference ------------------------------------------------------------------------------------------
@@ -136,6 +139,23 @@ def float_as_double():
         torch.Tensor.float = saved
 
 
+class Reference:
+    r"""A method's public network with our weights (`self.model`), float64 unless `to` says otherwise."""
+
+    dtype = torch.float64
+
+    def to(self, dtype: torch.dtype) -> 'Reference':
+        r"""The network in `dtype` (float32: `--time`, which times the networks as they run)."""
+        self.model.to(dtype)
+        self.dtype = dtype
+        return self
+
+    def mask_casts(self):
+        r"""The reference's `.float()` mask casts as float64 while the comparison is in float64 (`float_as_double`),
+        as written otherwise."""
+        return float_as_double() if self.dtype == torch.float64 else contextlib.nullcontext()
+
+
 def _import(module: str, folder: Path):
     try:
         return importlib.import_module(module)
@@ -183,7 +203,7 @@ def _pmms_mapping(cascade: bool) -> list[tuple[str, str]]:
     return mapping
 
 
-class PMMsReference:
+class PMMsReference(Reference):
     r"""networks/FPMMs.py (pmms) or networks/FRPMMs.py (rpmms): `forward` for one shot, `forward_5shot` for K."""
 
     packages = ('models', 'networks')
@@ -205,6 +225,12 @@ class PMMsReference:
                       if k.startswith('em_init_')}
         if not self.cascade:
             self.model.PMMs.mu = self.inits[self.model.num_pro][None]
+
+    def to(self, dtype: torch.dtype) -> 'PMMsReference':
+        self.inits = {k: v.to(dtype) for k, v in self.inits.items()}
+        if not self.cascade:                                  # a plain tensor attribute, which Module.to leaves
+            self.model.PMMs.mu = self.inits[self.model.num_pro][None]
+        return super().to(dtype)
 
     def probabilities(self, ep: dict) -> torch.Tensor:
         cls, inits = self.pmms_class, self.inits
@@ -231,7 +257,7 @@ class PMMsReference:
 
 
 # --- Q-Net (shenqq377/Q-Net) ------------------------------------------------------------------------------------------
-class QNetReference:
+class QNetReference(Reference):
     r"""models/fewshot.py's FewShotSeg with its ResNet-101 encoder (no pretrained file: ours are copied in); the
     prediction without refinement (`n_iters=0`, ours: `--finetune-steps 0`)."""
 
@@ -248,6 +274,10 @@ class QNetReference:
         self.model.double().eval()
         # its path weights are a plain float32 tensor attribute, which .double() leaves (0.9 -> 0.89999998)
         self.model.alpha = torch.tensor([0.9, 0.1], dtype=torch.float64)
+
+    def to(self, dtype: torch.dtype) -> 'QNetReference':
+        self.model.alpha = torch.tensor([0.9, 0.1], dtype=dtype)
+        return super().to(dtype)
 
     def probabilities(self, ep: dict, n_iters: int = 0) -> torch.Tensor:
         q, s, m = ep['query_img'], ep['support_imgs'], ep['support_masks']
@@ -282,7 +312,7 @@ def _learner_mapping(ours: str = 'learner', theirs: str = 'hpn_learner') -> list
     return mapping + [(f'{ours}.decoder1', f'{theirs}.decoder1'), (f'{ours}.decoder2', f'{theirs}.decoder2')]
 
 
-class VoteReference:
+class VoteReference(Reference):
     r"""HSNet's family: the reference's `forward(query, support, mask)` predicts from one shot and its
     `predict_mask_nshot(batch, K)` runs one forward per shot, then HSNet's vote (our 'vote' policy). Its K-shot
     prediction is a mask, so two things are compared: the per-shot probabilities [B*K,2,H,W] (row b*K+k; softmax of
@@ -316,13 +346,29 @@ class VoteReference:
         r"""(per-shot probabilities [B*K,2,H,W], the voted mask [B,H,W]) from one `predict_mask_nshot`."""
         batch = {key: ep[key] for key in ('query_img', 'support_imgs', 'support_masks')}
         self.logits.clear()
-        with torch.no_grad(), no_cuda(), float_as_double() if self.float64_masks else contextlib.nullcontext():
+        with torch.no_grad(), no_cuda(), self.mask_casts() if self.float64_masks else contextlib.nullcontext():
             mask = self.model.predict_mask_nshot(batch, ep['support_imgs'].shape[1])
         mask = mask[0] if isinstance(mask, tuple) else mask              # DMTNet also returns the per-shot logits
         return torch.softmax(torch.stack(self.logits, dim=1), dim=2).flatten(0, 1), mask.long()
 
     def probabilities(self, ep: dict) -> torch.Tensor:
         return self.vote(ep)[0]
+
+    def train_step(self, ep: dict, optimizer) -> None:
+        r"""One step of the reference's train.py: `train_mode()` (the backbone's BatchNorm stays in eval mode), its
+        one-shot forward, `compute_objective` (cross-entropy) on the query mask, `backward`, the optimizer's step."""
+        self.model.train_mode()
+        try:
+            with no_cuda(), self.mask_casts() if self.float64_masks else contextlib.nullcontext():
+                logits = self.model(ep['query_img'], ep['support_imgs'][:, 0], ep['support_masks'][:, 0])
+                logits = logits[0] if isinstance(logits, tuple) else logits
+                loss = self.model.compute_objective(logits, ep['query_mask'])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        finally:
+            self.model.eval()
+            self.logits.clear()                              # the forward hook's record (and its graph)
 
 
 class HSNetReference(VoteReference):
@@ -377,7 +423,7 @@ class DMTNetReference(VoteReference):
     def _finetuning_loss(self, ep: dict) -> torch.Tensor:
         batch = {key: ep[key] for key in ('query_img', 'support_imgs', 'support_masks')}
         k = ep['support_imgs'].shape[1]
-        with no_cuda(), float_as_double():
+        with no_cuda(), self.mask_casts():
             _, logits = self.model.predict_mask_nshot_support(batch, k)
         return self.model.compute_objective_finetuning(logits, batch['support_masks'].clone(), k)
 
@@ -406,7 +452,7 @@ def _adapt_then(model: nn.Module, params: list[torch.Tensor], optimizer, steps: 
 
 
 # --- IFA (niejiahao1998/IFA) ------------------------------------------------------------------------------------------
-class IFAReference:
+class IFAReference(Reference):
     r"""model/IFA_matching.py's IFA_MatchingNet(backbone, refine=True) (all.sh trains and tests with --refine; ours
     always refines); the prediction is `forward(supports, masks, query, None)[0]` (test.py).
 
@@ -437,7 +483,7 @@ class IFAReference:
     def probabilities(self, ep: dict) -> torch.Tensor:
         q, s, m = ep['query_img'], ep['support_imgs'], ep['support_masks']
         k = s.shape[1]
-        with torch.no_grad(), no_cuda(), float_as_double():
+        with torch.no_grad(), no_cuda(), self.mask_casts():
             out = self.model([s[:, i] for i in range(k)], [m[:, i] for i in range(k)], q, None)[0]
         return torch.softmax(out, dim=1)
 
@@ -473,7 +519,7 @@ class IFAReference:
         img_q, mask_q = pseudo_query_augmentation(s[k], m[k], gen)
         img_q, mask_q = img_q[None], mask_q[None].long()
         self.model.shot = s.shape[0]                  # ifa.py builds IFA_MatchingNet(backbone, refine, args.shot)
-        with no_cuda(), float_as_double():
+        with no_cuda(), self.mask_casts():
             out = self.model([s[i:i + 1] for i in range(s.shape[0])], [m[i:i + 1] for i in range(s.shape[0])], img_q,
                              mask_q)
         ce = nn.CrossEntropyLoss(ignore_index=255)
@@ -576,6 +622,69 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
             'argmax_agreement': float((ours.argmax(1) == ref.argmax(1)).double().mean())}
 
 
+def time_against_reference(args, model, reference) -> dict:
+    r"""`--time N`: our test episode and the reference's, float32, N pairs timed alternately (ours first in even
+    pairs, the reference first in odd ones, after a warm-up of each), at 1 and 5 shots and, for a method with a
+    test-time adaptation, with it too (`ADAPTATIONS`). Prints and returns the medians and their ratio, with the
+    agreement of the two predicted masks in float32 (a check that the two timed the same prediction)."""
+    from scripts.bench import interleaved
+    model.float()
+    reference.to(torch.float32)
+    device = torch.device('cpu')
+    adaptation = ADAPTATIONS.get(args.method)
+    results = {}
+    for k, ep in episodes(args.size, args.method).items():
+        ep = {key: v.float() if v.is_floating_point() else v for key, v in ep.items()}
+        for adapted in (False, True) if adaptation else (False,):
+            model.set_test_time(*(adaptation if adapted else (0,)))
+            outputs = {}
+
+            def ours():
+                outputs['ours'] = our_prediction(model, ep)[1]
+
+            def theirs():
+                if adapted:
+                    out = reference.adapted(ep, *adaptation)
+                else:
+                    out = reference.vote(ep) if hasattr(reference, 'vote') else reference.probabilities(ep)
+                prob, mask = out if isinstance(out, tuple) else (out, out.argmax(1))
+                outputs['reference'] = mask
+
+            times = interleaved({'ours': ours, 'reference': theirs}, device, args.time, 1)
+            r = {name: statistics.median(t) for name, t in times.items()}
+            r['ratio'] = r['ours'] / r['reference']
+            r['mask_agreement'] = float((outputs['ours'] == outputs['reference']).float().mean())
+            results[k, adapted] = r
+            when = f', {adaptation[0]} adaptation step(s)' if adapted else ''
+            print(f'{args.method} {k}-shot {args.size}x{args.size} float32{when}, {torch.get_num_threads()} '
+                  f'thread(s), median of {args.time}: ours {r["ours"]:.3f} s, reference {r["reference"]:.3f} s: '
+                  f'{r["ratio"]:.2f}x (same mask on {100 * r["mask_agreement"]:.2f}% of the pixels)', flush=True)
+    model.set_test_time(finetune_steps=0)
+    if args.train_bsz:
+        results['train'] = time_training(args, model, reference)
+    return results
+
+
+def time_training(args, model, reference) -> dict:
+    r"""`--time N --train-bsz B`: one training step (a batch of B one-shot episodes: forward, loss, backward, Adam
+    step) of ours (`scripts/bench.py`'s, as train.py) and of the reference's train.py, alternately, N pairs."""
+    from scripts.bench import interleaved, train_step
+    if not hasattr(reference, 'train_step'):
+        raise UserError(f'--train-bsz: no training step of the {args.method} reference here (HSNet, PATNet and '
+                        'DMTNet have one)')
+    from tests.golden.make import episode
+    ep = episode(1, args.train_bsz, 0, args.size)
+    optimizer = torch.optim.Adam([p for p in reference.model.parameters() if p.requires_grad], lr=1e-5)
+    times = interleaved({'ours': train_step(model, ep, 'fp32', torch.device('cpu')),
+                         'reference': lambda: reference.train_step(ep, optimizer)}, torch.device('cpu'), args.time, 1)
+    r = {name: statistics.median(t) for name, t in times.items()}
+    r['ratio'] = r['ours'] / r['reference']
+    print(f'{args.method} training step, batch {args.train_bsz} 1-shot {args.size}x{args.size} float32, '
+          f'{torch.get_num_threads()} thread(s), median of {args.time}: ours {r["ours"]:.3f} s, reference '
+          f'{r["reference"]:.3f} s: {r["ratio"]:.2f}x', flush=True)
+    return r
+
+
 def _commit(folder: Path) -> str:
     import subprocess
     try:
@@ -592,15 +701,29 @@ def main(argv=None) -> dict:
     p.add_argument('--size', type=int, help='image side of the episodes (default 48; DMTNet 100, at least 97)')
     p.add_argument('--write-golden', action='store_true',
                    help='store the reference outputs in tests/golden/parity-<method>.pt')
+    p.add_argument('--time', type=int, default=0, metavar='N',
+                   help='instead of comparing in float64, time N interleaved pairs of float32 episodes (ours, the '
+                        "reference's) at 1 and 5 shots; --size defaults to 400 here")
+    p.add_argument('--threads', type=int, default=1, help='torch threads while timing (default 1)')
+    p.add_argument('--train-bsz', type=int, default=0, metavar='B',
+                   help="with --time: also time a training step on B one-shot episodes against the reference's "
+                        'train.py (HSNet, PATNet, DMTNet)')
     args = p.parse_args(argv)
     adapter = REFERENCES[args.method]
+    if args.time and args.size is None:
+        args.size = max(TIME_SIZE, getattr(adapter, 'min_size', 1))
     if args.size is None:
         args.size = getattr(adapter, 'default_size', 48)
     if args.size < getattr(adapter, 'min_size', 1):
         raise UserError(f'--size {args.size}: the {args.method} reference needs at least {adapter.min_size} '
                         f'(see {adapter.__name__})')
+    if args.time and args.write_golden:
+        raise UserError('--time and --write-golden: time, or write the float64 reference outputs, not both')
     model = our_model(args.method)
     reference = adapter(args.method, model, args.reference_code)
+    if args.time:
+        torch.set_num_threads(args.threads)
+        return time_against_reference(args, model, reference)
     results = {}
     golden = {'method': args.method, 'size': args.size, 'reference': _commit(args.reference_code), 'cases': {},
               'episodes': 'half-planes' if args.method in HALF_PLANES else 'default'}

@@ -69,3 +69,60 @@ def test_the_earlier_defaults_are_other_networks():
             model = parity.our_model(method, **option)
         ours = parity.our_probabilities(model, parity.episodes(golden['size'])[1])[:, 1]
         assert relative(ours, golden['cases'][1]['foreground']) > 1e-3, method
+
+
+class _OwnCopy(parity.Reference):
+    r"""A stand-in for a public network in `--time`: our own model (a copy), its probabilities flipped on request
+    (another mask), logging its calls."""
+
+    def __init__(self, model, log: list, flip: bool = False):
+        import copy
+        self.model, self.log, self.flip = copy.deepcopy(model), log, flip
+        self.predict = parity.our_prediction
+
+    def probabilities(self, ep: dict) -> torch.Tensor:
+        self.log.append('reference')
+        p = self.predict(self.model, ep)[0]
+        return p.flip(1) if self.flip else p
+
+    def adapted(self, ep: dict, steps: int, lr: float) -> torch.Tensor:
+        self.model.set_test_time(steps, lr)
+        try:
+            return self.probabilities(ep)
+        finally:
+            self.model.set_test_time(finetune_steps=0)
+
+
+@pytest.mark.slow
+def test_time_runs_ours_and_the_reference_alternately_in_float32(monkeypatch):
+    r"""`--time N`: after a warm-up of each, N pairs in alternating order (ours first, then the reference first),
+    1 and 5 shots, plain and with the method's adaptation; both networks in float32; the ratio is of the medians and
+    the mask agreement tells a different prediction apart."""
+    log, dtypes = [], []
+    ours = parity.our_prediction
+    model = parity.our_model('ifa')
+    references = [_OwnCopy(model, log, flip) for flip in (False, True)]       # before our_prediction is wrapped
+
+    def logged(model, ep):
+        log.append('ours')
+        dtypes.append((next(model.parameters()).dtype, ep['query_img'].dtype))
+        return ours(model, ep)
+    monkeypatch.setattr(parity, 'our_prediction', logged)
+    args = parity.argparse.Namespace(method='ifa', size=48, time=2, train_bsz=0)
+    for flip, reference in zip((False, True), references):
+        log.clear()
+        results = parity.time_against_reference(args, model, reference)
+        assert set(results) == {(k, a) for k in parity.SHOTS for a in (False, True)}
+        pair = ['ours', 'reference', 'ours', 'reference', 'reference', 'ours']         # warm-up, pair 1, pair 2
+        assert log == pair * len(results)
+        assert next(reference.model.parameters()).dtype == torch.float32
+        assert set(dtypes) == {(torch.float32, torch.float32)}
+        for r in results.values():
+            assert r['ratio'] == pytest.approx(r['ours'] / r['reference']) and r['ours'] > 0
+            assert (r['mask_agreement'] < 0.5) if flip else (r['mask_agreement'] == 1.0)
+    assert model.adaptation.steps == 0                            # the adaptation is switched off afterwards
+
+
+def test_time_and_write_golden_together_are_refused(tmp_path):
+    with pytest.raises(parity.UserError, match='--write-golden'):
+        parity.main(['--method', 'pmms', '--reference-code', str(tmp_path), '--time', '1', '--write-golden'])
