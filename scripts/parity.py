@@ -6,6 +6,8 @@ and compare the two networks' outputs on the same episodes in float64.
     python scripts/parity.py --method qnet --reference-code /tmp/Q-Net --size 96
     python scripts/parity.py --method rpmms --reference-code /tmp/PMMs --write-golden   # tests/golden/parity-rpmms.pt
     python scripts/parity.py --method dmtnet --reference-code /tmp/DMTNet      # --size 100: its grid needs taps >= 4 px
+    python scripts/parity.py --method pmms --reference-code /tmp/PMMs --time 3  # float32 timing, 400x400, 1 thread
+    python scripts/parity.py --method hsnet --reference-code /tmp/hsnet --time 3 --train-bsz 2   # + a training step
 
 Both models get the same deterministic weights (`tests/golden/make.py: deterministic_init`, by parameter name), so
 the comparison needs no download. The reference is imported from its folder as published (a package named like
@@ -647,8 +649,7 @@ def time_against_reference(args, model, reference) -> dict:
                     out = reference.adapted(ep, *adaptation)
                 else:
                     out = reference.vote(ep) if hasattr(reference, 'vote') else reference.probabilities(ep)
-                prob, mask = out if isinstance(out, tuple) else (out, out.argmax(1))
-                outputs['reference'] = mask
+                outputs['reference'] = out[1] if isinstance(out, tuple) else out.argmax(1)
 
             times = interleaved({'ours': ours, 'reference': theirs}, device, args.time, 1)
             r = {name: statistics.median(t) for name, t in times.items()}
@@ -669,9 +670,6 @@ def time_training(args, model, reference) -> dict:
     r"""`--time N --train-bsz B`: one training step (a batch of B one-shot episodes: forward, loss, backward, Adam
     step) of ours (`scripts/bench.py`'s, as train.py) and of the reference's train.py, alternately, N pairs."""
     from scripts.bench import interleaved, train_step
-    if not hasattr(reference, 'train_step'):
-        raise UserError(f'--train-bsz: no training step of the {args.method} reference here (HSNet, PATNet and '
-                        'DMTNet have one)')
     from tests.golden.make import episode
     ep = episode(1, args.train_bsz, 0, args.size)
     optimizer = torch.optim.Adam([p for p in reference.model.parameters() if p.requires_grad], lr=1e-5)
@@ -719,6 +717,14 @@ def main(argv=None) -> dict:
                         f'(see {adapter.__name__})')
     if args.time and args.write_golden:
         raise UserError('--time and --write-golden: time, or write the float64 reference outputs, not both')
+    if args.time < 0 or args.threads < 1 or args.train_bsz < 0:
+        raise UserError(f'--time {args.time}, --threads {args.threads}, --train-bsz {args.train_bsz}: the pairs and '
+                        'the batch must be >= 0 and the threads >= 1')
+    if args.train_bsz and not args.time:
+        raise UserError('--train-bsz times a training step: give it with --time N')
+    if args.train_bsz and not hasattr(adapter, 'train_step'):
+        raise UserError(f'--train-bsz: the {args.method} reference has no training step here (HSNet, PATNet and '
+                        'DMTNet have one)')
     model = our_model(args.method)
     reference = adapter(args.method, model, args.reference_code)
     if args.time:

@@ -123,6 +123,10 @@ def test_time_runs_ours_and_the_reference_alternately_in_float32(monkeypatch):
     assert model.adaptation.steps == 0                            # the adaptation is switched off afterwards
 
 
-def test_time_and_write_golden_together_are_refused(tmp_path):
-    with pytest.raises(parity.UserError, match='--write-golden'):
-        parity.main(['--method', 'pmms', '--reference-code', str(tmp_path), '--time', '1', '--write-golden'])
+@pytest.mark.parametrize('extra, message', [(['--time', '1', '--write-golden'], '--write-golden'),
+                                            (['--time', '-1'], '>= 0'), (['--time', '1', '--threads', '0'], '>= 1'),
+                                            (['--train-bsz', '2'], 'with --time N'),
+                                            (['--time', '1', '--train-bsz', '2'], 'no training step')])
+def test_timing_options_are_checked_before_anything_is_built(tmp_path, extra, message):
+    with pytest.raises(parity.UserError, match=message):
+        parity.main(['--method', 'pmms', '--reference-code', str(tmp_path / 'absent')] + extra)
