@@ -48,11 +48,18 @@ def test_center_pivot_conv4d_equals_naive_4d_conv_on_several_sizes_in_a_row(kern
         assert torch.allclose(out, expected, atol=1e-10), shape
 
 
-@pytest.mark.parametrize('support', [(2, 2), (7, 7)])
-def test_center_pivot_conv4d_gradients_match_the_naive_4d_conv(support):
+@pytest.mark.parametrize('support, layout', [((2, 2), 'contiguous'), ((7, 7), 'contiguous'),
+                                             ((7, 7), 'correlation')])
+def test_center_pivot_conv4d_gradients_match_the_naive_4d_conv(support, layout):
+    r"""Also for x stored as the CPU correlation writes it (B,ha,wa,C,hb,wb: an NCHW support-conv input, converted
+    to NHWC when the weights get a gradient)."""
     torch.manual_seed(1)
     layer = CenterPivotConv4d(3, 4, 3, 1).double()
-    x = torch.randn(2, 3, 4, 5, *support, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 4, 5, *support, dtype=torch.float64)
+    if layout == 'correlation':
+        x = x.permute(0, 2, 3, 1, 4, 5).contiguous().permute(0, 3, 1, 2, 4, 5)
+        assert x.permute(0, 2, 3, 1, 4, 5).is_contiguous()
+    x.requires_grad_(True)
     upstream = torch.randn(2, 4, 4, 5, *support, dtype=torch.float64)
     params = [x, layer.conv_query.weight, layer.conv_support.weight, layer.conv_support.bias]
     fast = torch.autograd.grad((layer(x) * upstream).sum(), params)
@@ -97,8 +104,13 @@ def test_multilayer_correlation_matches_float64_formula_with_shared_query(channe
     if path == 'autograd':
         q = [f.requires_grad_() for f in q]
     corrs = multilayer_correlation(q, s, stage_ids, dense=path == 'dense')
-    if path in ('cpu', 'masked') and max(channels) > 4:  # written in the order the 4D conv reads as NCHW
-        assert all(c.permute(0, 2, 3, 1, 4, 5).is_contiguous() for c in corrs)
+    if path in ('cpu', 'masked') and max(channels) > 4:
+        # written in the order the 4D conv reads: NCHW without autograd, NHWC where its weights get a gradient
+        with torch.no_grad():
+            nchw = multilayer_correlation(q, s, stage_ids)
+        assert all(c.permute(0, 2, 3, 1, 4, 5).is_contiguous() for c in nchw)
+        assert all(c.permute(0, 2, 3, 4, 5, 1).is_contiguous() for c in corrs)
+        assert all(torch.equal(a, c) for a, c in zip(nchw, corrs))
     if path == 'dense':                                 # the one product per stage, in the reference's layout
         assert all(c.is_contiguous() for c in corrs)
     assert [c.shape[1] for c in corrs] == [1, 1, 2]     # deepest stage first

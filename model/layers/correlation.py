@@ -57,7 +57,7 @@ def multilayer_correlation(query_feats: list[torch.Tensor], support_feats: list[
                 out.append(_small_channel_correlation(at_least_fp32(q), at_least_fp32(s), (hq, wq, hs, ws)))
             continue
         if q.device.type == 'cpu' and not (dense or q.requires_grad or s.requires_grad):
-            out.append(_cpu_correlation(q, s, (hq, wq, hs, ws)))
+            out.append(_cpu_correlation(q, s, (hq, wq, hs, ws), channels_last=torch.is_grad_enabled()))
             continue
         q = q.reshape(nq * nl, c, hq * wq)                                          # [Nq*L,C,HWq]
         s = s.permute(0, 2, 3, 1, 4).reshape(nq * nl, c, k * hs * ws)              # [Nq*L,C,K*HWs]
@@ -74,29 +74,32 @@ def _stack_channels_last(taps: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.movedim(1, -1) for t in taps], dim=1).movedim(-1, 2)
 
 
-def _cpu_correlation(q: torch.Tensor, s: torch.Tensor, dims: tuple[int, int, int, int]) -> torch.Tensor:
+def _cpu_correlation(q: torch.Tensor, s: torch.Tensor, dims: tuple[int, int, int, int],
+                     channels_last: bool = False) -> torch.Tensor:
     r"""The wide-channel correlation without autograd on CPU. q [Nq,L,C,HWq], s [Nq,K,L,C,HWs] (normalised) ->
-    [Nq*K,L,hq,wq,hs,ws] stored in memory order Nq,K,hq,wq,L,hs,ws.
+    [Nq*K,L,hq,wq,hs,ws] stored in memory order Nq,K,hq,wq,L,hs,ws, or with `channels_last` Nq,K,hq,wq,hs,ws,L (the
+    NHWC batch that the first support-dim convolution takes when its weights get a gradient: the learner in
+    training or adapting, where converting the NCHW order cost a 100 MB copy at 400x400).
 
     Two savings over one dense product per stage:
     - Support columns that are zero in every batch item (masked-out support pixels: their cosines are exactly 0)
       are skipped: a masked HSNet support typically keeps a third of them. Finding them needs a host sync, which
       is why this is the CPU path (a GPU does the dense product cheaply).
-    - The output order is the one the learner's first support-dim convolution reads as a contiguous NCHW batch
-      [Nq*K*hq*wq, L, hs, ws] (model/layers/conv4d.py), so no layout copy of the largest tensor of the forward
-      (HSNet, 400x400: 100 MB at layer 2) is made; the products are written in blocks of about 16 MB.
+    - The output order is the one the learner's first support-dim convolution reads as a contiguous batch
+      [Nq*K*hq*wq, L, hs, ws], NCHW or NHWC (model/layers/conv4d.py), so no layout copy of the largest tensor of
+      the forward (HSNet, 400x400: 100 MB at layer 2) is made; the products are written in blocks of about 16 MB.
     """
     nq, k, nl, c, hws = s.shape
     hq, wq, hs, ws = dims
     hwq = hq * wq
-    out = q.new_zeros(nq, k, hwq, nl, hws)
+    out = q.new_zeros((nq, k, hwq, hws, nl) if channels_last else (nq, k, hwq, nl, hws))
     qt = q.reshape(nq * nl, c, hwq).transpose(1, 2)                                # [Nq*L,HWq,C]
     block = max(1, (1 << 22) // max(1, nq * nl * hwq))                              # columns per ~16 MB block
     for shot in range(k):
         sk = s[:, shot].reshape(nq * nl, c, hws)                                    # [Nq*L,C,HWs]
         keep = (sk.amax(dim=(0, 1)) != 0) | (sk.amin(dim=(0, 1)) != 0)              # [HWs], no copy of sk
         cols = keep.nonzero().squeeze(1) if int(keep.sum()) <= 0.8 * hws else None
-        dest = out[:, shot].permute(0, 2, 1, 3)                                      # [Nq,L,HWq,HWs] view
+        dest = out[:, shot].permute(*((0, 3, 1, 2) if channels_last else (0, 2, 1, 3)))    # [Nq,L,HWq,HWs] view
         if cols is None:
             for start in range(0, hws, block):
                 part = torch.bmm(qt, sk[..., start:start + block]).clamp_(min=0)
@@ -105,7 +108,9 @@ def _cpu_correlation(q: torch.Tensor, s: torch.Tensor, dims: tuple[int, int, int
         for part_cols in cols.split(block):
             part = torch.bmm(qt, sk.index_select(2, part_cols)).clamp_(min=0)      # [Nq*L,HWq,n]
             dest.index_copy_(3, part_cols, part.view(nq, nl, hwq, -1))
-    return out.view(nq * k, hq, wq, nl, hs, ws).permute(0, 3, 1, 2, 4, 5)          # [Nq*K,L,hq,wq,hs,ws]
+    if channels_last:
+        return out.view(nq * k, hq, wq, hs, ws, nl).permute(0, 5, 1, 2, 3, 4)      # [Nq*K,L,hq,wq,hs,ws]
+    return out.view(nq * k, hq, wq, nl, hs, ws).permute(0, 3, 1, 2, 4, 5)
 
 
 # Up to this many channels per tap the taps of a stage are correlated together, in the learner's layout (PATNet's
