@@ -108,7 +108,7 @@ def test_compare_reference_times_the_reference_kshot_with_a_dense_correlation(mo
     bench = load_bench()
     sparse_calls = []
     sparse = correlation._cpu_correlation
-    monkeypatch.setattr(correlation, '_cpu_correlation', lambda *a: sparse_calls.append(1) or sparse(*a))
+    monkeypatch.setattr(correlation, '_cpu_correlation', lambda *a, **k: sparse_calls.append(1) or sparse(*a, **k))
     device = torch.device('cpu')
     ep = bench.episode(64, 3, 1, 0, device)
     model = bench.build('hsnet', False, device)

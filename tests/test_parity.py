@@ -108,6 +108,7 @@ def test_time_runs_ours_and_the_reference_alternately_in_float32(monkeypatch):
         dtypes.append((next(model.parameters()).dtype, ep['query_img'].dtype))
         return ours(model, ep)
     monkeypatch.setattr(parity, 'our_prediction', logged)
+    monkeypatch.setitem(parity.ADAPTATIONS, 'ifa', (1, 0.05))             # one adaptation step is enough here
     args = parity.argparse.Namespace(method='ifa', size=48, time=2, train_bsz=0)
     for flip, reference in zip((False, True), references):
         log.clear()
