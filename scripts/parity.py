@@ -344,11 +344,14 @@ class VoteReference(Reference):
     def build(self, module, backbone: str) -> nn.Module:
         raise NotImplementedError
 
+    def mask_casts(self):
+        return super().mask_casts() if self.float64_masks else contextlib.nullcontext()
+
     def vote(self, ep: dict) -> tuple[torch.Tensor, torch.Tensor]:
         r"""(per-shot probabilities [B*K,2,H,W], the voted mask [B,H,W]) from one `predict_mask_nshot`."""
         batch = {key: ep[key] for key in ('query_img', 'support_imgs', 'support_masks')}
         self.logits.clear()
-        with torch.no_grad(), no_cuda(), self.mask_casts() if self.float64_masks else contextlib.nullcontext():
+        with torch.no_grad(), no_cuda(), self.mask_casts():
             mask = self.model.predict_mask_nshot(batch, ep['support_imgs'].shape[1])
         mask = mask[0] if isinstance(mask, tuple) else mask              # DMTNet also returns the per-shot logits
         return torch.softmax(torch.stack(self.logits, dim=1), dim=2).flatten(0, 1), mask.long()
@@ -361,7 +364,7 @@ class VoteReference(Reference):
         one-shot forward, `compute_objective` (cross-entropy) on the query mask, `backward`, the optimizer's step."""
         self.model.train_mode()
         try:
-            with no_cuda(), self.mask_casts() if self.float64_masks else contextlib.nullcontext():
+            with no_cuda(), self.mask_casts():
                 logits = self.model(ep['query_img'], ep['support_imgs'][:, 0], ep['support_masks'][:, 0])
                 logits = logits[0] if isinstance(logits, tuple) else logits
                 loss = self.model.compute_objective(logits, ep['query_mask'])

@@ -243,7 +243,7 @@ def test_the_image_cache_is_shared_by_the_loader_workers_and_decodes_each_pair_o
     from data import FixedEpisodes, build_dataset, build_loader
     ds = build_dataset('synthetic-med', datapath, 'test', 2, 32)
     episodes = ds.sample_episodes(12, 0)
-    pairs = {(k, e.class_id) for e in episodes for k in (e.query, *e.supports)}
+    pairs = {pair for e in episodes for pair in e.pairs()}
     reads = multiprocessing.get_context().Value('i', 0)
     real = type(ds).read_image
 
@@ -269,4 +269,4 @@ def test_the_image_cache_is_shared_by_the_loader_workers_and_decodes_each_pair_o
     for _ in range(2):
         list(small)
     assert ds.pair_cache.decoded == 2 and reads.value == 2 + 2 * (3 * len(episodes) - sum(
-        (k, e.class_id) in ds.pair_cache.slots for e in episodes for k in (e.query, *e.supports)))
+        pair in ds.pair_cache.slots for e in episodes for pair in e.pairs()))
