@@ -131,3 +131,25 @@ def test_time_runs_ours_and_the_reference_alternately_in_float32(monkeypatch):
 def test_timing_options_are_checked_before_anything_is_built(tmp_path, extra, message):
     with pytest.raises(parity.UserError, match=message):
         parity.main(['--method', 'pmms', '--reference-code', str(tmp_path / 'absent')] + extra)
+
+
+@pytest.mark.slow
+def test_train_bsz_times_our_training_step_against_the_references():
+    r"""`--time N --train-bsz B`: N pairs (after a warm-up of each) of our training step, which moves our weights,
+    and the reference's `train_step` on the same B one-shot episodes at --size."""
+    model = parity.our_model('hsnet').float()
+    before = [p.detach().clone() for p in model.trainable_parameters()]
+    seen = []
+
+    class Stub(parity.Reference):
+        def __init__(self):
+            self.model = torch.nn.Linear(1, 1)
+
+        def train_step(self, ep, optimizer):
+            seen.append((ep['query_img'].shape, type(optimizer).__name__))
+
+    args = parity.argparse.Namespace(method='hsnet', size=48, time=2, train_bsz=2)
+    r = parity.time_training(args, model, Stub())
+    assert seen == [((2, 3, 48, 48), 'Adam')] * 3                              # warm-up + 2 pairs
+    assert r['ratio'] == pytest.approx(r['ours'] / r['reference']) and r['ours'] > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.trainable_parameters()))
